@@ -1,0 +1,479 @@
+"""`sdkit.bridge.Client`: generate on a bridge server from Python, as PIL images.
+
+It uses pyzmq when importable and the standard-library `zmtp.Dealer` otherwise (or when
+asked with ``transport="zmtp"``); both sit under the same `protocol.Session`, so both
+behave the same: progress callbacks, cancel, timeouts, and a clear `BridgeError` (code
+``connection_lost``) for a request that was in flight when the server went away, after
+which the client reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from sdkit.bridge import protocol as P
+from sdkit.bridge import zmtp
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+
+
+class BridgeError(RuntimeError):
+    """An ``error`` event from the server, or a client-side one (timeout, connection_lost)."""
+
+    def __init__(self, code: str, message: str, field: str | None = None, request_id=None):
+        self.code = code
+        self.message = message
+        self.field = field
+        self.request_id = request_id
+        where = f" [{field}]" if field else ""
+        super().__init__(f"{code}{where}: {message}")
+
+
+class BridgeTimeout(BridgeError, TimeoutError):
+    """No answer within the timeout (the request was cancelled on the server)."""
+
+
+@dataclass(frozen=True)
+class RemoteProgress:
+    """Like `sdkit.ProgressEvent`, for a job on a server."""
+
+    job_id: str
+    step: int
+    total: int
+    elapsed: float
+    preview: Image.Image | None = None
+
+
+def _error(ev: P.Event) -> BridgeError:
+    cls = BridgeTimeout if ev.code == "timeout" else BridgeError
+    return cls(ev.code or "error", ev.message or "", ev.field, ev.id)
+
+
+def picture_to_image(pic: P.Picture) -> Image.Image:
+    if pic.format == "png":
+        with Image.open(io.BytesIO(bytes(pic.data))) as im:
+            im.load()
+            return im.convert("RGB") if im.mode not in ("RGB", "RGBA", "L") else im.copy()
+    mode = {"rgba8": "RGBA", "l8": "L"}[pic.format]
+    im = Image.frombytes(mode, (pic.width, pic.height), bytes(pic.data))
+    if mode == "RGBA" and im.getchannel("A").getextrema() == (255, 255):
+        im = im.convert("RGB")
+    return im
+
+
+def image_to_picture(value: Any, name: str) -> P.Picture:
+    from sdkit.request import load_image
+
+    im = load_image(value, name)
+    if name == "mask":
+        im = im if im.mode == "L" else im.convert("L")
+        return P.Picture(im.width, im.height, "l8", im.tobytes())
+    im = im if im.mode == "RGBA" else im.convert("RGBA")
+    return P.Picture(im.width, im.height, "rgba8", im.tobytes())
+
+
+# ---------------------------------------------------------------------------- transports
+
+
+class ZmqTransport:
+    """pyzmq DEALER with a monitor socket, so dropped connections bump ``epoch``."""
+
+    name = "zmq"
+
+    def __init__(
+        self,
+        address: str,
+        identity: bytes,
+        *,
+        keys: Any | None = None,
+        heartbeat_ivl: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+    ):
+        import zmq
+
+        self._zmq = zmq
+        self.context = zmq.Context()
+        sock = self.context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.routing_id = identity
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_ivl * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_timeout * 1000))
+        sock.sndtimeo = 10_000
+        if keys is not None:
+            from sdkit.bridge import security
+
+            security.apply_client(sock, keys)
+        events = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        self._monitor = sock.get_monitor_socket(events)
+        sock.connect(address)
+        self.sock = sock
+        self.epoch = 0
+        self.connected = False
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+
+    def send_multipart(self, frames) -> None:
+        try:
+            self.sock.send_multipart(frames, copy=len(frames) < 2)
+        except self._zmq.Again:
+            raise BridgeError("connection_lost", "the server is not accepting messages") from None
+
+    def _monitor_events(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                ev = recv_monitor_message(self._monitor, self._zmq.NOBLOCK)
+            except self._zmq.Again:
+                return
+            if ev["event"] == self._zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+            elif ev["event"] == self._zmq.EVENT_DISCONNECTED and self.connected:
+                self.connected = False
+                self.epoch += 1
+
+    def poll(self, timeout: float = 0.0) -> list[list[bytes]]:
+        zmq = self._zmq
+        out: list[list[bytes]] = []
+        ready = dict(self._poller.poll(int(timeout * 1000)))
+        if self.sock in ready:
+            while True:
+                try:
+                    out.append(self.sock.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+        if self._monitor in ready:  # after the messages: a result that arrived counts
+            self._monitor_events()
+        return out
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except Exception:  # noqa: BLE001
+            pass
+        self._monitor.close(0)
+        self.sock.close(linger=500)  # let a last "bye" leave
+        self.context.term()
+
+
+class ZmtpTransport(zmtp.Dealer):
+    name = "zmtp"
+
+
+# ---------------------------------------------------------------------------- jobs
+
+
+class RemoteJob:
+    """A request on the server: ``state``, ``position``, ``progress``, `cancel`, `result`."""
+
+    def __init__(self, client: Client, rid: str, progress: Callable | None, timeout: float | None):
+        self.client = client
+        self.id = rid
+        self.state = "sent"  # queued | running | done | cancelled | failed
+        self.position: int | None = None
+        self.progress: RemoteProgress | None = None
+        self.request: dict | None = None
+        self.job_id: str | None = None
+        self.worker: str | None = None  # which scale-out worker took it
+        self.timeout = timeout
+        self._callback = progress
+        self._result: Any = None
+        self._error: BridgeError | None = None
+        self._done = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"<RemoteJob {self.id} {self.state}>"
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        self.client.cancel(self)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Pump the connection until this job ends; raises `BridgeError` for errors."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                raise BridgeTimeout(
+                    "timeout", f"job {self.id} not done after {timeout} s", None, self.id
+                )
+            self.client.pump(0.05)
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    # -- driven by Client.pump
+    def _on_event(self, ev: P.Event) -> None:
+        h = ev.header
+        if ev.event in ("accepted", "queued"):
+            self.state = "queued"
+            self.position = h.get("position")
+            self.job_id = h.get("job", self.job_id)
+            self.request = h.get("request", self.request)
+            self.worker = h.get("worker", self.worker)
+        elif ev.event == "started":
+            self.state = "running"
+            self.position = 0
+        elif ev.event == "progress":
+            self.state = "running"
+            previews = ev.pictures_named("preview")
+            self.progress = RemoteProgress(
+                self.job_id or self.id,
+                int(h.get("step", 0)),
+                int(h.get("total", 0)),
+                float(h.get("elapsed", 0.0)),
+                picture_to_image(previews[0]) if previews else None,
+            )
+            if self._callback is not None:
+                self._callback(self.progress)
+        elif ev.event == "result":
+            self._result = _make_result(ev)
+            self.state = "done"
+            self._done.set()
+        elif ev.event == "error":
+            self._error = _error(ev)
+            self.state = "cancelled" if ev.code == "cancelled" else "failed"
+            self._done.set()
+
+
+def _make_result(ev: P.Event) -> Any:
+    from sdkit.request import Request
+    from sdkit.result import Result
+
+    h = ev.header
+    images = [picture_to_image(p) for p in ev.pictures_named("image")]
+    req_fields = dict(h.get("request") or {})
+    try:
+        request = Request.from_dict(req_fields)
+    except Exception:  # noqa: BLE001 - a newer server may know more fields; keep the images
+        request = Request(mode=req_fields.get("mode", "txt2img"))
+    result = Result(images, list(h.get("seeds", [])), request, h.get("timings") or {})
+    if isinstance(h.get("infotexts"), list) and len(h["infotexts"]) == len(images):
+        result.infotexts = list(h["infotexts"])
+    return result
+
+
+# ---------------------------------------------------------------------------- client
+
+
+class Client:
+    """Generate on a bridge server; the four mode methods return an `sdkit.Result`.
+
+    ``transport``: "auto" (pyzmq if importable, else the standard-library ZMTP client),
+    "zmq" or "zmtp".  ``keys``: a folder from `sdkit keys` (CURVE; pyzmq only) and
+    ``client_name`` the key pair in it.  ``timeout``: default seconds per request.
+    Thread-safe: `cancel` may be called from another thread or a progress callback.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float | None = 300.0,
+        transport: str = "auto",
+        keys: str | Path | None = None,
+        client_name: str = "client",
+        heartbeat_ivl: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+    ):
+        self.address = address
+        self.timeout = timeout
+        identity = b"sdkit-" + uuid.uuid4().hex.encode()
+        if transport == "auto":
+            try:
+                import zmq  # noqa: F401
+
+                transport = "zmq"
+            except ImportError:
+                transport = "zmtp"
+        if transport == "zmq":
+            client_keys = None
+            if keys is not None:
+                from sdkit.bridge import security
+
+                client_keys = security.load_client_keys(keys, client_name)
+            self._transport: Any = ZmqTransport(
+                address,
+                identity,
+                keys=client_keys,
+                heartbeat_ivl=heartbeat_ivl,
+                heartbeat_timeout=heartbeat_timeout,
+            )
+        elif transport == "zmtp":
+            if keys is not None:
+                raise ValueError(
+                    "CURVE keys need pyzmq: the standard-library client speaks NULL only"
+                )
+            self._transport = ZmtpTransport(
+                address,
+                identity=identity,
+                heartbeat_ivl=heartbeat_ivl,
+                heartbeat_timeout=heartbeat_timeout,
+            )
+        else:
+            raise ValueError(f"transport must be 'auto', 'zmq' or 'zmtp', got {transport!r}")
+        self.transport = transport
+        self._session = P.Session(self._transport, client="sdkit.bridge.Client")
+        self._lock = threading.RLock()
+        self._jobs: dict[str, RemoteJob] = {}
+        self._replies: dict[str, P.Event] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ plumbing
+
+    def pump(self, timeout: float = 0.0) -> None:
+        """Receive for up to ``timeout`` s and dispatch events to jobs and waiting calls."""
+        with self._lock:
+            for ev in self._session.poll(timeout):
+                job = self._jobs.get(ev.id)
+                if job is not None:
+                    job._on_event(ev)
+                    if job.done():
+                        self._jobs.pop(ev.id, None)
+                else:
+                    self._replies[ev.id] = ev
+
+    def _call(self, send: Callable[[], str], timeout: float | None) -> P.Event:
+        timeout = self.timeout if timeout is None else timeout
+        with self._lock:
+            rid = send()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                ev = self._replies.pop(rid, None)
+            if ev is not None:
+                if ev.event == "error":
+                    raise _error(ev)
+                return ev
+            if deadline is not None and time.monotonic() >= deadline:
+                with self._lock:
+                    self._session.pending.pop(rid, None)
+                raise BridgeTimeout("timeout", f"no answer from {self.address} within {timeout} s")
+            self.pump(0.05)
+
+    # ------------------------------------------------------------------ simple ops
+
+    def hello(self, timeout: float | None = 10.0) -> dict:
+        """Server, model, limits, schedulers and modes (the ``hello`` event's header)."""
+        return self._call(self._session.hello, timeout).header
+
+    def ping(self, timeout: float | None = 10.0) -> float:
+        """Round-trip time in seconds."""
+        t = time.perf_counter()
+        self._call(self._session.ping, timeout)
+        return time.perf_counter() - t
+
+    def status(self, timeout: float | None = 10.0) -> dict:
+        return self._call(self._session.status, timeout).header
+
+    # ------------------------------------------------------------------ generation
+
+    def submit(
+        self,
+        request: Any = None,
+        *,
+        image: Any = None,
+        mask: Any = None,
+        progress: Callable[[RemoteProgress], None] | None = None,
+        preview: int = 0,
+        result_format: str = "rgba8",
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> RemoteJob:
+        """Send a request (an `sdkit.Request`, a dict of its fields, or keyword fields)."""
+        if self._closed:
+            raise BridgeError("closed", "this client is closed")
+        if request is None:
+            request = {}
+        if hasattr(request, "to_dict"):
+            req_obj = request
+            request = request.to_dict()
+            image = req_obj.image if image is None else image
+            mask = req_obj.mask if mask is None else mask
+        request = {
+            k: v for k, v in {**dict(request), **fields}.items() if k not in ("image", "mask")
+        }
+        if not request.get("model"):
+            request.pop("model", None)
+        if not request.get("extra"):
+            request.pop("extra", None)
+        img = image_to_picture(image, "image") if image is not None else None
+        msk = image_to_picture(mask, "mask") if mask is not None else None
+        timeout = self.timeout if timeout is None else timeout
+        with self._lock:
+            rid = P.new_request_id()
+            job = RemoteJob(self, rid, progress, timeout)
+            self._jobs[rid] = job
+            try:
+                self._session.generate(
+                    request,
+                    image=img,
+                    mask=msk,
+                    preview=1 if preview is True else int(preview or 0),
+                    result_format=result_format,
+                    request_id=rid,
+                    timeout=timeout,
+                )
+            except Exception:
+                self._jobs.pop(rid, None)
+                raise
+        return job
+
+    def generate(self, request: Any = None, **kwargs: Any) -> Any:
+        return self.submit(request, **kwargs).result()
+
+    def txt2img(self, prompt: str, **fields: Any) -> Any:
+        return self.generate(mode="txt2img", prompt=prompt, **fields)
+
+    def img2img(self, image: Any, prompt: str = "", **fields: Any) -> Any:
+        return self.generate(mode="img2img", image=image, prompt=prompt, **fields)
+
+    def inpaint(self, image: Any, mask: Any, prompt: str = "", **fields: Any) -> Any:
+        return self.generate(mode="inpaint", image=image, mask=mask, prompt=prompt, **fields)
+
+    def unconditional(self, **fields: Any) -> Any:
+        return self.generate(mode="unconditional", **fields)
+
+    def cancel(self, job: RemoteJob | str) -> None:
+        """Ask the server to cancel; the job then ends with a ``cancelled`` `BridgeError`."""
+        rid = job.id if isinstance(job, RemoteJob) else str(job)
+        with self._lock:
+            cid = self._session.cancel(rid)
+            self._session.pending.pop(cid, None)  # the ack is informational
+
+    # ------------------------------------------------------------------ life cycle
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            self._session.bye()
+            if isinstance(self._transport, zmtp.Dealer):
+                self._transport.flush(timeout=0.5)
+            self._transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<sdkit.bridge.Client {self.address} via {self.transport}>"
+
+
+def connect(address: str = DEFAULT_ADDRESS, **kwargs: Any) -> Client:
+    return Client(address, **kwargs)

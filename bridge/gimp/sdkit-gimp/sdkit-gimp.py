@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""sdkit for GIMP 3: Filters > sdkit > Generate / Img2img selection / Inpaint selection.
+
+A GIMP plug-in runs as a process of its own, so it may block while the server works;
+it talks to a running ``sdkit serve`` over the bridge with the bundled standard-library
+modules (``protocol``, ``zmtp``, ``editor_common``, copied here by
+``sdkit plugin install gimp``). Pixels go through GEGL buffers as "R'G'B'A u8" (babl has
+no BGRA u8), the selection as "Y u8".
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import gi
+
+gi.require_version("Gimp", "3.0")
+gi.require_version("Gegl", "0.4")
+from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import editor_common as ec  # noqa: E402
+
+PROCEDURES = {
+    "sdkit-generate": ("txt2img", "_Generate…", "Generate a new layer from a prompt"),
+    "sdkit-img2img": ("img2img", "_Img2img selection…", "Redraw the selection from a prompt"),
+    "sdkit-inpaint": ("inpaint", "I_npaint selection…", "Repaint the selection from a prompt"),
+}
+RGBA = "R'G'B'A u8"
+MASK = "Y u8"
+
+
+# --- pixels -------------------------------------------------------------------------
+
+
+def check_image(image) -> None:
+    if image.get_base_type() != Gimp.ImageBaseType.RGB:
+        raise ec.EditorError(
+            "sdkit works on RGB images; convert this one with Image > Mode > RGB first"
+        )
+
+
+def selection_rect(image) -> ec.Rect | None:
+    """The selection's bounds, or None when nothing is selected."""
+    result = Gimp.Selection.bounds(image)
+    # (success, non_empty, x1, y1, x2, y2); older bindings leave out success.
+    non_empty, x1, y1, x2, y2 = result[-5:]
+    if not non_empty:
+        return None
+    return ec.Rect.from_corners(x1, y1, x2, y2)
+
+
+def _rect(rect: ec.Rect):
+    return Gegl.Rectangle.new(rect.x, rect.y, rect.width, rect.height)
+
+
+def read_rgba(image, rect: ec.Rect) -> bytes:
+    """The visible (merged) image under ``rect``, from a throw-away flattened copy."""
+    copy = image.duplicate()
+    try:
+        layer = copy.merge_visible_layers(Gimp.MergeType.CLIP_TO_IMAGE)
+        ox, oy = layer.get_offsets()[-2:]
+        buffer = layer.get_buffer()
+        local = ec.Rect(rect.x - ox, rect.y - oy, rect.width, rect.height)
+        return bytes(buffer.get(_rect(local), 1.0, RGBA, Gegl.AbyssPolicy.NONE))
+    finally:
+        copy.delete()
+
+
+def read_mask(image, rect: ec.Rect) -> bytes | None:
+    """The selection's 8-bit soft mask under ``rect``, or None when nothing is selected."""
+    if Gimp.Selection.is_empty(image):
+        return None
+    buffer = image.get_selection().get_buffer()
+    return bytes(buffer.get(_rect(rect), 1.0, MASK, Gegl.AbyssPolicy.NONE))
+
+
+def add_layer(image, placement: ec.Placement):
+    """A new layer at the placement's position, above the selected layer; one undo step."""
+    image.undo_group_start()
+    try:
+        layer = Gimp.Layer.new(
+            image,
+            placement.name,
+            placement.width,
+            placement.height,
+            Gimp.ImageType.RGBA_IMAGE,
+            100.0,
+            Gimp.LayerMode.NORMAL,
+        )
+        parent, position = None, 0
+        selected = [d for d in image.get_selected_layers() if d is not None]
+        if selected:
+            parent = selected[0].get_parent()
+            position = image.get_item_position(selected[0])
+        image.insert_layer(layer, parent, position)
+        layer.set_offsets(placement.x, placement.y)
+        buffer = layer.get_buffer()
+        buffer.set(
+            Gegl.Rectangle.new(0, 0, placement.width, placement.height), RGBA, placement.rgba
+        )
+        buffer.flush()
+        layer.update(0, 0, placement.width, placement.height)
+    finally:
+        image.undo_group_end()
+    Gimp.displays_flush()
+    return layer
+
+
+# --- the action -----------------------------------------------------------------------
+
+
+def run_action(
+    image,
+    mode: str,
+    params: ec.Params,
+    *,
+    address: str = ec.DEFAULT_ADDRESS,
+    margin: int = ec.DEFAULT_MARGIN,
+    timeout: float | None = None,
+    progress: bool = True,
+):
+    """Everything a procedure does after its dialog: read, send, wait, add the layer."""
+    check_image(image)
+    conn = ec.Connection(address, client="sdkit-gimp")
+    try:
+        conn.wait_ready()
+        if params.width is None or params.height is None:
+            w, h = conn.default_size()
+            params.width = params.width or w
+            params.height = params.height or h
+        action = ec.plan_action(
+            mode,
+            params,
+            (image.get_width(), image.get_height()),
+            selection_rect(image),
+            lambda rect: read_rgba(image, rect),
+            lambda rect: read_mask(image, rect),
+            margin=margin,
+        )
+
+        def on_progress(a: ec.Action) -> None:
+            if progress:
+                Gimp.progress_set_text(f"sdkit: {a.status}")
+                Gimp.progress_update(a.fraction)
+
+        if progress:
+            Gimp.progress_init(f"sdkit: {mode}")
+        placement = ec.run_blocking(conn, action, on_progress=on_progress, timeout=timeout)
+    finally:
+        conn.close()
+    return add_layer(image, placement)
+
+
+# --- the plug-in ----------------------------------------------------------------------
+
+
+def _config_params(config, mode: str) -> tuple[ec.Params, str]:
+    steps = config.get_property("steps")
+    seed = config.get_property("seed")
+    params = ec.Params(
+        prompt=config.get_property("prompt").strip(),
+        negative_prompt=config.get_property("negative-prompt").strip(),
+        strength=config.get_property("strength") if mode != "txt2img" else 0.75,
+        num_inference_steps=steps or None,
+        seed=None if seed < 0 else seed,
+    )
+    if mode == "txt2img":
+        params.width = config.get_property("width") or None
+        params.height = config.get_property("height") or None
+    return params, config.get_property("server")
+
+
+def _run(procedure, run_mode, image, drawables, config, data):
+    mode = PROCEDURES[procedure.get_name()][0]
+    if run_mode == Gimp.RunMode.INTERACTIVE:
+        gi.require_version("GimpUi", "3.0")
+        from gi.repository import GimpUi
+
+        GimpUi.init("sdkit-gimp")
+        dialog = GimpUi.ProcedureDialog(procedure=procedure, config=config)
+        dialog.fill(None)
+        ok = dialog.run()
+        dialog.destroy()
+        if not ok:
+            return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+    params, address = _config_params(config, mode)
+    try:
+        run_action(image, mode, params, address=address)
+    except ec.EditorError as e:
+        return procedure.new_return_values(Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(str(e)))
+    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+
+
+class SdkitPlugIn(Gimp.PlugIn):
+    def do_query_procedures(self):
+        return list(PROCEDURES)
+
+    def do_set_i18n(self, name):
+        return False
+
+    def do_create_procedure(self, name):
+        mode, label, blurb = PROCEDURES[name]
+        procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, _run, None)
+        procedure.set_image_types("RGB*")
+        procedure.set_sensitivity_mask(
+            Gimp.ProcedureSensitivityMask.DRAWABLE
+            | Gimp.ProcedureSensitivityMask.DRAWABLES
+            | Gimp.ProcedureSensitivityMask.NO_DRAWABLES
+        )
+        procedure.set_menu_label(label)
+        procedure.add_menu_path("<Image>/Filters/sdkit")
+        procedure.set_documentation(
+            blurb,
+            f"{blurb} with Stable Diffusion through a running `sdkit serve`; the result "
+            "becomes a new layer over the selection.",
+            name,
+        )
+        procedure.set_attribution("sdkit", "sdkit", "2026")
+        rw = GObject.ParamFlags.READWRITE
+        procedure.add_string_argument("prompt", "_Prompt", "What to draw", "", rw)
+        procedure.add_string_argument(
+            "negative-prompt", "_Negative prompt", "What to avoid", "", rw
+        )
+        if mode != "txt2img":
+            procedure.add_double_argument(
+                "strength", "_Strength", "How much to change (0..1)", 0.01, 1.0, 0.75, rw
+            )
+        else:
+            procedure.add_int_argument("width", "_Width", "0: the model's default", 0, 4096, 0, rw)
+            procedure.add_int_argument(
+                "height", "_Height", "0: the model's default", 0, 4096, 0, rw
+            )
+        procedure.add_int_argument("steps", "S_teps", "0: the model's default", 0, 200, 0, rw)
+        procedure.add_int_argument("seed", "S_eed", "-1: random", -1, 2**31 - 1, -1, rw)
+        procedure.add_string_argument(
+            "server", "Ser_ver", "Address of `sdkit serve`", ec.DEFAULT_ADDRESS, rw
+        )
+        return procedure
+
+
+if __name__ == "__main__":
+    Gimp.main(SdkitPlugIn.__gtype__, sys.argv)

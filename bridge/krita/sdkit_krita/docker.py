@@ -1,0 +1,166 @@
+"""The sdkit docker: prompt, parameters, the three actions, progress with a live preview."""
+
+from __future__ import annotations
+
+from krita import DockWidget
+
+from . import editor_common as ec
+from .controller import shared
+from .qt import Qt, QtGui, QtWidgets
+
+PREVIEW_SIZE = 160
+
+_dockers: list[SdkitDocker] = []
+
+
+def current_docker() -> SdkitDocker | None:
+    """The docker whose fields the menu actions use (the visible one, else the newest)."""
+    alive = [d for d in _dockers if d is not None]
+    visible = [d for d in alive if d.isVisible()]
+    return (visible or alive or [None])[-1]
+
+
+class SdkitDocker(DockWidget):
+    """Settings > Dockers > sdkit. All work goes through the shared Controller."""
+
+    def __init__(self):
+        super().__init__()
+        self.setWindowTitle("sdkit")
+        self.controller = shared()
+        self._build()
+        _dockers.append(self)
+        c = self.controller
+        c.status_changed.connect(self._on_status)
+        c.progress_changed.connect(self._on_progress)
+        c.busy_changed.connect(self._on_busy)
+        c.failed.connect(self._on_failed)
+        c.finished.connect(self._on_finished)
+        if c.conn.state == "disconnected":
+            c.connect_to()
+        else:
+            self._on_status(c.conn.status_text(), c.conn.state == "connected")
+
+    def _build(self) -> None:
+        W = QtWidgets
+        root = W.QWidget(self)
+        form = W.QFormLayout()
+        self.address = W.QLineEdit(self.controller.conn.address)
+        self.reconnect = W.QPushButton("Reconnect")
+        self.reconnect.clicked.connect(lambda: self.controller.connect_to(self.address.text()))
+        addr_row = W.QHBoxLayout()
+        addr_row.addWidget(self.address, 1)
+        addr_row.addWidget(self.reconnect)
+        form.addRow("Server", addr_row)
+        self.status = W.QLabel("not connected")
+        self.status.setWordWrap(True)
+        form.addRow("Status", self.status)
+        self.model = W.QLabel("—")
+        self.model.setWordWrap(True)
+        form.addRow("Model", self.model)
+
+        self.prompt = W.QPlainTextEdit()
+        self.prompt.setPlaceholderText("a red circle on a blue background")
+        self.prompt.setMaximumHeight(70)
+        form.addRow("Prompt", self.prompt)
+        self.negative = W.QPlainTextEdit()
+        self.negative.setMaximumHeight(45)
+        form.addRow("Negative", self.negative)
+
+        self.strength = W.QDoubleSpinBox()
+        self.strength.setRange(0.01, 1.0)
+        self.strength.setSingleStep(0.05)
+        self.strength.setValue(0.75)
+        form.addRow("Strength", self.strength)
+        self.steps = W.QSpinBox()
+        self.steps.setRange(0, 200)
+        self.steps.setSpecialValueText("model default")
+        self.steps.setValue(0)
+        form.addRow("Steps", self.steps)
+        self.seed = W.QSpinBox()
+        self.seed.setRange(-1, 2**31 - 1)
+        self.seed.setSpecialValueText("random")
+        self.seed.setValue(-1)
+        form.addRow("Seed", self.seed)
+
+        buttons = W.QHBoxLayout()
+        self.buttons = {}
+        for mode, label in (
+            ("txt2img", "Generate"),
+            ("img2img", "Img2img selection"),
+            ("inpaint", "Inpaint selection"),
+        ):
+            b = W.QPushButton(label)
+            b.clicked.connect(lambda _=False, m=mode: self.run(m))
+            buttons.addWidget(b)
+            self.buttons[mode] = b
+
+        self.progress = W.QProgressBar()
+        self.progress.setRange(0, 1000)
+        self.progress.setValue(0)
+        self.progress.setFormat("idle")
+        self.progress.setTextVisible(True)
+        self.cancel = W.QPushButton("Cancel")
+        self.cancel.setEnabled(False)
+        self.cancel.clicked.connect(self.controller.cancel)
+        prog_row = W.QHBoxLayout()
+        prog_row.addWidget(self.progress, 1)
+        prog_row.addWidget(self.cancel)
+        self.preview = W.QLabel()
+        self.preview.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.preview.setMinimumHeight(PREVIEW_SIZE)
+
+        layout = W.QVBoxLayout(root)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addLayout(prog_row)
+        layout.addWidget(self.preview)
+        layout.addStretch(1)
+        self.setWidget(root)
+
+    def params(self) -> ec.Params:
+        steps, seed = self.steps.value(), self.seed.value()
+        return ec.Params(
+            prompt=self.prompt.toPlainText().strip(),
+            negative_prompt=self.negative.toPlainText().strip(),
+            strength=self.strength.value(),
+            num_inference_steps=steps or None,
+            seed=None if seed < 0 else seed,
+        )
+
+    def run(self, mode: str) -> None:
+        self.controller.run(mode, self.params())
+
+    # -- controller signals
+    def _on_status(self, text: str, ok: bool) -> None:
+        self.status.setText(text)
+        self.status.setStyleSheet("" if ok else "color: #c0392b;")
+        self.model.setText(self.controller.model_text())
+
+    def _on_progress(self, fraction: float, status: str, preview) -> None:
+        self.progress.setValue(int(fraction * 1000))
+        self.progress.setFormat(status or "%p%")
+        if preview is not None:
+            pix = QtGui.QPixmap.fromImage(preview).scaled(
+                PREVIEW_SIZE,
+                PREVIEW_SIZE,
+                Qt.AspectRatioMode.KeepAspectRatio,
+                Qt.TransformationMode.SmoothTransformation,
+            )
+            self.preview.setPixmap(pix)
+
+    def _on_busy(self, busy: bool) -> None:
+        for b in self.buttons.values():
+            b.setEnabled(not busy)
+        self.cancel.setEnabled(busy)
+
+    def _on_failed(self, message: str) -> None:
+        self.progress.setFormat(message)
+        self.status.setToolTip(message)
+        if self.isVisible():
+            QtWidgets.QMessageBox.warning(self, "sdkit", message)
+
+    def _on_finished(self, layer) -> None:
+        self.progress.setFormat(f"added {layer.name()}")
+
+    def canvasChanged(self, canvas) -> None:  # required by DockWidget
+        pass

@@ -1,0 +1,753 @@
+"""The sdkit bridge wire format, version 1 (standard library only: it runs inside editors).
+
+A message is a list of ZeroMQ frames: frame 0 is a UTF-8 JSON object (the header), the
+other frames are binary pictures that the header's ``frames`` list describes in order.
+`bridge/PROTOCOL.md` is the normative description; this module is its executable form,
+shared by the server, `sdkit.bridge.Client` and the editor plug-ins.
+
+The decoders never trust their input: every fault becomes a `ProtocolError` carrying an
+error code, a message naming what was wrong, the header field at fault and (when it could
+be read) the request id, so that the server can answer it.
+
+`Session` is the transport-neutral client core: it builds requests, keeps track of the
+ones in flight and turns incoming frames into `Event` objects.  It never blocks longer
+than the ``timeout`` it is given, so a Qt timer can pump it from an editor's UI thread.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+OPS = ("hello", "generate", "cancel", "status", "ping", "bye")
+EVENTS = (
+    "hello",
+    "pong",
+    "status",
+    "cancel",
+    "bye",
+    "accepted",
+    "queued",
+    "started",
+    "progress",
+    "result",
+    "error",
+)
+TERMINAL_EVENTS = ("result", "error")
+
+# Error codes and when they are sent (PROTOCOL.md lists the same table).
+ERROR_CODES = {
+    "bad_message": "the frames are not a valid message (no header, not UTF-8 JSON, not an object)",
+    "bad_version": "the header's protocol version is missing or not supported",
+    "unknown_op": "the op is missing or not one of the known operations",
+    "unknown_field": "the header (or a frame descriptor) has a key this version does not define",
+    "bad_field": "a header field or a Request field has a wrong type or value",
+    "bad_frames": "the binary frames do not match the header's frame descriptors",
+    "too_large": "a size limit was exceeded (message bytes, pixels, header bytes, frames)",
+    "queue_full": "this client already has the maximum number of unfinished requests",
+    "duplicate_id": "this client already has an unfinished request with this id",
+    "model_not_allowed": "the requested model is not on the server's allow-list",
+    "cancelled": "the request was cancelled before it finished",
+    "failed": "the engine raised an error while generating",
+    "shutdown": "the server stopped before the request finished",
+    "connection_lost": "(client side) the connection dropped while the request was in flight",
+    "timeout": "(client side) no answer within the client's timeout",
+    "internal": "an unexpected server error; the server keeps running",
+    "unavailable": "(scale-out broker) no worker is connected to take the request",
+}
+
+# Picture formats: bytes per pixel, None for encoded (PNG) data.
+FORMATS = {"rgba8": 4, "l8": 1, "png": None}
+# Which picture may travel under which name in a request, and in which formats.
+REQUEST_FRAMES = {"image": ("rgba8", "png"), "mask": ("l8", "png")}
+RESULT_FORMATS = ("rgba8", "png")
+
+_COMMON_KEYS = ("v", "op", "id")
+_OP_KEYS = {
+    "hello": ("client", "versions"),
+    "generate": ("request", "frames", "preview", "result_format"),
+    "cancel": ("target",),
+    "status": (),
+    "ping": ("data",),
+    "bye": (),
+}
+_DESCRIPTOR_KEYS = ("name", "format", "width", "height", "index")
+MAX_ID_LENGTH = 128
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ProtocolError(ValueError):
+    """A message that breaks the protocol; the server answers it with an ``error`` event."""
+
+    def __init__(
+        self, code: str, message: str, field: str | None = None, request_id: str | None = None
+    ):
+        self.code = code
+        self.message = message
+        self.field = field
+        self.request_id = request_id
+        where = f" [{field}]" if field else ""
+        super().__init__(f"{code}{where}: {message}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server limits, announced in ``hello`` so that clients can check before sending."""
+
+    max_message_bytes: int = 64 * 2**20
+    max_header_bytes: int = 64 * 2**10
+    max_frames: int = 8
+    max_pixels: int = 4096 * 4096
+    max_queued_per_client: int = 8
+
+    def to_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Limits:
+        return cls(**{k: int(v) for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Picture:
+    """Pixels as they travel: ``rgba8`` (straight alpha, row-major), ``l8`` or ``png``."""
+
+    width: int
+    height: int
+    format: str
+    data: bytes | bytearray | memoryview
+
+    def descriptor(self, name: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "name": name,
+            "format": self.format,
+            "width": self.width,
+            "height": self.height,
+            **extra,
+        }
+
+    def expected_bytes(self) -> int | None:
+        bpp = FORMATS[self.format]
+        return None if bpp is None else self.width * self.height * bpp
+
+
+@dataclass
+class Message:
+    """A decoded client -> server message."""
+
+    op: str
+    id: str
+    header: dict[str, Any]
+    pictures: dict[str, Picture] = field(default_factory=dict)
+
+
+@dataclass
+class Event:
+    """A decoded server -> client event (or one a `Session` made up, e.g. connection_lost)."""
+
+    event: str
+    id: str | None
+    header: dict[str, Any]
+    pictures: list[tuple[dict[str, Any], Picture]] = field(default_factory=list)
+
+    @property
+    def terminal(self) -> bool:
+        return self.event in TERMINAL_EVENTS
+
+    @property
+    def code(self) -> str | None:
+        return self.header.get("code")
+
+    @property
+    def message(self) -> str | None:
+        return self.header.get("message")
+
+    @property
+    def field(self) -> str | None:
+        return self.header.get("field")
+
+    def pictures_named(self, name: str) -> list[Picture]:
+        return [p for d, p in self.pictures if d.get("name") == name]
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed in JSON headers")
+
+
+def dumps(header: Mapping[str, Any]) -> bytes:
+    return json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def request_frames(
+    op: str,
+    request_id: str,
+    *,
+    pictures: Mapping[str, Picture] | None = None,
+    **fields: Any,
+) -> list[Any]:
+    """Frames of a client -> server message; ``pictures`` maps frame names to `Picture`s."""
+    header: dict[str, Any] = {"v": VERSION, "op": op, "id": request_id}
+    header.update({k: v for k, v in fields.items() if v is not None})
+    pics = list((pictures or {}).items())
+    if op == "generate":
+        header["frames"] = [p.descriptor(name) for name, p in pics]
+    return [dumps(header), *(p.data for _, p in pics)]
+
+
+def generate_frames(
+    request_id: str,
+    request: Mapping[str, Any],
+    *,
+    image: Picture | None = None,
+    mask: Picture | None = None,
+    preview: int = 0,
+    result_format: str = "rgba8",
+) -> list[Any]:
+    """A ``generate`` message: Request fields in the header, image and mask as frames."""
+    pictures = {}
+    if image is not None:
+        pictures["image"] = image
+    if mask is not None:
+        pictures["mask"] = mask
+    return request_frames(
+        "generate",
+        request_id,
+        request=dict(request),
+        pictures=pictures,
+        preview=int(preview) or None,
+        result_format=None if result_format == "rgba8" else result_format,
+    )
+
+
+def event_frames(
+    event: str,
+    request_id: str | None,
+    pictures: Sequence[tuple[str, Picture]] = (),
+    **fields: Any,
+) -> list[Any]:
+    """Frames of a server -> client event; each picture is (name, Picture)."""
+    header: dict[str, Any] = {"v": VERSION, "event": event, "id": request_id, **fields}
+    if pictures:
+        header["frames"] = [p.descriptor(name, index=i) for i, (name, p) in enumerate(pictures)]
+    return [dumps(header), *(p.data for _, p in pictures)]
+
+
+def error_frames(
+    request_id: str | None, code: str, message: str, field: str | None = None
+) -> list[Any]:
+    return event_frames("error", request_id, code=code, message=message, field=field)
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def _header(frames: Sequence[Any], max_header_bytes: int) -> dict[str, Any]:
+    if not frames:
+        raise ProtocolError("bad_message", "empty message: frame 0 must be a JSON header")
+    raw = frames[0]
+    if len(raw) > max_header_bytes:
+        raise ProtocolError(
+            "too_large", f"header is {len(raw)} bytes; the limit is {max_header_bytes}"
+        )
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError("bad_message", f"frame 0 is not UTF-8 ({e.reason})") from None
+    try:
+        header = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError("bad_message", f"frame 0 is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(
+            "bad_message", f"frame 0 must be a JSON object, got {type(header).__name__}"
+        )
+    return header
+
+
+def _request_id(header: Mapping[str, Any]) -> str | None:
+    rid = header.get("id")
+    if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_LENGTH:
+        return rid
+    return None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_version(header: Mapping[str, Any], rid: str | None) -> None:
+    v = header.get("v")
+    if v is None:
+        raise ProtocolError(
+            "bad_version", "missing protocol version 'v' (this server speaks 1)", "v", rid
+        )
+    if not _is_int(v) or v not in SUPPORTED_VERSIONS:
+        raise ProtocolError(
+            "bad_version",
+            f"protocol version {v!r} is not supported; supported: "
+            f"{', '.join(map(str, SUPPORTED_VERSIONS))}",
+            "v",
+            rid,
+        )
+
+
+def _check_keys(d: Mapping[str, Any], allowed: Iterable[str], where: str, rid: str | None):
+    """Unknown keys are errors: a typo must not silently fall back to a default."""
+    allowed = tuple(allowed)
+    for k in d:
+        if k not in allowed:
+            place = f" in {where}" if where else ""
+            raise ProtocolError(
+                "unknown_field",
+                f"unknown key {k!r}{place}; allowed: {', '.join(allowed)}",
+                f"{where}.{k}" if where else str(k),
+                rid,
+            )
+
+
+def _dimension(d: Mapping[str, Any], key: str, where: str, rid: str | None) -> int:
+    v = d.get(key)
+    if not _is_int(v) or v <= 0:
+        raise ProtocolError(
+            "bad_field",
+            f"{where}.{key} must be a positive integer, got {v!r}",
+            f"{where}.{key}",
+            rid,
+        )
+    return v
+
+
+def decode_picture(
+    descriptor: Any,
+    data: Any,
+    *,
+    where: str,
+    formats: Sequence[str] = tuple(FORMATS),
+    max_pixels: int | None = None,
+    rid: str | None = None,
+) -> Picture:
+    """Check one frame descriptor against its frame's bytes."""
+    if not isinstance(descriptor, dict):
+        raise ProtocolError(
+            "bad_field", f"{where} must be an object, got {type(descriptor).__name__}", where, rid
+        )
+    _check_keys(descriptor, _DESCRIPTOR_KEYS, where, rid)
+    fmt = descriptor.get("format")
+    if fmt not in formats:
+        raise ProtocolError(
+            "bad_field",
+            f"{where}.format is {fmt!r}; allowed here: {', '.join(formats)}",
+            f"{where}.format",
+            rid,
+        )
+    width = _dimension(descriptor, "width", where, rid)
+    height = _dimension(descriptor, "height", where, rid)
+    if max_pixels is not None and width * height > max_pixels:
+        raise ProtocolError(
+            "too_large",
+            f"{where} is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
+            where,
+            rid,
+        )
+    pic = Picture(width, height, fmt, data)
+    expected = pic.expected_bytes()
+    if expected is not None and len(data) != expected:
+        raise ProtocolError(
+            "bad_frames",
+            f"{where} ({fmt} {width}x{height}) needs {expected} bytes, the frame has {len(data)}",
+            where,
+            rid,
+        )
+    if expected is None and bytes(data[:8]) != PNG_SIGNATURE:
+        raise ProtocolError("bad_frames", f"{where} is not PNG data (bad signature)", where, rid)
+    return pic
+
+
+def decode_request(frames: Sequence[Any], limits: Limits | None = None) -> Message:
+    """Decode and check a client -> server message; raise `ProtocolError` on any fault."""
+    limits = limits or Limits()
+    header = _header(frames, limits.max_header_bytes)
+    rid = _request_id(header)
+    total = sum(len(f) for f in frames)
+    if total > limits.max_message_bytes:
+        raise ProtocolError(
+            "too_large",
+            f"message is {total} bytes; the limit is {limits.max_message_bytes}",
+            None,
+            rid,
+        )
+    if len(frames) > limits.max_frames:
+        raise ProtocolError(
+            "too_large",
+            f"message has {len(frames)} frames; the limit is {limits.max_frames}",
+            None,
+            rid,
+        )
+    _check_version(header, rid)
+    if "id" not in header:
+        raise ProtocolError("bad_field", "missing request id 'id'", "id", None)
+    if rid is None:
+        raise ProtocolError(
+            "bad_field",
+            f"'id' must be a non-empty string of at most {MAX_ID_LENGTH} characters",
+            "id",
+            None,
+        )
+    op = header.get("op")
+    if op not in OPS:
+        raise ProtocolError(
+            "unknown_op", f"unknown op {op!r}; known ops: {', '.join(OPS)}", "op", rid
+        )
+    _check_keys(header, _COMMON_KEYS + _OP_KEYS[op], "", rid)
+    msg = Message(op, rid, header)
+    if op == "generate":
+        _decode_generate(msg, frames, limits)
+    elif len(frames) > 1:
+        raise ProtocolError(
+            "bad_frames", f"{op} takes no binary frames, got {len(frames) - 1}", "frames", rid
+        )
+    elif op == "cancel":
+        target = header.get("target")
+        if not isinstance(target, str) or not 0 < len(target) <= MAX_ID_LENGTH:
+            raise ProtocolError(
+                "bad_field",
+                f"cancel needs 'target', a request id string; got {target!r}",
+                "target",
+                rid,
+            )
+    elif op == "hello":
+        client = header.get("client")
+        if client is not None and (not isinstance(client, str) or len(client) > 200):
+            raise ProtocolError("bad_field", "'client' must be a short string", "client", rid)
+        versions = header.get("versions")
+        if versions is not None and (
+            not isinstance(versions, list) or not all(_is_int(v) for v in versions)
+        ):
+            raise ProtocolError(
+                "bad_field", "'versions' must be a list of integers", "versions", rid
+            )
+    elif op == "ping":
+        data = header.get("data")
+        if data is not None and (not isinstance(data, str) or len(data) > 256):
+            raise ProtocolError(
+                "bad_field", "'data' must be a string of at most 256 characters", "data", rid
+            )
+    return msg
+
+
+def _decode_generate(msg: Message, frames: Sequence[Any], limits: Limits) -> None:
+    header, rid = msg.header, msg.id
+    request = header.get("request", {})
+    if not isinstance(request, dict):
+        raise ProtocolError(
+            "bad_field",
+            f"'request' must be an object of Request fields, got {type(request).__name__}",
+            "request",
+            rid,
+        )
+    for name in REQUEST_FRAMES:
+        if name in request:
+            raise ProtocolError(
+                "bad_field",
+                f"send the {name} as a binary frame described in 'frames', not inside 'request'",
+                f"request.{name}",
+                rid,
+            )
+    for key in ("width", "height"):
+        v = request.get(key)
+        if _is_int(v) and v > 0 and v > limits.max_pixels:
+            raise ProtocolError(
+                "too_large", f"request.{key}={v} exceeds the pixel limit", f"request.{key}", rid
+            )
+    w, h = request.get("width"), request.get("height")
+    if _is_int(w) and _is_int(h) and w > 0 and h > 0:
+        n = request.get("num_images", 1)
+        n = n if _is_int(n) and n > 0 else 1
+        if w * h * n > limits.max_pixels:
+            raise ProtocolError(
+                "too_large",
+                f"request asks for {n} x {w}x{h} = {w * h * n} pixels; the limit is "
+                f"{limits.max_pixels}",
+                "request.width",
+                rid,
+            )
+    preview = header.get("preview", 0)
+    if not isinstance(preview, int) or preview < 0 or preview > 10_000:
+        raise ProtocolError(
+            "bad_field",
+            f"'preview' must be false/true or an integer 0..10000 (every n steps), got {preview!r}",
+            "preview",
+            rid,
+        )
+    fmt = header.get("result_format", "rgba8")
+    if fmt not in RESULT_FORMATS:
+        raise ProtocolError(
+            "bad_field",
+            f"'result_format' is {fmt!r}; allowed: {', '.join(RESULT_FORMATS)}",
+            "result_format",
+            rid,
+        )
+    descriptors = header.get("frames", [])
+    if not isinstance(descriptors, list):
+        raise ProtocolError(
+            "bad_field",
+            f"'frames' must be a list of frame descriptors, got {type(descriptors).__name__}",
+            "frames",
+            rid,
+        )
+    if len(descriptors) != len(frames) - 1:
+        raise ProtocolError(
+            "bad_frames",
+            f"header describes {len(descriptors)} binary frame(s) but {len(frames) - 1} arrived",
+            "frames",
+            rid,
+        )
+    for i, d in enumerate(descriptors):
+        where = f"frames[{i}]"
+        name = d.get("name") if isinstance(d, dict) else None
+        if isinstance(d, dict) and name not in REQUEST_FRAMES:
+            raise ProtocolError(
+                "bad_field",
+                f"{where}.name is {name!r}; allowed: {', '.join(REQUEST_FRAMES)}",
+                f"{where}.name",
+                rid,
+            )
+        pic = decode_picture(
+            d,
+            frames[i + 1],
+            where=where,
+            formats=REQUEST_FRAMES.get(name, ()),
+            max_pixels=limits.max_pixels,
+            rid=rid,
+        )
+        if name in msg.pictures:
+            raise ProtocolError(
+                "bad_frames", f"{where}: a second '{name}' frame", f"{where}.name", rid
+            )
+        msg.pictures[name] = pic
+    image, mask = msg.pictures.get("image"), msg.pictures.get("mask")
+    if image and mask and (image.width, image.height) != (mask.width, mask.height):
+        raise ProtocolError(
+            "bad_frames",
+            f"mask is {mask.width}x{mask.height} but the image is {image.width}x{image.height}",
+            "frames",
+            rid,
+        )
+
+
+def decode_event(frames: Sequence[Any], *, max_header_bytes: int = 16 * 2**20) -> Event:
+    """Decode a server -> client event (the client trusts the server less than fully)."""
+    header = _header(frames, max_header_bytes)
+    event = header.get("event")
+    if event not in EVENTS:
+        raise ProtocolError("bad_message", f"unknown event {event!r}", "event", _request_id(header))
+    rid = header.get("id")
+    ev = Event(event, rid if isinstance(rid, str) else None, header)
+    descriptors = header.get("frames", [])
+    if not isinstance(descriptors, list) or len(descriptors) != len(frames) - 1:
+        raise ProtocolError("bad_frames", "event frames do not match their descriptors", "frames")
+    for i, d in enumerate(descriptors):
+        ev.pictures.append((d, decode_picture(d, frames[i + 1], where=f"frames[{i}]")))
+    return ev
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def rgba_from_rgb(rgb: bytes | bytearray | memoryview, width: int, height: int) -> bytes:
+    """Straight-alpha RGBA8 from packed RGB8, alpha 255 (stdlib, for editor code)."""
+    out = bytearray(width * height * 4)
+    out[0::4] = rgb[0::3]
+    out[1::4] = rgb[1::3]
+    out[2::4] = rgb[2::3]
+    out[3::4] = b"\xff" * (width * height)
+    return bytes(out)
+
+
+def progress_fraction(event: Event) -> float:
+    """0..1 from a ``progress`` event (for progress bars)."""
+    step, total = event.header.get("step", 0), event.header.get("total", 0)
+    try:
+        return max(0.0, min(1.0, float(step) / float(total)))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return 0.0
+
+
+# ---------------------------------------------------------------------------- Session
+
+
+class Transport(Protocol):
+    """What a `Session` needs: pyzmq's DEALER (wrapped) or `zmtp.Dealer`."""
+
+    epoch: int  # +1 every time an established connection is lost
+
+    def send_multipart(self, frames: Sequence[Any]) -> None: ...
+
+    def poll(self, timeout: float = 0.0) -> list[list[bytes]]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Pending:
+    id: str
+    op: str
+    epoch: int
+    sent: float
+    target: str | None = None
+
+
+class Session:
+    """Client-side bookkeeping for one connection; never blocks longer than asked.
+
+    Editor plug-ins call `generate`/`cancel` from UI handlers and `poll(0)` from a timer;
+    each returned `Event` belongs to a request id this session sent.  A request that was in
+    flight when the connection dropped ends with an ``error`` event, code
+    ``connection_lost`` (the server that would answer it is gone); a request that gets no
+    answer within ``timeout`` seconds (if given) ends with code ``timeout``.
+    """
+
+    def __init__(self, transport: Transport, *, client: str = "sdkit-session"):
+        self.transport = transport
+        self.client = client
+        self.pending: dict[str, Pending] = {}
+        self._epoch = transport.epoch
+        self._deadlines: dict[str, float] = {}
+        self._backlog: list[Event] = []
+        self.on_event: Callable[[Event], None] | None = None
+
+    # -- sending
+    def _send(self, op: str, frames: list[Any], rid: str, target: str | None = None) -> str:
+        if rid in self.pending:
+            raise ValueError(f"request id {rid!r} is already in flight")
+        self._check_epoch()
+        self.transport.send_multipart(frames)
+        self.pending[rid] = Pending(rid, op, self.transport.epoch, time.monotonic(), target)
+        return rid
+
+    def hello(self, *, request_id: str | None = None) -> str:
+        rid = request_id or new_request_id()
+        frames = request_frames("hello", rid, client=self.client, versions=list(SUPPORTED_VERSIONS))
+        return self._send("hello", frames, rid)
+
+    def ping(self, *, request_id: str | None = None) -> str:
+        rid = request_id or new_request_id()
+        return self._send("ping", request_frames("ping", rid), rid)
+
+    def status(self, *, request_id: str | None = None) -> str:
+        rid = request_id or new_request_id()
+        return self._send("status", request_frames("status", rid), rid)
+
+    def generate(
+        self,
+        request: Mapping[str, Any],
+        *,
+        image: Picture | None = None,
+        mask: Picture | None = None,
+        preview: int = 0,
+        result_format: str = "rgba8",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        rid = request_id or new_request_id()
+        frames = generate_frames(
+            rid, request, image=image, mask=mask, preview=preview, result_format=result_format
+        )
+        self._send("generate", frames, rid)
+        if timeout is not None:
+            self._deadlines[rid] = time.monotonic() + timeout
+        return rid
+
+    def cancel(self, target: str, *, request_id: str | None = None) -> str:
+        """Ask the server to cancel ``target``; its own terminal event follows later."""
+        rid = request_id or new_request_id()
+        return self._send("cancel", request_frames("cancel", rid, target=target), rid, target)
+
+    def bye(self) -> None:
+        """Tell the server this client is leaving (its unfinished requests are cancelled)."""
+        try:
+            self.transport.send_multipart(request_frames("bye", new_request_id()))
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+    # -- receiving
+    def _check_epoch(self) -> None:
+        """Requests sent over a connection that has since dropped will never be answered."""
+        epoch = self.transport.epoch
+        if epoch == self._epoch:
+            return
+        self._epoch = epoch
+        for p in [p for p in self.pending.values() if p.epoch < epoch]:
+            self._backlog.append(
+                self._synthetic(
+                    p.id,
+                    "connection_lost",
+                    f"the connection to the server dropped while {p.op} {p.id!r} was in flight; "
+                    "the server may have restarted, send it again",
+                )
+            )
+
+    def _synthetic(self, rid: str, code: str, message: str) -> Event:
+        self.pending.pop(rid, None)
+        self._deadlines.pop(rid, None)
+        header = {"v": VERSION, "event": "error", "id": rid, "code": code, "message": message}
+        header["field"] = None
+        return Event("error", rid, header)
+
+    def _accept(self, frames: list[bytes]) -> Event | None:
+        try:
+            ev = decode_event(frames)
+        except ProtocolError:
+            return None  # not ours to answer; a well-behaved server never sends this
+        p = self.pending.get(ev.id) if ev.id is not None else None
+        if p is None:
+            return None
+        if ev.terminal or p.op != "generate":
+            self.pending.pop(ev.id, None)
+            self._deadlines.pop(ev.id, None)
+        return ev
+
+    def poll(self, timeout: float = 0.0) -> list[Event]:
+        """Pump the transport for up to ``timeout`` seconds; return the events that arrived."""
+        self._check_epoch()
+        events, self._backlog = self._backlog, []
+        if not events:
+            for frames in self.transport.poll(timeout):
+                ev = self._accept(frames)
+                if ev is not None:
+                    events.append(ev)
+            self._check_epoch()
+            events.extend(self._backlog)
+            self._backlog = []
+        now = time.monotonic()
+        for rid, deadline in list(self._deadlines.items()):
+            if now >= deadline and rid in self.pending:
+                try:
+                    self.cancel(rid)
+                except Exception:  # noqa: BLE001 - the timeout error is what matters
+                    pass
+                events.append(
+                    self._synthetic(rid, "timeout", f"no result for {rid!r} within the timeout")
+                )
+        if self.on_event is not None:
+            for ev in events:
+                self.on_event(ev)
+        return events
+
+    def close(self) -> None:
+        self.bye()
+        self.transport.close()

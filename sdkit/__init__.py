@@ -1,0 +1,65 @@
+"""sdkit: Stable Diffusion where people already work.
+
+Import is light: torch and diffusers load on first use of an engine or a mode function.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sdkit.request import Request, RequestError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Engine",
+    "Job",
+    "JobCancelled",
+    "ModelNotFoundError",
+    "ProgressEvent",
+    "Request",
+    "RequestError",
+    "Result",
+    "generate",
+    "img2img",
+    "inpaint",
+    "load",
+    "txt2img",
+    "unconditional",
+]
+
+_LAZY = {
+    "Engine": "sdkit.engine",
+    "Job": "sdkit.engine",
+    "JobCancelled": "sdkit.engine",
+    "ProgressEvent": "sdkit.engine",
+    "Result": "sdkit.result",
+    "ModelNotFoundError": "sdkit.models",
+    "load": "sdkit.api",
+    "txt2img": "sdkit.api",
+    "img2img": "sdkit.api",
+    "inpaint": "sdkit.api",
+    "unconditional": "sdkit.api",
+    "generate": "sdkit.api",
+}
+
+if TYPE_CHECKING:
+    from sdkit.api import generate, img2img, inpaint, load, txt2img, unconditional
+    from sdkit.engine import Engine, Job, JobCancelled, ProgressEvent
+    from sdkit.models import ModelNotFoundError
+    from sdkit.result import Result
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sdkit' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,173 @@
+"""The embedded model's world: coloured shapes on coloured backgrounds.
+
+One module draws the training images and judges generated ones, so the oracle the
+tests rely on is checked against exactly the renderer the model learned from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "orange": (245, 130, 20),
+    "purple": (140, 40, 180),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+SIZE = 64
+_SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows; enough to render it again and to caption it."""
+
+    shape: str
+    colour: str
+    background: str
+    cx: float
+    cy: float
+    radius: float
+    angle: float
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+    names = list(COLOURS)
+    colour = names[rng.integers(len(names))]
+    background = names[rng.integers(len(names) - 1)]
+    if background == colour:
+        background = names[-1]
+    radius = float(rng.uniform(11, 24))
+    margin = radius + 2
+    return Scene(
+        shape=SHAPES[rng.integers(len(SHAPES))],
+        colour=colour,
+        background=background,
+        cx=float(rng.uniform(margin, SIZE - margin)),
+        cy=float(rng.uniform(margin, SIZE - margin)),
+        radius=radius,
+        angle=float(rng.uniform(0, 2 * math.pi)),
+    )
+
+
+def _polygon(scene: Scene, scale: float) -> list[tuple[float, float]]:
+    cx, cy, r, a = scene.cx * scale, scene.cy * scale, scene.radius * scale, scene.angle
+    if scene.shape == "square":
+        # radius is the half-diagonal so every shape spans the same circle
+        return [(cx + r * math.cos(a + k * math.pi / 2), cy + r * math.sin(a + k * math.pi / 2)) for k in range(4)]
+    if scene.shape == "triangle":
+        return [(cx + r * math.cos(a + k * 2 * math.pi / 3), cy + r * math.sin(a + k * 2 * math.pi / 3)) for k in range(3)]
+    if scene.shape == "star":
+        pts = []
+        for k in range(10):
+            rr = r if k % 2 == 0 else r * 0.45
+            pts.append((cx + rr * math.cos(a + k * math.pi / 5), cy + rr * math.sin(a + k * math.pi / 5)))
+        return pts
+    raise ValueError(scene.shape)
+
+
+def render(scene: Scene, size: int = SIZE) -> Image.Image:
+    """Anti-aliased RGB drawing of the scene (drawn large, then downsampled)."""
+    big = size * _SUPERSAMPLE
+    scale = big / SIZE
+    img = Image.new("RGB", (big, big), COLOURS[scene.background])
+    draw = ImageDraw.Draw(img)
+    fill = COLOURS[scene.colour]
+    if scene.shape == "circle":
+        r = scene.radius * scale * 0.85  # a circle as wide as a square's diagonal looks too big
+        cx, cy = scene.cx * scale, scene.cy * scale
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        draw.polygon(_polygon(scene, scale), fill=fill)
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """One of several phrasings; some omit the background, some are empty."""
+    u = rng.random()
+    fg, shape, bg = scene.colour, scene.shape, scene.background
+    if u < 0.10:
+        return ""
+    if u < 0.25:
+        return f"a {fg} {shape}"
+    if u < 0.55:
+        return f"a {fg} {shape} on a {bg} background"
+    if u < 0.75:
+        return f"{fg} {shape}, {bg} background"
+    return f"a {bg} background with a {fg} {shape}"
+
+
+VOCABULARY: tuple[str, ...] = (*COLOURS, *SHAPES, "a", "on", "background", "with", ",")
+
+
+# ---------------------------------------------------------------- classifier
+
+
+@dataclass(frozen=True)
+class Judgement:
+    colour: str | None
+    background: str
+    shape: str | None
+
+
+_PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
+_NAMES = list(COLOURS)
+
+
+def nearest_colours(pixels: np.ndarray) -> np.ndarray:
+    """Index of the nearest palette colour for each RGB pixel."""
+    flat = pixels.reshape(-1, 3).astype(np.float32)
+    d = ((flat[:, None, :] - _PALETTE[None, :, :]) ** 2).sum(-1)
+    return d.argmin(1).reshape(pixels.shape[:-1])
+
+
+def classify(image: Image.Image) -> Judgement:
+    """Judge colour, background and shape from pixel statistics alone."""
+    from scipy import ndimage
+    from scipy.spatial import ConvexHull, QhullError
+
+    arr = np.asarray(image.convert("RGB").resize((SIZE, SIZE)))
+    labels = nearest_colours(arr)
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    bg = int(np.bincount(border, minlength=len(_NAMES)).argmax())
+    counts = np.bincount(labels[labels != bg], minlength=len(_NAMES))
+    if counts.sum() < 20:
+        return Judgement(None, _NAMES[bg], None)
+    fg = int(counts.argmax())
+    mask = labels == fg
+    comp, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum(mask, comp, range(1, n + 1))
+        mask = comp == (int(np.argmax(sizes)) + 1)
+    mask = ndimage.binary_fill_holes(mask)
+    ys, xs = np.nonzero(mask)
+    area = float(mask.sum())
+    if area < 20:
+        return Judgement(_NAMES[fg], _NAMES[bg], None)
+    cy, cx = ys.mean(), xs.mean()
+    r_max = float(np.sqrt(((ys - cy) ** 2 + (xs - cx) ** 2).max())) + 0.5
+    fill = area / (math.pi * r_max**2)
+    try:
+        pts = np.stack([xs, ys], 1).astype(np.float64)
+        corners = np.concatenate([pts + d for d in ((0, 0), (1, 0), (0, 1), (1, 1))])
+        solidity = area / ConvexHull(corners).volume
+    except QhullError:
+        solidity = 1.0
+    if solidity < 0.78:
+        shape = "star"
+    elif fill > 0.8:
+        shape = "circle"
+    elif fill > 0.5:
+        shape = "square"
+    else:
+        shape = "triangle"
+    return Judgement(_NAMES[fg], _NAMES[bg], shape)

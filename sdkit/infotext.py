@@ -1,0 +1,263 @@
+"""A1111 "infotext": the `parameters` PNG text chunk, written and parsed.
+
+The format, as A1111 writes it::
+
+    a prompt, which may span
+    several lines
+    Negative prompt: what to avoid
+    Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model: sd15, Version: v1.10.1
+
+The last line is `Key: value` pairs separated by commas; a value holding a comma, colon,
+newline or quote is JSON-quoted.  Keys sdkit has no field for (A1111's `Hires upscale`,
+`Lora hashes`, `Version`, ...) land in `Request.extra` and are written back unchanged.
+Known keys that do not apply to the parsed mode (e.g. A1111's hires-fix `Denoising strength`
+on a txt2img image) are kept in `extra` too, so nothing is lost on a round trip.
+
+sdkit adds keys for what A1111 does not record: `Mode`, `Mask grow`, `Inpaint area`,
+`Masked area padding`, `Masked content`, `Resize mode`, `Batch size`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sdkit.request import Request
+
+NEGATIVE = "Negative prompt:"
+_KEY = re.compile(r"^\w[^,:\"\n]*$")
+_SIZE = re.compile(r"^(\d+)\s*x\s*(\d+)$")
+_DECODER = json.JSONDecoder()
+
+_AREA = {"Only masked": True, "Whole picture": False}
+_FILL_OUT = {"original": "original", "fill": "fill", "noise": "latent noise"}
+_FILL_IN = {"original": "original", "fill": "fill", "latent noise": "noise", "noise": "noise"}
+_IMAGE_MODES = ("img2img", "inpaint")
+
+# Keys sdkit reads into fields (everything else goes to `extra`).
+KNOWN_KEYS = (
+    "Steps",
+    "Sampler",
+    "CFG scale",
+    "Seed",
+    "Size",
+    "Model",
+    "Mode",
+    "Denoising strength",
+    "Resize mode",
+    "Mask blur",
+    "Mask grow",
+    "Inpaint area",
+    "Masked area padding",
+    "Masked content",
+    "Batch size",
+)
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def quote(value: Any) -> str:
+    """A value as A1111 writes it: JSON-quoted when it holds `,` `:` newline or `"`
+    (or would lose edge whitespace), else as is."""
+    text = str(value)
+    if any(c in text for c in ',:\n"') or text != text.strip():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _num(x: float) -> str:
+    x = float(x)
+    return str(int(x)) if x.is_integer() else repr(x)
+
+
+def format_infotext(req: Request, *, seed: int | None = None) -> str:
+    """The infotext of `req`; `seed` overrides `req.seed` (each image of a batch its own)."""
+    from sdkit.schedulers import a1111_name
+
+    pairs: list[tuple[str, str]] = []
+
+    def add(key: str, value: Any) -> None:
+        if value is not None:
+            pairs.append((key, value if isinstance(value, str) else str(value)))
+
+    add("Steps", req.num_inference_steps)
+    if req.scheduler is not None:
+        add("Sampler", a1111_name(req.scheduler))
+    if req.guidance_scale is not None:
+        add("CFG scale", _num(req.guidance_scale))
+    add("Seed", seed if seed is not None else req.seed)
+    if req.width is not None and req.height is not None:
+        add("Size", f"{req.width}x{req.height}")
+    add("Model", req.model)
+    if req.mode != "txt2img":
+        add("Mode", req.mode)
+    if req.mode in _IMAGE_MODES:
+        add("Denoising strength", _num(req.strength))
+        if req.resize_mode != "resize":
+            add("Resize mode", req.resize_mode)
+    if req.mode == "inpaint":
+        add("Mask blur", req.mask_blur)
+        add("Mask grow", req.grow)
+        add("Inpaint area", "Only masked" if req.only_masked else "Whole picture")
+        if req.only_masked:
+            add("Masked area padding", req.padding)
+        add("Masked content", _FILL_OUT.get(req.fill, req.fill))
+    if req.num_images != 1:
+        add("Batch size", req.num_images)
+    written = {k for k, _ in pairs}
+    pairs += [(k, str(v)) for k, v in req.extra.items() if k not in written]
+
+    lines = [req.prompt or ""]
+    if req.negative_prompt:
+        lines.append(f"{NEGATIVE} {req.negative_prompt}")
+    if pairs:
+        lines.append(", ".join(f"{k}: {quote(v)}" for k, v in pairs))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def parse_params(line: str) -> list[tuple[str, str]] | None:
+    """`Key: value, Key: "quoted, value"` -> pairs, or None when `line` is not such a list."""
+    pairs: list[tuple[str, str]] = []
+    pos, n = 0, len(line)
+    while True:
+        while pos < n and line[pos] in " \t,":
+            pos += 1
+        if pos >= n:
+            return pairs
+        colon = line.find(":", pos)
+        if colon < 0:
+            return None
+        key = line[pos:colon].strip()
+        if not _KEY.match(key):
+            return None
+        pos = colon + 1
+        while pos < n and line[pos] in " \t":
+            pos += 1
+        value = None
+        if pos < n and line[pos] == '"':
+            try:
+                decoded, end = _DECODER.raw_decode(line, pos)
+            except ValueError:
+                decoded, end = None, pos
+            rest = line[end:].lstrip(" \t")
+            if isinstance(decoded, str) and (not rest or rest[0] == ","):
+                value, pos = decoded, n - len(rest)
+        if value is None:
+            comma = line.find(",", pos)
+            end = n if comma < 0 else comma
+            value, pos = line[pos:end].strip(), end
+        pairs.append((key, value))
+
+
+def split_infotext(text: str) -> tuple[str, str, list[tuple[str, str]]]:
+    """(prompt, negative prompt, parameter pairs) the way A1111 splits its infotext."""
+    lines = text.strip().replace("\r\n", "\n").split("\n")
+    pairs = parse_params(lines[-1]) if lines else None
+    # A1111's rule is "at least three pairs"; a line that starts with one of our keys (as
+    # every line sdkit or A1111 writes does, with "Steps") counts too.
+    if pairs and (len(pairs) >= 3 or pairs[0][0] in KNOWN_KEYS):
+        lines = lines[:-1]
+    else:
+        pairs = []
+    prompt: list[str] = []
+    negative: list[str] = []
+    target = prompt
+    for raw in lines:
+        line = raw.strip()
+        if target is prompt and line.startswith(NEGATIVE):
+            target = negative
+            line = line[len(NEGATIVE) :].strip()
+            negative.append(line)
+            continue
+        target.append(line)
+    while negative and not negative[0]:
+        negative.pop(0)
+    return "\n".join(prompt).strip(), "\n".join(negative).strip(), pairs
+
+
+def parse_infotext(text: str, cls: type[Request]) -> Request:
+    """A `Request` (of class `cls`) from infotext written by sdkit or A1111."""
+    from sdkit.request import FILLS, MODES, RESIZE_MODES, RequestError
+    from sdkit.schedulers import canonical_name
+
+    if not isinstance(text, str):
+        raise RequestError("parameters", f"infotext must be a string, got {type(text).__name__}")
+    prompt, negative, pairs = split_infotext(text)
+    values: dict[str, str] = {}
+    for k, v in pairs:
+        values[k] = v  # A1111 lets a later duplicate win too
+    extra: dict[str, str] = {}
+    fields: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
+
+    mode = values.pop("Mode", None)
+    if mode is not None:
+        if mode in MODES:
+            fields["mode"] = mode
+        else:
+            extra["Mode"] = mode
+    mode = fields.get("mode", "txt2img")
+
+    def take(key: str, name: str, convert, modes=MODES) -> None:
+        if key not in values:
+            return
+        raw = values.pop(key)
+        if mode in modes:
+            try:
+                fields[name] = convert(raw)
+                return
+            except (ValueError, KeyError):
+                pass
+        extra[key] = raw  # unparseable or not for this mode: keep it, never drop it
+
+    def choice(allowed):
+        def convert(raw: str):
+            if raw not in allowed:
+                raise ValueError(raw)
+            return raw
+
+        return convert
+
+    def sampler(raw: str) -> str:
+        try:
+            name = canonical_name(raw)
+        except KeyError:
+            return raw
+        schedule = values.get("Schedule type")
+        if schedule is not None and schedule.lower() == "karras" and not name.endswith("Karras"):
+            try:
+                name = canonical_name(f"{raw} Karras")
+                values.pop("Schedule type")
+            except KeyError:
+                pass
+        return name
+
+    take("Steps", "num_inference_steps", int)
+    take("Sampler", "scheduler", sampler)
+    take("CFG scale", "guidance_scale", float)
+    take("Seed", "seed", int)
+    if "Size" in values:
+        m = _SIZE.match(values["Size"])
+        if m:
+            values.pop("Size")
+            fields["width"], fields["height"] = int(m.group(1)), int(m.group(2))
+    take("Model", "model", str)
+    take("Denoising strength", "strength", float, _IMAGE_MODES)
+    take("Resize mode", "resize_mode", choice(RESIZE_MODES), _IMAGE_MODES)
+    take("Mask blur", "mask_blur", int, ("inpaint",))
+    take("Mask grow", "grow", int, ("inpaint",))
+    take("Inpaint area", "only_masked", lambda raw: _AREA[raw], ("inpaint",))
+    take("Masked area padding", "padding", int, ("inpaint",))
+    take("Masked content", "fill", lambda raw: choice(FILLS)(_FILL_IN[raw]), ("inpaint",))
+    take("Batch size", "num_images", int)
+
+    # Unknown keys and known ones that did not apply, in their original order.
+    extra.update(values)
+    order = list(dict.fromkeys(k for k, _ in pairs))
+    fields["extra"] = {k: extra[k] for k in order if k in extra}
+    return cls(**fields)

@@ -1,0 +1,150 @@
+"""Runs inside GIMP 3 (python-fu-eval batch), driven by tests/test_gimp.py.
+
+Calls the installed plug-in's procedures through GIMP's PDB, as a user's menu click
+would (GIMP starts the plug-in as its own process), against a live sdkit server; writes
+what it saw to $SDKIT_OUT for the test to judge. Settings come from the environment:
+SDKIT_ADDRESS, SDKIT_DEAD_ADDRESS, SDKIT_OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+
+import gi
+
+gi.require_version("Gimp", "3.0")
+gi.require_version("Gegl", "0.4")
+from gi.repository import Gegl, Gimp  # noqa: E402
+
+W, H = 101, 77  # not multiples of 8
+ELLIPSE = (23.5, 17.5, 41, 29)  # x, y, w, h at odd (and half-pixel) offsets
+RGBA = "R'G'B'A u8"
+
+
+def painting(width, height):
+    px = bytearray()
+    for y in range(height):
+        for x in range(width):
+            if 30 <= y < 40:
+                px += bytes([20, 20, 20, 255])
+            else:
+                px += bytes([(x * 5) % 256, (y * 3) % 256, 160, 255])
+    return bytes(px)
+
+
+def merged(image):
+    copy = image.duplicate()
+    layer = copy.merge_visible_layers(Gimp.MergeType.CLIP_TO_IMAGE)
+    data = layer.get_buffer().get(Gegl.Rectangle.new(0, 0, W, H), 1.0, RGBA, Gegl.AbyssPolicy.NONE)
+    copy.delete()
+    return bytes(data)
+
+
+def call(name, image, layer, **props):
+    """Run one of the plug-in's procedures non-interactively; (status, error text)."""
+    proc = Gimp.get_pdb().lookup_procedure(name)
+    if proc is None:
+        return "missing", f"procedure {name} is not registered"
+    config = proc.create_config()
+    config.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
+    config.set_property("image", image)
+    config.set_core_object_array("drawables", [layer])
+    for key, value in props.items():
+        config.set_property(key.replace("_", "-"), value)
+    result = proc.run(config)
+    status = result.index(0)
+    error = None
+    if status != Gimp.PDBStatusType.SUCCESS:
+        try:
+            error = Gimp.get_pdb().get_last_error()
+        except Exception:  # noqa: BLE001
+            error = None
+    return status.value_nick, error
+
+
+def layer_info(layer):
+    _, x, y = layer.get_offsets()
+    return [layer.get_name(), x, y, layer.get_width(), layer.get_height()]
+
+
+def scenario(out):
+    report = {}
+    image = Gimp.Image.new(W, H, Gimp.ImageBaseType.RGB)
+    bg = Gimp.Layer.new(image, "bg", W, H, Gimp.ImageType.RGBA_IMAGE, 100.0, Gimp.LayerMode.NORMAL)
+    image.insert_layer(bg, None, 0)
+    buf = bg.get_buffer()
+    buf.set(Gegl.Rectangle.new(0, 0, W, H), RGBA, painting(W, H))
+    buf.flush()
+    bg.update(0, 0, W, H)
+
+    # A dead server: the procedure fails with a clear message and adds nothing.
+    report["dead_server"] = call(
+        "sdkit-generate",
+        image,
+        bg,
+        prompt="x",
+        width=8,
+        height=8,
+        server=os.environ["SDKIT_DEAD_ADDRESS"],
+    )
+    report["layers_after_dead"] = len(image.get_layers())
+
+    # Inpaint an anti-aliased ellipse selection at odd offsets.
+    Gimp.context_set_antialias(True)
+    image.select_ellipse(Gimp.ChannelOps.REPLACE, *ELLIPSE)
+    _, non_empty, x1, y1, x2, y2 = Gimp.Selection.bounds(image)
+    report["selection_bounds"] = [x1, y1, x2 - x1, y2 - y1]
+    mask = (
+        image.get_selection()
+        .get_buffer()
+        .get(Gegl.Rectangle.new(0, 0, W, H), 1.0, "Y u8", Gegl.AbyssPolicy.NONE)
+    )
+    with open(os.path.join(out, "mask.bin"), "wb") as f:
+        f.write(bytes(mask))
+    with open(os.path.join(out, "before.bin"), "wb") as f:
+        f.write(merged(image))
+    server = os.environ["SDKIT_ADDRESS"]
+    report["inpaint"] = call(
+        "sdkit-inpaint",
+        image,
+        bg,
+        prompt="a red circle",
+        steps=8,
+        seed=11,
+        strength=1.0,
+        server=server,
+    )
+    with open(os.path.join(out, "after.bin"), "wb") as f:
+        f.write(merged(image))
+    report["layers_after_inpaint"] = [layer_info(layer) for layer in image.get_layers()]
+
+    # Generate adds a layer of the requested size at the selection's corner.
+    report["txt2img"] = call(
+        "sdkit-generate",
+        image,
+        bg,
+        prompt="a blue square",
+        steps=4,
+        seed=5,
+        width=64,
+        height=48,
+        server=server,
+    )
+    report["layers"] = [layer_info(layer) for layer in image.get_layers()]
+    image.delete()
+    return report
+
+
+def main():
+    out = os.environ["SDKIT_OUT"]
+    try:
+        report = scenario(out)
+    except Exception:  # noqa: BLE001 - reported to the test, which fails with it
+        report = {"exception": traceback.format_exc()}
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+main()

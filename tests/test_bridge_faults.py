@@ -1,0 +1,468 @@
+"""The bridge under hostile input, load, faults, with CURVE security, and scaled out."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+zmq = pytest.importorskip("zmq")
+
+from sdkit.bridge import Client, protocol, serve  # noqa: E402
+from sdkit.bridge.client import BridgeError, BridgeTimeout  # noqa: E402
+from sdkit.bridge.security import SecurityError, create_keys  # noqa: E402
+
+PROMPT = "a red circle on a blue background"
+FAST = {"num_inference_steps": 1, "width": 64, "height": 64}
+
+
+@pytest.fixture(scope="session")
+def bridge_engine():
+    import sdkit
+
+    return sdkit.load(os.environ.get("SDKIT_TEST_MODEL") or None)
+
+
+@pytest.fixture
+def server(bridge_engine):
+    handle = serve(bridge_engine, "tcp://127.0.0.1:0")
+    yield handle
+    handle.stop()
+
+
+def _wait(cond, timeout: float, what: str, pump=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        if pump is not None:
+            pump(0.05)
+        else:
+            time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------- fuzz
+
+_BAD_REQUEST_FIELDS = [
+    ("num_inference_steps", -1),
+    ("num_inference_steps", 0),
+    ("num_inference_steps", "20"),
+    ("num_inference_steps", 10**9),
+    ("num_inference_steps", 2.5),
+    ("width", 63),
+    ("width", -64),
+    ("width", "64"),
+    ("height", 0),
+    ("height", [64]),
+    ("strength", 0),
+    ("strength", 2.0),
+    ("strength", "x"),
+    ("mode", "paint"),
+    ("mode", 3),
+    ("scheduler", "Nope Karras"),
+    ("scheduler", 7),
+    ("seed", -1),
+    ("seed", 2**40),
+    ("seed", "7"),
+    ("num_images", 0),
+    ("num_images", 99),
+    ("fill", "glitter"),
+    ("resize_mode", "stretch"),
+    ("prompt", 5),
+    ("prompt", ""),
+    ("negative_prompt", {}),
+    ("guidance_scale", -1),
+    ("guidance_scale", "high"),
+    ("mask_blur", -3),
+    ("grow", 1.5),
+    ("padding", None),
+    ("only_masked", "yes"),
+    ("model", "/etc/passwd"),
+    ("model", 5),
+    ("colour", "red"),
+    ("extra", 5),
+]
+_BAD_HEADER_VALUES = [
+    ("v", 2),
+    ("v", "1"),
+    ("v", None),
+    ("v", -1),
+    ("v", 1.0),
+    ("op", "explode"),
+    ("op", None),
+    ("op", 1),
+    ("preview", -1),
+    ("preview", "on"),
+    ("result_format", "gif"),
+    ("request", []),
+    ("request", "prompt"),
+    ("frames", {}),
+    ("frames", 5),
+    ("unexpected", 1),
+    ("target", 3),
+]
+
+
+def _bad_message(rng: random.Random, i: int) -> tuple[list[bytes], str | None]:
+    """One deliberately broken message and the request id it carries (None: unreadable)."""
+    rid = f"f{i}"
+    base = {"v": 1, "op": "generate", "id": rid, "request": {"prompt": PROMPT, **FAST}}
+    kind = i % 12
+    if kind == 0:  # random frames
+        frames = [rng.randbytes(rng.randint(0, 64)) for _ in range(rng.randint(1, 4))]
+        if frames[0][:1] in (b"{", b"[") or not frames[0]:
+            frames[0] = b"\xff" + frames[0]
+        return frames, None
+    if kind == 1:  # truncated JSON
+        raw = json.dumps(base).encode()
+        return [raw[: rng.randint(1, len(raw) - 1)]], None
+    if kind == 2:  # valid JSON, not an object
+        return [json.dumps(rng.choice([[1, 2], "generate", 42, None, True])).encode()], None
+    if kind == 3:  # bad request field
+        name, value = rng.choice(_BAD_REQUEST_FIELDS)
+        base["request"][name] = value
+        if name == "mode" and value == "paint":
+            base["request"]["prompt"] = PROMPT
+        return [json.dumps(base).encode()], rid
+    if kind == 4:  # bad header value
+        name, value = rng.choice(_BAD_HEADER_VALUES)
+        base[name] = value
+        return [json.dumps(base).encode()], rid
+    if kind == 5:  # negative or huge sizes in a descriptor
+        w = rng.choice([-64, 0, 10**7, 2**63, "64", 64.0, None])
+        base["request"]["mode"] = "img2img"
+        base["frames"] = [{"name": "image", "format": "rgba8", "width": w, "height": 64}]
+        return [json.dumps(base).encode(), b"\0" * 64], rid
+    if kind == 6:  # truncated / oversized pixels
+        base["request"]["mode"] = "inpaint"
+        base["frames"] = [
+            {"name": "image", "format": "rgba8", "width": 8, "height": 8},
+            {"name": "mask", "format": "l8", "width": 8, "height": 8},
+        ]
+        img = b"\x80" * rng.choice([0, 1, 255, 256 - 1, 256 + 1])
+        return [json.dumps(base).encode(), img, b"\xff" * 64], rid
+    if kind == 7:  # frame count does not match the descriptors
+        base["frames"] = [{"name": "mask", "format": "l8", "width": 2, "height": 2}]
+        return [json.dumps(base).encode(), b"\0" * 4, b"extra"], rid
+    if kind == 8:  # fake PNG
+        base["request"]["mode"] = "img2img"
+        base["frames"] = [{"name": "image", "format": "png", "width": 8, "height": 8}]
+        data = (
+            protocol.PNG_SIGNATURE + rng.randbytes(rng.randint(0, 40))
+            if rng.random() < 0.7
+            else b"GIF89a"
+        )
+        return [json.dumps(base).encode(), data], rid
+    if kind == 9:  # unknown op / version with a readable id
+        h = {
+            "v": rng.choice([0, 1, 2, 99]),
+            "op": rng.choice(["hallo", "generate!", "", "GENERATE"]),
+            "id": rid,
+        }
+        if h["v"] == 1 and h["op"] == "":
+            h["op"] = "nope"
+        return [json.dumps(h).encode()], rid
+    if kind == 10:  # bad ids
+        h = {"v": 1, "op": "ping", "id": rng.choice([None, 5, "", "x" * 200, ["f"], {"a": 1}])}
+        return [json.dumps(h).encode()], None
+    # kind 11: a frame picture sent to a mode that takes none, or bad op arguments
+    if rng.random() < 0.5:
+        base["frames"] = [{"name": "image", "format": "rgba8", "width": 2, "height": 2}]
+        return [json.dumps(base).encode(), b"\0" * 16], rid
+    h = {"v": 1, "op": rng.choice(["cancel", "ping", "hello"]), "id": rid}
+    h.update(
+        rng.choice(
+            [{"target": 5}, {"data": 7}, {"client": ["k"]}, {"versions": "1"}, {"target": ""}]
+        )
+    )
+    if h["op"] == "cancel" and "target" not in h:
+        h["target"] = 0
+    if h["op"] == "ping" and "data" not in h:
+        h["data"] = 1
+    if h["op"] == "hello" and not ({"client", "versions"} & set(h)):
+        h["client"] = 1
+    return [json.dumps(h).encode()], rid
+
+
+@pytest.mark.slow
+def test_fuzz_10000_bad_messages_each_answered_and_server_survives(server):
+    rng = random.Random(1234)
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    s.rcvtimeo = 30_000
+    s.sndhwm = s.rcvhwm = 0
+    s.connect(server.address)
+    n, batch = 10_000, 500
+    expected: dict[str, int] = {}
+    replies, anonymous = {}, 0
+    try:
+        for start in range(0, n, batch):
+            for i in range(start, start + batch):
+                frames, rid = _bad_message(rng, i)
+                if rid is not None:
+                    expected[rid] = i
+                s.send_multipart(frames)
+            for _ in range(batch):
+                ev = protocol.decode_event(s.recv_multipart())
+                assert ev.event == "error", ev.header
+                assert ev.code in protocol.ERROR_CODES and ev.message
+                if ev.id is None:
+                    anonymous += 1
+                else:
+                    assert ev.id not in replies, f"two answers for {ev.id}"
+                    replies[ev.id] = ev
+    finally:
+        s.close()
+    assert len(replies) + anonymous == n  # every message got exactly one error
+    assert set(replies) == set(expected)  # every message with an id got its error
+    codes = {ev.code for ev in replies.values()}
+    assert {"bad_field", "bad_frames", "bad_version", "unknown_op", "too_large"} <= codes
+    assert server.running
+    with Client(server.address, timeout=120) as c:
+        assert c.txt2img(PROMPT, **FAST)[0].size == (64, 64)
+
+
+# ---------------------------------------------------------------------------- load
+
+
+@pytest.mark.slow
+def test_load_8_clients_25_requests_each_all_delivered_to_the_right_client(server):
+    n_clients, per_client = 8, 25
+    outcomes: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def run(ci: int) -> None:
+        got = []
+        try:
+            transport = "zmtp" if ci % 2 else "zmq"
+            with Client(server.address, transport=transport, timeout=600) as c:
+                pending = []
+                for j in range(per_client):
+                    seed = ci * 1000 + j
+                    pending.append((seed, c.submit(prompt=f"{PROMPT} {ci}", seed=seed, **FAST)))
+                    if len(pending) >= 4:
+                        seed0, job = pending.pop(0)
+                        got.append((seed0, job.result()))
+                for seed0, job in pending:
+                    got.append((seed0, job.result()))
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+        outcomes[ci] = got
+
+    threads = [threading.Thread(target=run, args=(ci,)) for ci in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(900)
+    assert not errors, errors
+    total = 0
+    for ci, got in outcomes.items():
+        assert len(got) == per_client
+        for seed, result in got:
+            total += 1
+            assert result.seeds == [seed]
+            assert result.request.prompt == f"{PROMPT} {ci}"
+            assert result[0].size == (64, 64)
+    assert total == n_clients * per_client
+
+
+# ---------------------------------------------------------------------------- faults
+
+_KILLED_CLIENT = r"""
+import sys
+from sdkit.bridge import Client
+c = Client(sys.argv[1], transport="zmtp")
+job = c.submit(prompt="a red circle on a blue background", num_inference_steps=1000, width=64, height=64)
+while job.progress is None:
+    c.pump(0.05)
+print("running", flush=True)
+while True:
+    c.pump(0.5)
+"""
+
+
+def test_client_killed_mid_job_does_not_hold_the_server(server, bridge_engine):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CLIENT, server.address], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "running"
+        running = bridge_engine.current_job
+        assert running is not None and running.request.num_inference_steps == 1000
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        with Client(server.address, timeout=300) as c:
+            r = c.txt2img(PROMPT, **FAST)  # served although the dead client's job was queued first
+            assert r[0].size == (64, 64)
+        assert running.state == "cancelled"
+        assert server.server.stats["clients_gone"] >= 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_client_gone_with_queued_jobs_is_cleaned_up(server, bridge_engine):
+    c = Client(server.address, transport="zmq", timeout=60)
+    blocker = c.submit(prompt=PROMPT, num_inference_steps=1000, width=64, height=64)
+    waiting = [c.submit(prompt=PROMPT, **FAST) for _ in range(3)]
+    _wait(lambda: all(j.job_id for j in waiting), 60, "accepted", c.pump)
+    c._transport.sock.close(0)  # vanish without a bye
+    c._transport.context.term()
+    _wait(
+        lambda: bridge_engine.queue_length() == 0 and bridge_engine.current_job is None,
+        120,
+        "cleanup",
+    )
+    assert server.server.stats["clients_gone"] >= 1
+    assert blocker.job_id is not None
+
+
+@pytest.mark.parametrize("transport", ["zmq", "zmtp"])
+def test_server_restart_mid_session(bridge_engine, transport):
+    first = serve(bridge_engine, "tcp://127.0.0.1:0")
+    address = first.address
+    c = Client(address, transport=transport, timeout=120, heartbeat_ivl=0.5, heartbeat_timeout=3)
+    try:
+        assert c.txt2img(PROMPT, **FAST)[0].size == (64, 64)
+        job = c.submit(prompt=PROMPT, num_inference_steps=1000, width=64, height=64)
+        _wait(lambda: job.progress is not None, 120, "the long job to run", c.pump)
+        first.stop(notify=False)  # like a crash: nobody tells the client
+        with pytest.raises(BridgeError) as e:
+            job.result(60)  # a clear error, never a hang
+        assert e.value.code == "connection_lost" and "restart" in e.value.message
+        second = serve(bridge_engine, address)
+        try:
+            assert c.txt2img(PROMPT, **FAST)[0].size == (64, 64)  # reconnected by itself
+            job = c.submit(prompt=PROMPT, num_inference_steps=1000, width=64, height=64)
+            _wait(lambda: job.progress is not None, 120, "the long job to run", c.pump)
+            second.stop()  # a clean stop tells the client
+            with pytest.raises(BridgeError) as e:
+                job.result(60)
+            assert e.value.code in ("shutdown", "connection_lost")
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+        c.close()
+
+
+def test_request_to_a_server_that_never_answers_times_out():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with Client(f"tcp://127.0.0.1:{port}", transport="zmtp", timeout=0.5) as c:
+        with pytest.raises(BridgeTimeout):
+            c.txt2img(PROMPT)
+        with pytest.raises(BridgeTimeout):
+            c.hello(timeout=0.3)
+
+
+# ---------------------------------------------------------------------------- security
+
+
+def test_non_loopback_bind_without_keys_is_refused(bridge_engine):
+    with pytest.raises(SecurityError, match="sdkit keys"):
+        serve(bridge_engine, "tcp://0.0.0.0:0")
+    with pytest.raises(SecurityError):
+        serve(bridge_engine, "tcp://*:0")
+    from sdkit.bridge.cli import main
+
+    assert main(["serve", "--bind", "tcp://0.0.0.0:5599"]) == 2
+
+
+def test_curve_known_key_works_unknown_key_gets_nothing(bridge_engine, tmp_path):
+    good, bad = tmp_path / "keys", tmp_path / "intruder"
+    create_keys(good, "alice")
+    create_keys(bad, "mallory")
+    shutil.copy(good / "server.key", bad / "server.key")  # knows the server, not authorized
+    handle = serve(bridge_engine, "tcp://0.0.0.0:0", keys=good)  # off loopback: keys required
+    try:
+        port = handle.address.rsplit(":", 1)[1]
+        address = f"tcp://127.0.0.1:{port}"
+        with Client(address, keys=good, client_name="alice", timeout=120) as c:
+            assert c.hello()["versions"] == [1]
+            assert c.txt2img(PROMPT, **FAST)[0].size == (64, 64)
+        time.sleep(0.5)
+        seen = handle.server.stats["messages"]  # alice's hello, generate and bye
+        with Client(address, keys=bad, client_name="mallory") as c:
+            with pytest.raises(BridgeTimeout):
+                c.hello(timeout=2)
+        with Client(address, transport="zmtp") as c:  # no CURVE at all
+            with pytest.raises(BridgeTimeout):
+                c.hello(timeout=2)
+            assert "CURVE" in (c._transport.last_error or "")
+        time.sleep(0.5)
+        assert handle.server.stats["messages"] == seen  # nothing of theirs reached the server
+    finally:
+        handle.stop()
+
+
+# ---------------------------------------------------------------------------- scale-out
+
+
+@pytest.mark.slow
+def test_scale_out_two_worker_processes(bridge_engine):
+    from sdkit.bridge import scaleout
+
+    broker = scaleout.Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*").start()
+    spec = os.environ.get("SDKIT_TEST_MODEL") or None
+    procs = scaleout.spawn_workers(2, broker.back_address, spec)
+    try:
+        _wait(
+            lambda: broker.workers == 2 or any(p.poll() is not None for p in procs),
+            900,
+            "2 workers",
+        )
+        assert broker.workers == 2, [p.poll() for p in procs]
+        results: dict[int, tuple] = {}
+
+        def run(ci: int) -> None:
+            with Client(broker.address, timeout=600) as c:
+                jobs = [
+                    (
+                        ci * 100 + j,
+                        c.submit(
+                            prompt=PROMPT,
+                            seed=ci * 100 + j,
+                            num_inference_steps=2,
+                            width=64,
+                            height=64,
+                        ),
+                    )
+                    for j in range(4)
+                ]
+                for seed, job in jobs:
+                    results[seed] = (job.result(), job.worker)
+
+        threads = [threading.Thread(target=run, args=(ci,)) for ci in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(900)
+        assert sorted(results) == [0, 1, 2, 3, 100, 101, 102, 103]
+        for seed, (result, _) in results.items():
+            assert result.seeds == [seed]
+        workers = {w for _, w in results.values()}
+        assert len(workers) == 2 and None not in workers, workers  # both did work
+        with Client(broker.address, timeout=600) as c:  # cancel reaches the owning worker
+            job = c.submit(prompt=PROMPT, num_inference_steps=1000, width=64, height=64)
+            _wait(lambda: job.progress is not None, 300, "a running job", c.pump)
+            job.cancel()
+            with pytest.raises(BridgeError) as e:
+                job.result(120)
+            assert e.value.code == "cancelled"
+    finally:
+        scaleout.stop_workers(procs)
+        broker.stop()

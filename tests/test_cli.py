@@ -1,0 +1,267 @@
+"""The `sdkit` command line and the scripting functions: outputs, `info`, and every
+validation error, through both faces."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+import sdkit
+from sdkit.cli import main
+from sdkit.request import Request, RequestError
+
+A1111_TEXT = (
+    "a cat, (masterpiece:1.2), best quality\n"
+    "Negative prompt: lowres, bad anatomy\n"
+    "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1234, Size: 512x512, "
+    'Model hash: abc123, Model: v1-5-pruned, Lora hashes: "x: 1, y: 2", Version: v1.6.0'
+)
+
+
+@pytest.fixture(scope="module")
+def files(tiny_models, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli-files")
+    Image.new("RGB", (32, 32), (200, 20, 20)).save(d / "in.png")
+    Image.new("L", (32, 32), 255).save(d / "mask.png")
+    Image.new("L", (16, 16), 255).save(d / "small-mask.png")
+    (d / "broken.png").write_bytes(b"not a png at all")
+    return {"model": str(tiny_models["sd"]), "dir": d}
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_txt2img_writes_pngs_and_prints_their_paths(files, tmp_path, capsys):
+    code, out, err = run(
+        [
+            "txt2img",
+            "a red circle",
+            "--model",
+            files["model"],
+            "--device",
+            "cpu",
+            "--seed",
+            "3",
+            "--num-inference-steps",
+            "2",
+            "--num-images",
+            "2",
+            "--scheduler",
+            "Euler a",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    paths = out.split()
+    assert len(paths) == 2 and all(p.endswith(".png") for p in paths)
+    req = Request.from_png(paths[1])
+    assert (req.prompt, req.seed, req.num_inference_steps, req.scheduler) == (
+        "a red circle",
+        4,
+        2,
+        "Euler a",
+    )
+    # `sdkit info` prints the parameters back
+    code, out, _ = run(["info", paths[0]], capsys)
+    assert code == 0 and "Seed: 3" in out and out.startswith("a red circle")
+    code, out, _ = run(["info", paths[0], "--json"], capsys)
+    assert code == 0 and '"seed": 3' in out
+
+
+def test_cli_modes_match_the_api(files, tmp_path, capsys):
+    d = files["dir"]
+    common = [
+        "--model",
+        files["model"],
+        "--device",
+        "cpu",
+        "--seed",
+        "5",
+        "--num-inference-steps",
+        "2",
+        "--quiet",
+    ]
+    code, out, err = run(
+        [
+            "img2img",
+            str(d / "in.png"),
+            "a blue star",
+            "--strength",
+            "0.5",
+            "--out",
+            str(tmp_path / "a"),
+            *common,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    api = sdkit.img2img(
+        d / "in.png",
+        "a blue star",
+        model=files["model"],
+        seed=5,
+        num_inference_steps=2,
+        strength=0.5,
+        progress=False,
+    )
+    assert np.array_equal(np.asarray(Image.open(out.strip()).convert("RGB")), np.asarray(api[0]))
+    code, out, err = run(
+        [
+            "inpaint",
+            str(d / "in.png"),
+            str(d / "mask.png"),
+            "a blue star",
+            "--grow",
+            "1",
+            "--fill",
+            "noise",
+            "--no-only-masked",
+            "--out",
+            str(tmp_path / "b"),
+            *common,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    code, out, err = run(["unconditional", "--out", str(tmp_path / "c"), *common], capsys)
+    assert code == 0, err
+    assert "CFG scale: 1" in Request.from_png(out.strip()).to_infotext()
+
+
+def test_info_reads_a1111_images_and_keeps_unknown_keys(tmp_path, capsys):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", A1111_TEXT)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a1111.png", pnginfo=info)
+    code, out, _ = run(["info", str(tmp_path / "a1111.png")], capsys)
+    assert code == 0 and out.strip() == A1111_TEXT
+    code, out, _ = run(["info", str(tmp_path / "a1111.png"), "--json"], capsys)
+    assert code == 0 and '"Model hash": "abc123"' in out and '"seed": 1234' in out
+
+
+def test_info_without_parameters_is_an_error(tmp_path, capsys):
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    code, _, err = run(["info", str(tmp_path / "plain.png")], capsys)
+    assert code == 2 and err.startswith("error: parameters:")
+
+
+# (argv after the subcommand's own positional arguments, API call kwargs, field at fault)
+CASES = [
+    ("txt2img", ["   "], {}, "prompt"),
+    (
+        "txt2img",
+        ["x", "--num-inference-steps", "0"],
+        {"num_inference_steps": 0},
+        "num_inference_steps",
+    ),
+    (
+        "txt2img",
+        ["x", "--num-inference-steps", "1001"],
+        {"num_inference_steps": 1001},
+        "num_inference_steps",
+    ),
+    ("txt2img", ["x", "--guidance-scale", "-1"], {"guidance_scale": -1.0}, "guidance_scale"),
+    ("txt2img", ["x", "--width", "30"], {"width": 30}, "width"),
+    ("txt2img", ["x", "--height", "0"], {"height": 0}, "height"),
+    ("txt2img", ["x", "--num-images", "17"], {"num_images": 17}, "num_images"),
+    ("txt2img", ["x", "--scheduler", "Nope"], {"scheduler": "Nope"}, "scheduler"),
+    ("img2img", ["{in}", "x", "--strength", "1.5"], {"strength": 1.5}, "strength"),
+    ("img2img", ["{in}", "x", "--strength", "0"], {"strength": 0.0}, "strength"),
+    ("img2img", ["{missing}", "x"], {}, "image"),
+    ("img2img", ["{broken}", "x"], {}, "image"),
+    ("inpaint", ["{in}", "{small}", "x"], {}, "mask"),
+    ("inpaint", ["{in}", "{mask}", "x", "--fill", "paint"], {"fill": "paint"}, "fill"),
+    ("inpaint", ["{in}", "{mask}", "x", "--grow", "-1"], {"grow": -1}, "grow"),
+]
+
+
+def _argv(files, parts):
+    d = files["dir"]
+    names = {
+        "in": d / "in.png",
+        "mask": d / "mask.png",
+        "small": d / "small-mask.png",
+        "broken": d / "broken.png",
+        "missing": d / "missing.png",
+    }
+    return [p.format(**{k: str(v) for k, v in names.items()}) for p in parts]
+
+
+@pytest.mark.parametrize("mode,parts,kwargs,field", CASES)
+def test_validation_errors_through_the_cli(files, capsys, tmp_path, mode, parts, kwargs, field):
+    argv = [
+        mode,
+        *_argv(files, parts),
+        "--model",
+        files["model"],
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert err.startswith(f"error: {field}: "), err
+    assert out == "" and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("mode,parts,kwargs,field", CASES)
+def test_validation_errors_through_the_api(files, mode, parts, kwargs, field):
+    positional = _argv(files, parts)
+    fn = getattr(sdkit, mode)
+    if mode == "txt2img":
+        args = [positional[0]]
+    elif mode == "img2img":
+        args = positional[:2]
+    else:
+        args = positional[:3]
+    with pytest.raises(RequestError) as err:
+        fn(*args, model=files["model"], progress=False, **kwargs)
+    assert err.value.field == field and str(err.value).startswith(f"{field}: ")
+
+
+def test_unknown_keyword_is_a_request_error(files):
+    with pytest.raises(RequestError) as err:
+        sdkit.txt2img("x", model=files["model"], steps=3, progress=False)
+    assert err.value.field == "steps" and "num_inference_steps" in str(err.value)
+
+
+def test_missing_model_is_reported(tmp_path, capsys):
+    code, _, err = run(["txt2img", "x", "--model", str(tmp_path / "nope"), "--quiet"], capsys)
+    assert code == 1 and err.startswith("error: model:")
+
+
+def test_importing_the_cli_never_imports_the_bridge():
+    code = "import sys, sdkit, sdkit.cli, sdkit.api; print(any(m.startswith(('sdkit.bridge', 'zmq')) for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_other_parts_register_subcommands(tmp_path, monkeypatch, capsys):
+    (tmp_path / "sdkit_test_ext.py").write_text(
+        textwrap.dedent(
+            """
+            def register(subparsers):
+                p = subparsers.add_parser("hello")
+                p.add_argument("--name", default="world")
+                p.set_defaults(func=lambda args: print("hello", args.name) or 7)
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import sdkit.cli as cli
+
+    monkeypatch.setattr(cli, "EXTENSIONS", ("sdkit_test_ext", "sdkit_missing_ext"))
+    code, out, _ = run(["hello", "--name", "sdkit"], capsys)
+    assert code == 7 and out.strip() == "hello sdkit"

@@ -1,0 +1,123 @@
+"""The GIMP 3 plug-in inside a real GIMP 3 against a live server.
+
+Debian 12 has GIMP 2.10 only, so GIMP 3 lives in a Debian 13 chroot that
+scripts/setup-editors.sh builds (default .cache/gimp3-chroot, or $SDKIT_GIMP_CHROOT).
+The plug-in is installed into a GIMP user folder inside the chroot, GIMP registers it
+at start-up, and tests/editors/gimp_scenario.py calls its procedures through the PDB;
+the server runs out here (the chroot shares the loopback interface).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from sdkit.bridge import plugins
+
+from tests.editors import checks
+
+pytestmark = [pytest.mark.editor, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+CHROOT = Path(os.environ.get("SDKIT_GIMP_CHROOT", REPO / ".cache" / "gimp3-chroot"))
+SCENARIO = Path(__file__).parent / "editors" / "gimp_scenario.py"
+W, H = 101, 77
+
+
+@pytest.fixture(scope="module")
+def chroot():
+    if not (CHROOT / ".sdkit-ready").exists() or not (CHROOT / "usr/bin/gimp-console-3.0").exists():
+        pytest.skip(f"no GIMP 3 chroot at {CHROOT}: run scripts/setup-editors.sh")
+    if os.geteuid() != 0:
+        pytest.skip("running GIMP 3 in its chroot needs root (chroot, mount)")
+    mounted = []
+    for name in ("proc", "dev"):
+        target = CHROOT / name
+        if subprocess.run(["mountpoint", "-q", str(target)]).returncode != 0:
+            cmd = ["mount", "-t", "proc", "proc", str(target)]
+            if name == "dev":
+                cmd = ["mount", "--bind", "/dev", str(target)]
+            subprocess.run(cmd, check=True)
+            mounted.append(target)
+    yield CHROOT
+    for target in reversed(mounted):
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+@pytest.fixture(scope="module")
+def gimp_run(chroot):
+    work = Path(tempfile.mkdtemp(prefix="sdkit-gimp-", dir=chroot / "tmp"))
+    inside = "/" + str(work.relative_to(chroot))
+    try:
+        home = work / "home"
+        installed = plugins.install("gimp", home / ".config" / "GIMP" / "3.0" / "plug-ins")
+        out = work / "out"
+        out.mkdir()
+        shutil.copy(SCENARIO, work / "scenario.py")
+        with checks.live_server() as address:
+            cmd = [
+                "chroot",
+                str(chroot),
+                "env",
+                f"HOME={inside}/home",
+                f"XDG_CONFIG_HOME={inside}/home/.config",
+                f"SDKIT_ADDRESS={address}",
+                f"SDKIT_DEAD_ADDRESS={checks.dead_address()}",
+                f"SDKIT_OUT={inside}/out",
+                "gimp-console-3.0",
+                "-i",
+                "--batch-interpreter=python-fu-eval",
+                "-b",
+                f"exec(open('{inside}/scenario.py').read())",
+                "--quit",
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert (out / "report.json").exists(), (
+            f"GIMP exited {proc.returncode} without a report:\n{proc.stdout[-3000:]}\n"
+            f"{proc.stderr[-3000:]}"
+        )
+        yield installed, out, checks.load_report(out), proc.stdout + proc.stderr
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_installer_makes_a_runnable_gimp_plugin(gimp_run):
+    installed, _, _, _ = gimp_run
+    script = installed / "sdkit-gimp.py"
+    assert installed.name == "sdkit-gimp" and script.is_file()
+    assert os.access(script, os.X_OK)
+    for name in ("protocol.py", "zmtp.py", "editor_common.py"):
+        assert (installed / name).is_file()
+
+
+def test_inpaint_selection_adds_a_layer_at_the_selection_and_changes_only_it(gimp_run):
+    _, out, report, log = gimp_run
+    status, error = report["inpaint"]
+    assert status == "success", f"{error}\n{log[-3000:]}"
+    mask_bounds = checks.judge_inpaint(out, W, H)
+    sel = report["selection_bounds"]
+    assert sel == [mask_bounds.x, mask_bounds.y, mask_bounds.width, mask_bounds.height]
+    layers = report["layers_after_inpaint"]
+    assert layers[0] == ["[sdkit] a red circle (11)", *sel]  # on top, at the selection
+    assert len(layers) == 2
+
+
+def test_generate_adds_a_layer_of_the_requested_size(gimp_run):
+    _, _, report, log = gimp_run
+    status, error = report["txt2img"]
+    assert status == "success", f"{error}\n{log[-3000:]}"
+    x, y = report["selection_bounds"][:2]
+    assert report["layers"][0] == ["[sdkit] a blue square (5)", x, y, 64, 48]
+
+
+def test_dead_server_fails_clearly_and_adds_nothing(gimp_run):
+    _, _, report, log = gimp_run
+    status, error = report["dead_server"]
+    assert status == "execution-error"
+    assert report["layers_after_dead"] == 1
+    # GIMP passes the plug-in's message on (or at least logs it).
+    assert "no sdkit server answers" in ((error or "") + log)

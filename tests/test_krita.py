@@ -1,0 +1,114 @@
+"""The Krita plug-in inside a real Krita (kritarunner, offscreen) against a live server.
+
+Needs Debian's krita + python3-pyqt5 (scripts/setup-editors.sh). The scenario itself is
+tests/editors/krita_scenario.py; this side installs the plug-in, starts the server,
+runs Krita and judges what the scenario dumped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from sdkit.bridge import plugins
+
+from tests.editors import checks
+
+pytestmark = [pytest.mark.editor, pytest.mark.slow]
+
+KRITARUNNER = shutil.which("kritarunner")
+SCENARIOS = Path(__file__).parent / "editors"
+W, H = 101, 77
+
+
+@pytest.fixture(scope="module")
+def krita_run(tmp_path_factory):
+    if KRITARUNNER is None:
+        pytest.skip(
+            "Krita is not installed (kritarunner not on PATH): run scripts/setup-editors.sh"
+        )
+    root = tmp_path_factory.mktemp("krita")
+    pykrita = root / "pykrita"
+    installed = plugins.install("krita", pykrita)
+    out = root / "out"
+    out.mkdir()
+    home = root / "home"
+    home.mkdir()
+    with checks.live_server() as address:
+        env = {
+            **os.environ,
+            "QT_QPA_PLATFORM": "offscreen",
+            "PYTHONPATH": os.pathsep.join([str(pykrita), str(SCENARIOS)]),
+            "HOME": str(home),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "XDG_DATA_HOME": str(home / ".local" / "share"),
+            "XDG_RUNTIME_DIR": str(home),
+            "SDKIT_ADDRESS": address,
+            "SDKIT_DEAD_ADDRESS": checks.dead_address(),
+            "SDKIT_OUT": str(out),
+        }
+        proc = subprocess.run(
+            [KRITARUNNER, "-s", "krita_scenario"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    (root / "krita.log").write_text(proc.stdout + proc.stderr)
+    assert (out / "report.json").exists(), (
+        f"kritarunner exited {proc.returncode} without a report:\n{proc.stdout[-3000:]}\n"
+        f"{proc.stderr[-3000:]}"
+    )
+    return installed, out, checks.load_report(out)
+
+
+def test_installer_puts_the_plugin_and_its_modules_together(krita_run):
+    installed, _, _ = krita_run
+    for name in ("__init__.py", "controller.py", "protocol.py", "zmtp.py", "editor_common.py"):
+        assert (installed / name).is_file()
+    assert (installed.parent / "sdkit_krita.desktop").is_file()
+
+
+def test_inpaint_selection_adds_a_masked_layer_and_changes_only_the_selection(krita_run):
+    _, out, report = krita_run
+    inpaint = report["inpaint"]
+    assert inpaint["failed"] is None, inpaint["failed"]
+    assert inpaint["state"] == "done"
+    assert inpaint["layer"] == "[sdkit] a red circle (11)"
+    assert inpaint["previews"] > 0, "the docker should have shown live previews"
+    mask_bounds = checks.judge_inpaint(out, W, H)
+    # The layer's visible pixels are exactly the selection's (soft edge included).
+    assert inpaint["bounds"] == [
+        mask_bounds.x,
+        mask_bounds.y,
+        mask_bounds.width,
+        mask_bounds.height,
+    ]
+    assert report["selection_bounds"] == inpaint["bounds"]
+    names = [name for name, _ in report["layers"]]
+    assert names.count("[sdkit] a red circle (11)") == 1
+
+
+def test_generate_adds_a_layer_of_the_requested_size(krita_run):
+    _, _, report = krita_run
+    t2i = report["txt2img"]
+    assert t2i["failed"] is None, t2i["failed"]
+    x, y = report["selection_bounds"][:2]
+    assert t2i["bounds"] == [x, y, 64, 48]
+    assert t2i["layer"] == "[sdkit] a blue square (5)"
+
+
+def test_cancel_stops_the_request_without_a_layer(krita_run):
+    _, _, report = krita_run
+    assert report["cancel"]["state"] == "cancelled"
+    assert report["cancel"]["layers_added"] == 0
+
+
+def test_dead_server_and_non_rgba8_documents_get_clear_messages(krita_run):
+    _, _, report = krita_run
+    assert "no sdkit server answers" in report["dead_server"]
+    assert "sdkit serve" in report["dead_server"]
+    assert "8-bit RGBA" in report["u16_refused"] and "U16" in report["u16_refused"]

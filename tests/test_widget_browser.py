@@ -1,0 +1,244 @@
+"""SDWidget in a real JupyterLab, driven by a real mouse in Debian's headless Chromium.
+
+Needs /usr/bin/chromium (`scripts/setup-browser.sh`); never `playwright install`.
+The kernel side checks what the browser did: the notebook's last cell saves the painted
+mask, the request and the result, and this test compares them with the stroke it drew.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+
+CSS_PX = 320  # the canvas' CSS size (SDWidget display_size); the image is 64x64
+IMAGE_PX = 64
+BRUSH = 6  # image pixels
+STROKE = [(60.0, 100.0), (260.0, 220.0)]  # CSS pixels inside the canvas
+
+SETUP_CELL = f"""\
+import os
+from sdkit.widgets import SDWidget
+
+w = SDWidget(model=os.environ.get("SDKIT_TEST_MODEL"), prompt="a yellow circle on a blue background", num_inference_steps=6, seed=3,
+             mask_blur=0, display_size={CSS_PX})
+w.painter.brush_size.value = {BRUSH}
+w"""
+
+CHECK_CELL = """\
+import numpy as np
+
+w.wait(300)
+job, item = w.last_job, w.gallery.items[0]
+np.savez("check.npz", painted=w.painter.mask, request_mask=np.asarray(job.request.mask),
+         before=np.asarray(job.request.image.convert("RGB")),
+         after=np.asarray(item.image.convert("RGB")), shown=np.asarray(w.painter.image),
+         errors=np.array(w.errors, dtype=str))
+print("CHECK", job.state, job.request.mode, item.seed, item.source)"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _settings(root: Path) -> Path:
+    """JupyterLab user settings: no news, no update checks, no notification toasts."""
+    settings = root / "lab-settings"
+    target = settings / "@jupyterlab" / "apputils-extension"
+    target.mkdir(parents=True)
+    (target / "notification.jupyterlab-settings").write_text(
+        json.dumps({"checkForUpdates": False, "fetchNews": "false", "doNotDisturbMode": True})
+    )
+    return settings
+
+
+@pytest.fixture(scope="module")
+def jupyterlab(tmp_path_factory):
+    """JupyterLab on 127.0.0.1:<free port>, empty token, a temp root; yields (url, root)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} missing: run scripts/setup-browser.sh")
+    root = tmp_path_factory.mktemp("lab")
+    home = tmp_path_factory.mktemp("lab-home")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "JUPYTER_CONFIG_DIR": str(home / "config"),
+        "JUPYTER_DATA_DIR": str(home / "data"),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+        "IPYTHONDIR": str(home / "ipython"),
+        "JUPYTERLAB_SETTINGS_DIR": str(_settings(home)),
+        "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    cmd = [
+        sys.executable, "-m", "jupyterlab",
+        "--no-browser", "--ip=127.0.0.1", f"--port={port}", "--allow-root",
+        "--IdentityProvider.token=", "--ServerApp.password=",
+        f"--ServerApp.root_dir={root}",
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--ServerApp.disable_check_xsrf=True",
+    ]  # fmt: skip
+    log_path = home / "jupyterlab.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"JupyterLab exited: {log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/api/status", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"JupyterLab did not start: {log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url, root
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        print(f"JupyterLab log: {log_path}")
+
+
+@pytest.fixture
+def page(jupyterlab):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1200})
+            page.set_default_timeout(60_000)
+            page.page_errors = []
+            page.on("pageerror", page.page_errors.append)
+            yield page
+        finally:
+            browser.close()
+
+
+def _input_image(path: Path) -> Image.Image:
+    image = Image.new("RGB", (IMAGE_PX, IMAGE_PX), (20, 40, 200))
+    image.paste((250, 250, 250), (40, 6, 58, 24))
+    image.save(path)
+    return image
+
+
+def _run_cell(page, index: int) -> None:
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
+    cell.locator(".jp-InputArea-editor").click()
+    page.keyboard.press("Shift+Enter")
+
+
+def _distance_to_segment(shape, a, b):
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    d = np.subtract(b, a)
+    t = np.clip(((xx - a[0]) * d[0] + (yy - a[1]) * d[1]) / float(d @ d), 0, 1)
+    return np.hypot(xx - (a[0] + t * d[0]), yy - (a[1] + t * d[1]))
+
+
+def test_paint_and_inpaint_in_jupyterlab(jupyterlab, page):
+    url, root = jupyterlab
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(SETUP_CELL), nbformat.v4.new_code_cell(CHECK_CELL)]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, root / "studio.ipynb")
+    uploaded = _input_image(root / "input.png")
+
+    page.goto(f"{url}/lab/tree/studio.ipynb")
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for()
+    page.wait_for_selector(
+        ".jp-Notebook-ExecutionIndicator[data-status='idle']", state="attached", timeout=180_000
+    )
+    _run_cell(page, 0)
+    studio = page.locator(".sdkit-studio")
+    studio.wait_for(timeout=180_000)
+    # the embedded model loads in the background; the widget says when it is there
+    page.locator(".sdkit-model-status", has_text="loaded in").wait_for(timeout=900_000)
+
+    page.locator(".sdkit-studio .lm-TabBar-tab", has_text="inpaint").click()
+    with page.expect_file_chooser() as chooser:
+        page.locator(".sdkit-image-upload").click()
+    chooser.value.set_files(str(root / "input.png"))
+    page.locator(".sdkit-mask-info", has_text="0 strokes").wait_for()
+
+    canvas = page.locator(".sdkit-canvas")
+    box = canvas.bounding_box()
+    assert round(box["width"]) == CSS_PX and round(box["height"]) == CSS_PX
+    (x0, y0), (x1, y1) = STROKE
+    page.mouse.move(box["x"] + x0, box["y"] + y0)
+    page.mouse.down()
+    page.mouse.move(box["x"] + x1, box["y"] + y1, steps=25)
+    page.mouse.up()
+    # the kernel has built the mask from every pointer event once it reports the stroke
+    page.locator(".sdkit-mask-info", has_text="1 stroke").wait_for()
+
+    page.locator(".sdkit-generate").click()
+    page.locator(".sdkit-thumb").first.wait_for(timeout=300_000)
+    page.locator(".sdkit-status", has_text="done").wait_for()
+    ARTIFACTS.mkdir(exist_ok=True)
+    studio.screenshot(path=str(ARTIFACTS / "widget-browser.png"))
+
+    _run_cell(page, 1)
+    page.locator(".jp-OutputArea-output", has_text="CHECK").wait_for(timeout=300_000)
+    output = page.locator(".jp-OutputArea-output", has_text="CHECK").inner_text()
+    assert "CHECK done inpaint 3 widget" in output, output
+    assert page.page_errors == [], page.page_errors
+
+    data = np.load(root / "check.npz")
+    assert list(data["errors"]) == []
+    np.testing.assert_array_equal(data["shown"], np.asarray(uploaded))
+    painted = data["painted"] > 0
+    np.testing.assert_array_equal(painted, data["request_mask"] > 0)
+    scale = IMAGE_PX / CSS_PX
+    dist = _distance_to_segment(painted.shape, (x0 * scale, y0 * scale), (x1 * scale, y1 * scale))
+    radius = BRUSH / 2
+    assert painted[dist <= radius - 1].all(), "the stroke has gaps"
+    assert not painted[dist > radius + 1].any(), "paint outside the stroke"
+    changed = np.abs(data["after"].astype(int) - data["before"].astype(int)).max(axis=2) > 0
+    assert changed.any(), "inpainting changed nothing"
+    assert not changed[~painted].any(), "pixels outside the mask changed"
+    np.testing.assert_array_equal(data["before"], np.asarray(uploaded))
+    shutil.copy(root / "check.npz", ARTIFACTS / "widget-browser-check.npz")

@@ -1,0 +1,343 @@
+"""Controls for every `Request` field, grouped, with mode tabs and per-field error slots.
+
+Validation is the core's (`Request.validate`); this module only shows its
+`RequestError` next to the control that `err.field` names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import ipywidgets as w
+
+from sdkit import schedulers
+from sdkit.request import FILLS, MODES, RESIZE_MODES, Request, RequestError
+
+_BASE = (
+    "prompt",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "seed",
+    "scheduler",
+    "num_images",
+)
+_IMG2IMG = (*_BASE, "image", "strength", "resize_mode")
+# Which Request fields each mode uses; the tab for a mode shows exactly these.
+FIELDS_BY_MODE: dict[str, tuple[str, ...]] = {
+    "txt2img": _BASE,
+    "img2img": _IMG2IMG,
+    "inpaint": (*_IMG2IMG, "mask", "mask_blur", "grow", "only_masked", "padding", "fill"),
+    "unconditional": ("num_inference_steps", "width", "height", "seed", "scheduler", "num_images"),
+}
+# Shown until a model tells us its own defaults (SD 1.x values at the embedded model's size).
+FALLBACK_DEFAULTS = {
+    "num_inference_steps": 25,
+    "guidance_scale": 7.5,
+    "width": 64,
+    "height": 64,
+    "scheduler": "PNDM",
+}
+
+_STYLE = {"description_width": "7.5em"}
+_NUM = w.Layout(width="13.5em")
+
+
+class RequestControls:
+    """The parameter panel. `request()` reads it, `set_request()` fills it."""
+
+    def __init__(
+        self,
+        defaults: Mapping[str, Any] | None = None,
+        scheduler_names: Iterable[str] | None = None,
+    ) -> None:
+        self.defaults = {**FALLBACK_DEFAULTS, **(defaults or {})}
+        self.vae_factor = 8
+        self.scheduler_names = list(scheduler_names or schedulers.scheduler_names())
+        self._listeners: list[Callable[[str], None]] = []
+        self._shown_error: str | None = None
+        d = self.defaults
+
+        self.mode_tabs = w.Tab(children=[w.VBox() for _ in MODES])
+        for i, mode in enumerate(MODES):
+            self.mode_tabs.set_title(i, mode)
+        self.prompt = w.Textarea(
+            placeholder="a red circle on a blue background",
+            description="Prompt",
+            style=_STYLE,
+            layout=w.Layout(width="100%", height="4.2em"),
+        )
+        self.negative_prompt = w.Textarea(
+            placeholder="what to avoid",
+            description="Negative",
+            style=_STYLE,
+            layout=w.Layout(width="100%", height="2.8em"),
+        )
+        self.num_inference_steps = w.IntText(
+            d["num_inference_steps"], description="Steps", style=_STYLE, layout=_NUM
+        )
+        self.guidance_scale = w.FloatText(
+            d["guidance_scale"], step=0.5, description="Guidance", style=_STYLE, layout=_NUM
+        )
+        self.width = w.IntText(d["width"], step=8, description="Width", style=_STYLE, layout=_NUM)
+        self.height = w.IntText(
+            d["height"], step=8, description="Height", style=_STYLE, layout=_NUM
+        )
+        self.seed = w.IntText(0, description="Seed", style=_STYLE, layout=_NUM)
+        self.random_seed = w.Checkbox(
+            True, description="random", indent=False, layout=w.Layout(width="5.5em")
+        )
+        self.reuse_seed = w.Button(
+            description="reuse last",
+            disabled=True,
+            tooltip="Use the seed of the last result",
+            layout=w.Layout(width="6.5em"),
+        )
+        self.scheduler = w.Dropdown(
+            options=self.scheduler_names,
+            description="Scheduler",
+            style=_STYLE,
+            layout=w.Layout(width="18em"),
+        )
+        self.num_images = w.IntText(1, description="Images", style=_STYLE, layout=_NUM)
+        self.strength = w.FloatSlider(
+            0.75,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            description="Strength",
+            style=_STYLE,
+            layout=w.Layout(width="20em"),
+        )
+        self.resize_mode = w.Dropdown(
+            options=RESIZE_MODES,
+            value="resize",
+            description="Resize",
+            style=_STYLE,
+            layout=w.Layout(width="14em"),
+        )
+        self.mask_blur = w.IntText(4, description="Mask blur", style=_STYLE, layout=_NUM)
+        self.grow = w.IntText(0, description="Grow", style=_STYLE, layout=_NUM)
+        self.only_masked = w.Checkbox(
+            False, description="only masked", indent=False, layout=w.Layout(width="8em")
+        )
+        self.padding = w.IntText(32, description="Padding", style=_STYLE, layout=_NUM)
+        self.fill = w.Dropdown(
+            options=FILLS,
+            value="original",
+            description="Fill",
+            style=_STYLE,
+            layout=w.Layout(width="14em"),
+        )
+        self._set_scheduler(d.get("scheduler"))
+
+        # One error slot per field (image/mask slots are placed by the studio, next to the
+        # painter); "request" catches errors that name no control.
+        names = [f for fs in FIELDS_BY_MODE.values() for f in fs] + ["mode", "request"]
+        self.errors: dict[str, w.HTML] = {n: _error_html() for n in dict.fromkeys(names)}
+        e = self.errors
+
+        self.seed.observe(lambda _: setattr(self.random_seed, "value", False), "value")
+
+        def row(*items: w.Widget) -> w.HBox:
+            return w.HBox(list(items), layout=w.Layout(align_items="center", flex_flow="row wrap"))
+
+        self.rows: dict[str, w.Widget] = {
+            "prompt": w.VBox([self.prompt, e["prompt"]], layout=w.Layout(width="100%")),
+            "negative_prompt": w.VBox(
+                [self.negative_prompt, e["negative_prompt"]], layout=w.Layout(width="100%")
+            ),
+            "num_inference_steps": row(self.num_inference_steps, e["num_inference_steps"]),
+            "guidance_scale": row(self.guidance_scale, e["guidance_scale"]),
+            "width": row(self.width, e["width"]),
+            "height": row(self.height, e["height"]),
+            "seed": row(self.seed, self.random_seed, self.reuse_seed, e["seed"]),
+            "scheduler": row(self.scheduler, e["scheduler"]),
+            "num_images": row(self.num_images, e["num_images"]),
+            "strength": row(self.strength, e["strength"]),
+            "resize_mode": row(self.resize_mode, e["resize_mode"]),
+            "mask_blur": row(self.mask_blur, e["mask_blur"]),
+            "grow": row(self.grow, e["grow"]),
+            "only_masked": row(
+                w.HTML("<span style='display:inline-block;width:7.5em'></span>"),
+                self.only_masked,
+                e["only_masked"],
+            ),
+            "padding": row(self.padding, e["padding"]),
+            "fill": row(self.fill, e["fill"]),
+        }
+        r = self.rows
+        self.groups = {
+            "prompts": w.VBox([r["prompt"], r["negative_prompt"]]),
+            "sampling": _group(
+                "Sampling",
+                [r["num_inference_steps"], r["guidance_scale"], r["scheduler"], r["seed"]],
+            ),
+            "size": _group("Size & batch", [r["width"], r["height"], r["num_images"]]),
+            "image": _group("Input image", [r["strength"], r["resize_mode"]]),
+            "inpaint": _group(
+                "Inpaint", [r["mask_blur"], r["grow"], r["only_masked"], r["padding"], r["fill"]]
+            ),
+        }
+        self.body = w.VBox(
+            [*self.groups.values(), e["mode"], e["request"]], layout=w.Layout(width="100%")
+        )
+        self.mode_tabs.observe(self._on_tab, "selected_index")
+        self._on_tab(None)
+
+        for name in self.rows:
+            control = getattr(self, name)
+            control.observe(lambda _, n=name: self._changed(n), "value")
+        self.random_seed.observe(lambda _: self._changed("seed"), "value")
+
+    # ----- mode ------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return MODES[self.mode_tabs.selected_index or 0]
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise RequestError("mode", f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+        self.mode_tabs.selected_index = MODES.index(mode)
+
+    def _on_tab(self, _: Any) -> None:
+        index = self.mode_tabs.selected_index or 0
+        used = set(FIELDS_BY_MODE[MODES[index]])
+        for name, row in self.rows.items():
+            row.layout.display = None if name in used else "none"
+        self.groups["prompts"].layout.display = None if "prompt" in used else "none"
+        self.groups["image"].layout.display = None if "strength" in used else "none"
+        self.groups["inpaint"].layout.display = None if "mask_blur" in used else "none"
+        for i, tab in enumerate(self.mode_tabs.children):
+            tab.children = (self.body,) if i == index else ()
+        self._changed("mode")
+
+    # ----- reading and writing ---------------------------------------------------------
+    def request(self, **overrides: Any) -> Request:
+        """The Request the controls describe (fields the mode does not use keep defaults)."""
+        used = FIELDS_BY_MODE[self.mode]
+        values: dict[str, Any] = {"mode": self.mode}
+        for name in used:
+            if name in ("image", "mask"):
+                continue
+            if name == "seed":
+                values["seed"] = None if self.random_seed.value else self.seed.value
+            else:
+                values[name] = getattr(self, name).value
+        if self.mode == "unconditional":
+            values["guidance_scale"] = None
+        values.update(overrides)
+        return Request(**values)
+
+    def set_request(self, request: Request) -> None:
+        """Fill the controls from a request; its `None` fields show the model's defaults."""
+        self.mode = request.mode
+        for name in self.rows:
+            if name == "seed":
+                continue
+            value = getattr(request, name)
+            if value is None:
+                value = self.defaults.get(name)
+            if value is None:
+                continue
+            if name == "scheduler":
+                self._set_scheduler(value)
+            else:
+                getattr(self, name).value = value
+        if request.seed is None:
+            self.random_seed.value = True
+        else:
+            self.seed.value = int(request.seed)
+            self.random_seed.value = False
+
+    def apply_model(
+        self, defaults: Mapping[str, Any], scheduler_names: Iterable[str], vae_factor: int
+    ) -> None:
+        """A model was loaded: show its defaults and its scheduler names."""
+        previous = self.defaults
+        self.defaults = {
+            **FALLBACK_DEFAULTS,
+            **{k: v for k, v in defaults.items() if v is not None},
+        }
+        self.vae_factor = int(vae_factor)
+        names = list(scheduler_names) or schedulers.scheduler_names()
+        current = self.scheduler.value
+        self.scheduler_names = names
+        self.scheduler.options = names
+        for name in ("num_inference_steps", "guidance_scale", "width", "height"):
+            control = getattr(self, name)
+            if control.value == previous.get(name):  # untouched: follow the model
+                control.value = self.defaults[name]
+        step = max(8, self.vae_factor)
+        self.width.step = self.height.step = step
+        untouched = current == previous.get("scheduler")
+        self._set_scheduler((untouched and self.defaults.get("scheduler")) or current)
+
+    def _set_scheduler(self, name: str | None) -> None:
+        if not name:
+            return
+        options = list(self.scheduler.options)
+        chosen = next((o for o in options if o.lower() == name.lower()), None)
+        if chosen is None:
+            try:
+                canon = schedulers.canonical_name(name)
+                chosen = next((o for o in options if o.lower() == canon.lower()), None)
+            except KeyError:
+                chosen = None
+        if chosen is None:  # keep what the user or PNG asked for, so validation names it
+            self.scheduler.options = [*options, name]
+            chosen = name
+        self.scheduler.value = chosen
+
+    # ----- errors ----------------------------------------------------------------------
+    def show_error(self, err: RequestError | None) -> None:
+        """Show `err` next to its control (or in the general slot); None clears all."""
+        for slot in self.errors.values():
+            slot.value = ""
+        self._shown_error = None
+        if err is None:
+            return
+        slot = self.errors.get(err.field, self.errors["request"])
+        slot.value = _error_text(str(err))
+        self._shown_error = err.field
+
+    def validate(self, request: Request) -> RequestError | None:
+        """The core's verdict on `request` for the loaded model, or None."""
+        try:
+            request.validate(vae_factor=self.vae_factor, scheduler_names=self.scheduler_names)
+        except RequestError as err:
+            return err
+        return None
+
+    def on_change(self, fn: Callable[[str], None]) -> None:
+        """Call ``fn(field)`` whenever a control changes."""
+        self._listeners.append(fn)
+
+    def _changed(self, field: str) -> None:
+        for fn in self._listeners:
+            fn(field)
+
+
+def _group(title: str, rows: list[w.Widget]) -> w.VBox:
+    head = w.HTML(
+        f"<b style='font-size:12px;color:#666;text-transform:uppercase;"
+        f"letter-spacing:.05em'>{title}</b>"
+    )
+    return w.VBox([head, *rows], layout=w.Layout(margin="4px 0 0 0"))
+
+
+def _error_html() -> w.HTML:
+    return w.HTML("", layout=w.Layout(margin="0 0 0 6px"))
+
+
+def _error_text(message: str) -> str:
+    import html
+
+    return (
+        f"<span class='sdkit-error' style='color:#c62828;font-size:12px'>"
+        f"{html.escape(message)}</span>"
+    )

@@ -1,0 +1,579 @@
+"""`SDWidget`: the notebook studio (model, controls, mask painter, progress, gallery).
+
+Generation runs as a `Job` on the engine's worker thread; the widget learns
+about every job of its engine through `Engine.subscribe`, so jobs that others
+submit (e.g. the editor bridge) show up here too. Worker-thread callbacks only
+update widget values, which ipywidgets sends to the browser from any thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import html
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ipywidgets as w
+from PIL import Image
+
+import sdkit
+from sdkit.request import Request, RequestError, load_image
+
+from .controls import RequestControls
+from .gallery import Gallery, GalleryItem, png_bytes
+from .painter import MaskPainter
+
+log = logging.getLogger("sdkit.widgets")
+
+_CSS = """
+<style>
+.sdkit-studio { border: 1px solid #ddd; border-radius: 6px; padding: 8px; max-width: 960px; }
+.sdkit-studio .widget-textarea textarea { font-family: inherit; }
+.sdkit-studio img { image-rendering: pixelated; }
+</style>
+"""
+
+
+def _guard(method: Callable) -> Callable:
+    """Run a UI callback; an exception is shown in the widget's status and logged.
+
+    ipywidgets would only log it (or print it into whatever cell ran last); the
+    user must see it where they clicked.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: SDWidget, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:
+            log.exception("SDWidget: %s failed", method.__name__)
+            self._set_status(f"{type(e).__name__}: {e}", error=True)
+            return None
+
+    return wrapper
+
+
+class SDWidget(w.VBox):
+    """Stable Diffusion studio for a notebook: `SDWidget()` in a cell is all it takes.
+
+    `engine`: an `sdkit.Engine` to share (jobs others submit to it show here too);
+    otherwise `model` (a spec for `sdkit.load`, default the embedded model) is loaded
+    in the background. Other keyword arguments are initial `Request` fields.
+    """
+
+    def __init__(
+        self,
+        engine: Any = None,
+        *,
+        model: str | None = None,
+        display_size: int = 320,
+        **fields: Any,
+    ) -> None:
+        self.engine: Any = None
+        self._unsubscribe: Callable[[], None] | None = None
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._loading = 0  # model loads in flight
+        self._active: set[str] = set()  # unfinished jobs of the engine, whoever submitted them
+        self._deferred: list[Request] = []  # Generate pressed while the model loads
+        self._submitting: set[int] = set()  # threads inside Engine.submit
+        self.jobs: dict[str, Any] = {}  # our unfinished jobs by id
+        self.last_job: Any = None
+        self.last_seed: int | None = None
+        self.errors: list[str] = []  # every error shown in the status line
+
+        self.controls = RequestControls()
+        self.painter = MaskPainter(display_size=display_size)
+        self.gallery = Gallery()
+
+        # ----- model row -----
+        self.model_spec = w.Combobox(
+            value=model or "embedded",
+            options=["embedded"],
+            placeholder="embedded, folder, file or hub id",
+            description="Model",
+            ensure_option=False,
+            style={"description_width": "3.5em"},
+            layout=w.Layout(width="22em"),
+        )
+        self.load_button = w.Button(
+            description="Load", icon="download", layout=w.Layout(width="6em")
+        )
+        self.model_status = w.HTML()
+        self.load_button.on_click(lambda _: self.load_model(self.model_spec.value))
+        self.settings_upload = w.FileUpload(
+            accept=".png,image/png",
+            multiple=False,
+            description="Load PNG settings",
+            icon="file-image-o",
+            layout=w.Layout(width="12em"),
+        )
+        self.settings_upload.observe(self._on_settings_upload, "value")
+
+        # ----- input image -----
+        self.image_upload = w.FileUpload(
+            accept="image/*",
+            multiple=False,
+            description="Upload image",
+            icon="upload",
+            layout=w.Layout(width="10.5em"),
+        )
+        self.image_upload.observe(self._on_image_upload, "value")
+        e = self.controls.errors
+        self.input_box = w.VBox(
+            [
+                w.HBox([self.image_upload, e["image"]], layout=w.Layout(align_items="center")),
+                self.painter.widget,
+                e["mask"],
+            ]
+        )
+
+        # ----- generate row -----
+        self.generate_button = w.Button(
+            description="Generate",
+            button_style="primary",
+            icon="play",
+            layout=w.Layout(width="8em"),
+        )
+        self.cancel_button = w.Button(
+            description="Cancel", icon="stop", disabled=True, layout=w.Layout(width="7em")
+        )
+        self.progress = w.IntProgress(0, min=0, max=1, layout=w.Layout(width="14em"))
+        self.status = w.HTML()
+        self.preview = w.Image(
+            format="png",
+            layout=w.Layout(
+                width="128px", height="128px", object_fit="contain", border="1px solid #eee"
+            ),
+        )
+        self.generate_button.on_click(lambda _: self.generate())
+        self.cancel_button.on_click(lambda _: self.cancel())
+        self.controls.reuse_seed.on_click(lambda _: self._reuse_seed())
+
+        # ----- wiring -----
+        self.controls.on_change(self._on_control_change)
+        self.painter.on_change(lambda _: self._on_control_change("mask"))
+        self.gallery.on("use", self._use_as_input)
+        self.gallery.on("inpaint", self._send_to_inpaint)
+        self.gallery.on("rerun", self.rerun)
+
+        header = w.HBox(
+            [
+                w.HTML("<b style='font-size:15px;margin-right:8px'>sdkit studio</b>"),
+                self.model_spec,
+                self.load_button,
+                self.model_status,
+            ],
+            layout=w.Layout(align_items="center", flex_flow="row wrap"),
+        )
+        left = w.VBox([self.controls.mode_tabs], layout=w.Layout(width="52%", min_width="420px"))
+        right = w.VBox(
+            [self.input_box, w.HBox([self.preview], layout=w.Layout(margin="6px 0"))],
+            layout=w.Layout(margin="0 0 0 10px"),
+        )
+        run_row = w.HBox(
+            [self.generate_button, self.cancel_button, self.progress, self.status],
+            layout=w.Layout(align_items="center", flex_flow="row wrap"),
+        )
+        footer = w.HBox(
+            [
+                self.settings_upload,
+                w.HTML(
+                    "<span style='font-size:12px;color:#666'>"
+                    "restores the parameters stored in a PNG (sdkit "
+                    "or A1111)</span>"
+                ),
+            ],
+            layout=w.Layout(align_items="center"),
+        )
+        super().__init__(
+            [
+                w.HTML(_CSS),
+                header,
+                w.HBox([left, right], layout=w.Layout(flex_flow="row wrap")),
+                run_row,
+                w.HTML("<b style='font-size:12px;color:#666'>GALLERY</b>"),
+                self.gallery.widget,
+                footer,
+            ]
+        )
+        self.add_class("sdkit-studio")
+        for widget, name in (
+            (self.model_status, "sdkit-model-status"),
+            (self.image_upload, "sdkit-image-upload"),
+            (self.settings_upload, "sdkit-settings-upload"),
+            (self.generate_button, "sdkit-generate"),
+            (self.cancel_button, "sdkit-cancel"),
+            (self.status, "sdkit-status"),
+            (self.painter.canvas, "sdkit-canvas"),
+        ):
+            widget.add_class(name)  # stable hooks for styling and the browser test
+
+        if fields:
+            self.controls.set_request(Request(**{"mode": self.controls.mode, **fields}))
+        self._on_control_change("mode")
+        if engine is not None:
+            self.use_engine(engine)
+        else:
+            self.load_model(model or "embedded")
+
+    # ----- model -----------------------------------------------------------------------
+    def use_engine(self, engine: Any) -> None:
+        """Drive `engine` (and show every job submitted to it, by anyone)."""
+        with self._lock:
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+            self.engine = engine
+            self._unsubscribe = engine.subscribe(self._on_engine_event)
+        self.controls.apply_model(engine.defaults, engine.scheduler_names, engine.vae_factor)
+        spec = str(getattr(engine, "spec", "engine"))
+        if spec not in self.model_spec.options:
+            self.model_spec.options = [*self.model_spec.options, spec]
+        self.model_spec.value = spec
+        self.model_status.value = _ok(
+            f"{html.escape(spec)} · {engine.family} · "
+            f"{engine.device} · {str(engine.dtype).replace('torch.', '')}"
+        )
+        self._on_control_change("mode")
+
+    def load_model(self, spec: str | None) -> threading.Thread:
+        """Load a model in the background; progress and errors show in the widget."""
+        spec = (spec or "embedded").strip() or "embedded"
+        with self._lock:
+            self._loading += 1
+        self.load_button.disabled = True
+        self.model_status.value = _info(f"loading {spec}…")
+
+        def run() -> None:
+            try:
+                box: dict[str, Any] = {}
+
+                def load() -> None:
+                    try:
+                        box["engine"] = sdkit.load(spec)
+                    except BaseException as e:  # shown in the widget, not in a cell
+                        box["error"] = e
+
+                t = threading.Thread(target=load, name="sdkit-widget-load", daemon=True)
+                start = time.perf_counter()
+                t.start()
+                while t.is_alive():
+                    t.join(0.25)
+                    self.model_status.value = _info(
+                        f"loading {spec}… {time.perf_counter() - start:.1f} s"
+                    )
+                if "error" in box:
+                    err = box["error"]
+                    self.model_status.value = _err(f"could not load {spec}: {err}")
+                    self.errors.append(f"model: {err}")
+                    deferred, self._deferred = self._deferred, []
+                    if deferred:
+                        self._set_status("not generated: no model loaded", error=True)
+                    return
+                self.use_engine(box["engine"])
+                took = time.perf_counter() - start
+                self.model_status.value += _info(f" · loaded in {took:.1f} s")
+                deferred, self._deferred = self._deferred, []
+                for request in deferred:
+                    self._submit(request)
+            except Exception as e:
+                log.exception("SDWidget: loading %s failed", spec)
+                self.model_status.value = _err(f"could not load {spec}: {e}")
+                self.errors.append(f"model: {e}")
+            finally:
+                self.load_button.disabled = False
+                with self._idle:
+                    self._loading -= 1
+                    self._idle.notify_all()
+
+        thread = threading.Thread(target=run, name="sdkit-widget-loader", daemon=True)
+        thread.start()
+        return thread
+
+    # ----- requests ----------------------------------------------------------------------
+    def request(self) -> Request:
+        """The Request the widget currently describes, input image and mask included."""
+        mode = self.controls.mode
+        extra: dict[str, Any] = {}
+        if mode in ("img2img", "inpaint"):
+            extra["image"] = self.painter.image
+        if mode == "inpaint":
+            extra["mask"] = self.painter.mask_image()
+        return self.controls.request(**extra)
+
+    def set_request(self, request: Request) -> None:
+        """Restore settings (e.g. from a PNG); an input image/mask in it goes on the canvas."""
+        self.controls.set_request(request)
+        if request.image is not None:
+            self.painter.set_image(load_image(request.image))
+            if request.mask is not None:
+                self.painter.set_mask(request.mask)
+
+    def _on_control_change(self, field: str) -> None:
+        mode = self.controls.mode
+        if field in ("width", "height"):
+            self.painter.resize_blank(self.controls.width.value, self.controls.height.value)
+        if field == "mode":
+            self.input_box.layout.display = None if mode in ("img2img", "inpaint") else "none"
+            inpaint = mode == "inpaint"
+            for child in self.painter.widget.children[1:]:
+                child.layout.display = None if inpaint else "none"
+        # Live check: show a fresh error for the field just changed; clear a fixed one.
+        shown = self.controls._shown_error
+        if shown is None and field == "mode":
+            return
+        err = self.controls.validate(self.request())
+        if err is None or (err.field != shown and err.field != field):
+            if shown is not None and (err is None or err.field != shown):
+                self.controls.show_error(None)
+            return
+        self.controls.show_error(err)
+
+    @_guard
+    def generate(self) -> Any:
+        """Submit the current settings; returns the Job (None if invalid or deferred)."""
+        request = self.request()
+        err = self.controls.validate(request)
+        self.controls.show_error(err)
+        if err is not None:
+            self._set_status(f"not generated: {err}", error=True)
+            return None
+        with self._lock:
+            if self.engine is None:
+                if self._loading:  # a model is loading: submit when it is there
+                    self._deferred.append(request)
+                    self._set_status("waiting for the model to load…")
+                    return None
+                self._set_status("no model loaded: choose one and press Load", error=True)
+                return None
+        return self._submit(request)
+
+    def _submit(self, request: Request) -> Any:
+        # The worker may report on the job before submit() returns: its callbacks wait on
+        # `_submitting` until the job is registered here, so they know it is ours.
+        job = None
+        with self._lock:
+            self._submitting.add(threading.get_ident())
+        try:
+            job = self.engine.submit(request)
+        except RequestError as err:
+            self.controls.show_error(err)
+            self._set_status(f"not generated: {err}", error=True)
+            return None
+        finally:
+            with self._idle:
+                self._submitting.discard(threading.get_ident())
+                if job is not None:
+                    self.jobs[job.id] = job
+                    if not job.done():
+                        self._active.add(job.id)
+                    self.last_job = job
+                    self.cancel_button.disabled = False
+                self._idle.notify_all()
+        if job.state == "queued":
+            self._set_status(f"queued ({self.engine.queue_length()} waiting)")
+        return job
+
+    @_guard
+    def cancel(self) -> None:
+        """Cancel this widget's running and queued jobs (a running one stops within a step)."""
+        with self._lock:
+            jobs = list(self.jobs.values())
+            self._deferred.clear()
+        for job in jobs:
+            job.cancel()
+        if jobs:
+            self._set_status("cancelling…")
+
+    def wait(self, timeout: float | None = 120) -> None:
+        """Block until model loading and every job seen on the engine are over, their
+        results in the gallery (scripts and tests)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._idle:
+            while self._loading or self._active:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"SDWidget still busy after {timeout} s")
+                self._idle.wait(left)
+
+    # ----- engine events (worker thread) ------------------------------------------------
+    def _on_engine_event(self, kind: str, job: Any, event: Any) -> None:
+        with self._idle:
+            me = threading.get_ident()
+            deadline = time.monotonic() + 10
+            while (
+                job.id not in self.jobs and self._submitting - {me} and time.monotonic() < deadline
+            ):
+                self._idle.wait(0.5)
+            # The engine reports "queued" from inside submit(), on the submitting thread.
+            ours = job.id in self.jobs or me in self._submitting
+            terminal = kind in ("done", "cancelled", "failed")
+            if not terminal:
+                self._active.add(job.id)
+        try:
+            self._handle_event(kind, job, event, ours)
+        except Exception as e:
+            log.exception("SDWidget: handling %s of job %s failed", kind, job.id)
+            self._set_status(f"{type(e).__name__}: {e}", error=True)
+        finally:
+            if terminal:
+                with self._idle:
+                    self.jobs.pop(job.id, None)
+                    self._active.discard(job.id)
+                    self.cancel_button.disabled = not self.jobs
+                    self._idle.notify_all()
+
+    def _handle_event(self, kind: str, job: Any, event: Any, ours: bool) -> None:
+        who = "" if ours else " (submitted elsewhere)"
+        if kind == "queued":
+            if not ours:
+                self._set_status(f"job queued{who}")
+        elif kind == "started":
+            self.progress.max = max(1, int(job.request.num_inference_steps or 1))
+            self.progress.value = 0
+            self.progress.bar_style = "info"
+            self._set_status(f"{job.request.mode} started{who}")
+        elif kind == "progress" and event is not None:
+            self.progress.max = max(1, event.total)
+            self.progress.value = event.step
+            per_step = event.elapsed / max(1, event.step)
+            self._set_status(
+                f"step {event.step}/{event.total} · {per_step:.3f} s/step · "
+                f"{event.elapsed:.1f} s{who}"
+            )
+            if event.preview is not None:
+                self.preview.value = png_bytes(event.preview)
+        elif kind == "done":
+            result = job.result(timeout=0)
+            self.progress.value = self.progress.max
+            self.progress.bar_style = "success"
+            self.gallery.add_result(result, source="widget" if ours else "engine")
+            if result.seeds:
+                self.last_seed = int(result.seeds[0])
+                self.controls.reuse_seed.disabled = False
+            if result.images:
+                self.preview.value = png_bytes(result.images[0])
+            t = result.timings
+            self._set_status(
+                f"done: {len(result.images)} image(s) · "
+                f"{t.get('per_step', 0.0):.3f} s/step · "
+                f"{t.get('total', 0.0):.2f} s total{who}"
+            )
+        elif kind == "cancelled":
+            self.progress.bar_style = "warning"
+            step = job.progress.step if job.progress is not None else 0
+            self._set_status(f"cancelled at step {step}/{self.progress.max}{who}")
+        elif kind == "failed":
+            self.progress.bar_style = "danger"
+            err = job.error
+            if isinstance(err, RequestError) and ours:
+                self.controls.show_error(err)
+            self._set_status(f"failed{who}: {err}", error=True)
+
+    def _set_status(self, text: str, *, error: bool = False) -> None:
+        if error:
+            self.errors.append(text)
+        self.status.value = _err(text) if error else _info(text)
+
+    # ----- gallery actions ---------------------------------------------------------------
+    @_guard
+    def _use_as_input(self, item: GalleryItem) -> None:
+        self._set_input(item.image)
+        if self.controls.mode not in ("img2img", "inpaint"):
+            self.controls.mode = "img2img"
+
+    @_guard
+    def _send_to_inpaint(self, item: GalleryItem) -> None:
+        self._set_input(item.image)
+        self.controls.mode = "inpaint"
+
+    @_guard
+    def rerun(self, item: GalleryItem | None = None) -> Any:
+        """Re-run the selected (or given) gallery image's settings with its own seed."""
+        item = item or self.gallery.selected
+        if item is None:
+            return None
+        request = dataclasses.replace(item.request, seed=item.seed, num_images=1)
+        self.set_request(request)
+        return self.generate()
+
+    def _set_input(self, image: Image.Image) -> None:
+        self.painter.set_image(image)
+        factor = max(1, self.controls.vae_factor)
+        if image.width % factor == 0 and image.height % factor == 0:
+            self.controls.width.value, self.controls.height.value = image.size
+        self._on_control_change("image")
+
+    def _reuse_seed(self) -> None:
+        if self.last_seed is not None:
+            self.controls.seed.value = self.last_seed
+            self.controls.random_seed.value = False
+
+    # ----- uploads -----------------------------------------------------------------------
+    @_guard
+    def _on_image_upload(self, change: dict) -> None:
+        files = change["new"]
+        if not files:
+            return
+        data = bytes(files[0]["content"])
+        self.image_upload.value = ()  # the same file can be uploaded again
+        try:
+            image = load_image(data, "image").convert("RGB")
+        except RequestError as err:
+            self.controls.show_error(err)
+            return
+        self._set_input(image)
+        if self.controls.mode not in ("img2img", "inpaint"):
+            self.controls.mode = "img2img"
+
+    @_guard
+    def _on_settings_upload(self, change: dict) -> None:
+        files = change["new"]
+        if not files:
+            return
+        name = files[0].get("name", "PNG")
+        data = bytes(files[0]["content"])
+        self.settings_upload.value = ()
+        self.load_settings(data, name=name)
+
+    def load_settings(self, png: Any, *, name: str = "PNG") -> Request | None:
+        """Restore the settings stored in a PNG (ours or A1111's) into the controls."""
+        try:
+            request = Request.from_png(png)
+        except RequestError as err:
+            self._set_status(f"{name}: {err}", error=True)
+            return None
+        self.controls.set_request(request)
+        self._set_status(f"settings restored from {name}")
+        return request
+
+    # ----- lifecycle ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop listening to the engine (the engine itself stays loaded for others)."""
+        with self._lock:
+            if self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
+        super().close()
+
+    def result_images(self) -> list[Image.Image]:
+        """All gallery images, newest first (for scripts)."""
+        return [item.image for item in self.gallery.items]
+
+
+def _info(text: str) -> str:
+    return f"<span style='font-size:12px;color:#444'>{html.escape(text)}</span>"
+
+
+def _ok(text: str) -> str:
+    return f"<span style='font-size:12px;color:#2e7d32'>{text}</span>"
+
+
+def _err(text: str) -> str:
+    return (
+        f"<span class='sdkit-error' style='font-size:12px;color:#c62828'>{html.escape(text)}</span>"
+    )
