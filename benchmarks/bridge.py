@@ -16,6 +16,7 @@ import argparse
 import base64
 import io
 import json
+import socket
 import statistics
 import threading
 import time
@@ -24,8 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 from PIL import Image
-
 from sdkit.bridge import Client, serve
+
 from sdkit.request import Request
 from sdkit.result import Result
 
@@ -99,6 +100,10 @@ def _from_b64(text: str) -> Image.Image:
 
 
 class Handler(BaseHTTPRequestHandler):
+    # Keep-alive and no Nagle, as uvicorn (A1111) and urllib3 (requests) do: a fair baseline.
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         image = _from_b64(body["init_images"][0])
@@ -112,6 +117,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+
+class FastHTTPConnection(HTTPConnection):
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def http_round_trip(conn: HTTPConnection, image: Image.Image, mask: Image.Image) -> Image.Image:
@@ -159,8 +170,13 @@ def main() -> None:
                     r = c.inpaint(image, mask, "a red star")
                     assert r[0].size == image.size
 
-                rows.append((f"bridge ({transport}, raw RGBA + mask frames)", *_time(bridge_once, args.repeat)))
-        conn = HTTPConnection("127.0.0.1", httpd.server_address[1])
+                rows.append(
+                    (
+                        f"bridge ({transport}, raw RGBA + mask frames)",
+                        *_time(bridge_once, args.repeat),
+                    )
+                )
+        conn = FastHTTPConnection("127.0.0.1", httpd.server_address[1])
 
         def http_once() -> None:
             assert http_round_trip(conn, image, mask).size == image.size
@@ -170,8 +186,10 @@ def main() -> None:
         handle.stop()
         httpd.shutdown()
     base = rows[-1][1]
-    print(f"round trip of a {args.size}x{args.size} RGBA selection + 8-bit mask, no-op engine, "
-          f"median of {args.repeat} (min in brackets)")
+    print(
+        f"round trip of a {args.size}x{args.size} RGBA selection + 8-bit mask, no-op engine, "
+        f"median of {args.repeat} (min in brackets)"
+    )
     for name, med, best in rows:
         print(f"  {name:44s} {med * 1000:9.1f} ms  ({best * 1000:.1f})  {base / med:6.1f}x vs HTTP")
 

@@ -13,6 +13,8 @@ import sys
 import threading
 from typing import Any
 
+DEFAULT_BIND = "tcp://127.0.0.1:5555"  # = sdkit.bridge.server.DEFAULT_BIND, without importing zmq
+
 
 def _log_setup(level: str) -> None:
     from sdkit.bridge.server import json_log_handler
@@ -61,7 +63,6 @@ def _allowed(pairs: list[str]) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _log_setup(args.log_level)
     from sdkit.bridge import security
 
     try:
@@ -69,6 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except security.SecurityError as e:
         print(f"sdkit serve: {e}", file=sys.stderr)
         return 2
+    _log_setup(args.log_level)
     if args.workers and args.workers > 0:
         from sdkit.bridge import scaleout
 
@@ -144,8 +146,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``serve``, ``worker`` and ``keys`` to an argparse subparsers object."""
-    from sdkit.bridge.server import DEFAULT_BIND
+    """Add ``serve``, ``worker`` and ``keys`` to an argparse subparsers object (no zmq import)."""
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=None, help="model spec (default: the embedded model)")

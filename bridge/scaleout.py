@@ -45,7 +45,7 @@ class Broker:
         keys: str | Any | None = None,
         limits: P.Limits | None = None,
         heartbeat_ivl: float = 2.0,
-        heartbeat_timeout: float = 10.0,
+        heartbeat_timeout: float = 30.0,
     ):
         if keys is not None and not isinstance(keys, security.ServerKeys):
             keys = security.load_server_keys(keys)

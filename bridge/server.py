@@ -160,7 +160,7 @@ class Server:
         limits: P.Limits | None = None,
         models: Mapping[str, Any] | None = None,
         heartbeat_ivl: float = 2.0,
-        heartbeat_timeout: float = 10.0,
+        heartbeat_timeout: float = 30.0,
         probe_interval: float = 2.0,
         context: zmq.Context | None = None,
         client_keys: Any | None = None,
@@ -537,21 +537,23 @@ class Server:
                 )
             setattr(request, name, _image_from_picture(pic, name, self.limits.max_pixels))
         preview = int(msg.header.get("preview", 0))
-        entry_box: list[_Entry] = []
 
         def on_event(kind: str, job: Any, event: Any) -> None:  # engine worker thread
             self._events.put((job.id, kind, event))
             self._wake()
 
         try:
-            job = engine.submit(request, preview_every=preview, callback=on_event)
+            if _takes_callback(engine):
+                job = engine.submit(request, preview_every=preview, callback=on_event)
+            else:  # the documented minimum: submit, then add_callback
+                job = engine.submit(request, preview_every=preview)
+                job.add_callback(on_event)
         except RequestError as e:
             raise P.ProtocolError("bad_field", e.message, f"request.{e.field}", rid) from None
         self._seq += 1
         entry = _Entry(
             client, rid, job, engine, preview, msg.header.get("result_format", "rgba8"), self._seq
         )
-        entry_box.append(entry)
         state.entries[rid] = entry
         self._by_job[job.id] = entry
         position = self._position(entry)
@@ -724,6 +726,15 @@ class Server:
                 P.event_frames("queued", entry.rid, position=position),
                 essential=False,
             )
+
+
+def _takes_callback(engine: Any) -> bool:
+    import inspect
+
+    try:
+        return "callback" in inspect.signature(engine.submit).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _version() -> str:

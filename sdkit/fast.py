@@ -76,7 +76,7 @@ import torch
 COMPILE_MODES = ("regional", "full", "cudagraphs")
 DEFAULT_COMPILE_BATCHES = (1, 2)
 TOLERANCE = 1e-4  # fp32, absolute, channels-last + fused QKV vs the plain path
-_STATE = "_sdkit_fast"  # attribute on the pipeline holding hooks and settings
+_STATE = "_sdkit_fast"  # attribute on the UNet (shared by `from_pipe` pipelines): hooks, settings
 
 
 # ----------------------------------------------------------------------------- dtype
@@ -102,23 +102,22 @@ def default_dtype(device: torch.device | str, family: str | None = None) -> torc
 
 
 def ensure_sdpa(model: torch.nn.Module) -> int:
-    """Make every attention processor of `model` an SDPA one; returns how many were replaced."""
-    from diffusers.models.attention_processor import (
-        AttnProcessor2_0,
-        FusedAttnProcessor2_0,
-    )
+    """Swap classic (non-SDPA) attention processors for SDPA ones; returns how many.
+
+    Only diffusers' plain `AttnProcessor` is replaced: special processors (IP-Adapter,
+    custom ones) are someone's deliberate choice and stay.
+    """
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     processors = getattr(model, "attn_processors", None)
     if not processors:
         return 0
-    ok = (AttnProcessor2_0, FusedAttnProcessor2_0)
-    replace = {name: p for name, p in processors.items() if not isinstance(p, ok)}
-    if not replace:
-        return 0
-    model.set_attn_processor(
-        {name: (p if isinstance(p, ok) else AttnProcessor2_0()) for name, p in processors.items()}
-    )
-    return len(replace)
+    classic = [name for name, p in processors.items() if type(p) is AttnProcessor]
+    if classic:
+        model.set_attn_processor(
+            {name: AttnProcessor2_0() if name in classic else p for name, p in processors.items()}
+        )
+    return len(classic)
 
 
 def attention_kind(model: torch.nn.Module) -> str:
@@ -280,9 +279,26 @@ def _compile_unet(unet: torch.nn.Module, mode: str, device: torch.device, n_shap
     else:
         inductor_mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
     original = unet.forward
-    unet.forward = torch.compile(original, fullgraph=True, dynamic=False, mode=inductor_mode)
+    compiled = torch.compile(original, fullgraph=True, dynamic=False, mode=inductor_mode)
+    unet.forward = _graph_safe(compiled) if mode == "cudagraphs" else compiled
     unet._sdkit_eager_forward = original
     return {"inductor_mode": inductor_mode, "compiled": ["UNet2DConditionModel.forward"]}
+
+
+def _graph_safe(compiled: Any) -> Any:
+    """CUDA-graph outputs are overwritten by the next replay; schedulers keep past outputs
+    (PNDM's `ets`, DPM++'s history), so hand them a copy (one latent-sized copy per step)."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(o.clone() if torch.is_tensor(o) else o for o in out)
+        if torch.is_tensor(getattr(out, "sample", None)):
+            out.sample = out.sample.clone()
+        return out
+
+    return forward
 
 
 # ----------------------------------------------------------------------------- apply
@@ -321,8 +337,9 @@ def apply_speed_options(
     if compile is not None and (why := _compile_available(device)):
         raise RuntimeError(f"compile={compile!r}: {why}")
     unet = getattr(pipe, "unet", None)
-    if getattr(pipe, _STATE, None) is not None:
-        raise RuntimeError("apply_speed_options: already applied to this pipeline")
+    applied = _state(pipe)
+    if applied is not None:  # e.g. a `from_pipe` pipeline sharing an already sped-up UNet
+        return {**applied["info"], "already_applied": True}
 
     if _needs_move(pipe, device, dtype):
         pipe.to(device=device, dtype=dtype)
@@ -346,7 +363,12 @@ def apply_speed_options(
     info["sync_free"] = bool(sync_free and make_scheduler_sync_free(pipe.scheduler))
     info["vae"] = "slicing/tiling chosen per job"
 
-    state: dict[str, Any] = {"sync_free": info["sync_free"], "shapes": None, "hooks": []}
+    state: dict[str, Any] = {
+        "sync_free": info["sync_free"],
+        "shapes": None,
+        "hooks": [],
+        "info": info,
+    }
     if compile is not None and unet is not None:
         factor = vae_factor(pipe)
         if compile_sizes is None:
@@ -373,8 +395,12 @@ def apply_speed_options(
         )
         if state["shapes"] is not None:
             state["hooks"].append(unet.register_forward_hook(_restore_stance))
-    setattr(pipe, _STATE, state)
-    return info
+        setattr(unet, _STATE, state)
+    return dict(info)
+
+
+def _state(pipe: Any) -> dict | None:
+    return getattr(getattr(pipe, "unet", None), _STATE, None)
 
 
 def _needs_move(pipe: Any, device: torch.device, dtype: torch.dtype) -> bool:
@@ -409,7 +435,7 @@ def prepare_job(
     pipe: Any, width: int, height: int, batch: int, *, budget_bytes: int | None = None
 ) -> dict:
     """Per-job settings: VAE slicing/tiling, and a sync-free scheduler if it was swapped."""
-    state = getattr(pipe, _STATE, None)
+    state = _state(pipe)
     out = configure_vae_for(pipe, width, height, batch, budget_bytes=budget_bytes)
     if state is not None and state["sync_free"]:
         out["sync_free"] = make_scheduler_sync_free(pipe.scheduler)
@@ -418,5 +444,5 @@ def prepare_job(
 
 def compile_shapes(pipe: Any) -> list[tuple[int, int, int]]:
     """The (batch, latent height, latent width) UNet shapes compiled for this pipeline."""
-    state = getattr(pipe, _STATE, None)
+    state = _state(pipe)
     return sorted(state["shapes"]) if state and state["shapes"] else []

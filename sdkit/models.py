@@ -161,6 +161,8 @@ def load_model(
             defaults["num_inference_steps"] = 50
     defaults["scheduler"] = type(pipe.scheduler).__name__
     defaults.update(meta.get("defaults", {}))
+    # sdkit.json may give a latent -> RGB fit for previews, top level or under "preview"
+    preview = {**meta, **(meta.get("preview") or {})}
     return LoadedModel(
         pipe=pipe,
         spec=key,
@@ -169,8 +171,8 @@ def load_model(
         device=dev,
         dtype=dt,
         defaults=defaults,
-        latent_rgb_factors=meta.get("latent_rgb_factors"),
-        latent_rgb_bias=meta.get("latent_rgb_bias"),
+        latent_rgb_factors=preview.get("latent_rgb_factors"),
+        latent_rgb_bias=preview.get("latent_rgb_bias"),
         extra={k: v for k, v in meta.items() if k != "defaults"},
     )
 

@@ -56,7 +56,10 @@ def test_gpu_script_tiny_prints_the_table():
 
 def test_gpu_script_rejects_unknown_model():
     proc = subprocess.run(
-        [sys.executable, str(GPU), "--tiny", "--models", "sd3"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, str(GPU), "--tiny", "--models", "sd3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode != 0 and "--models: unknown 'sd3'" in proc.stderr
 
@@ -73,7 +76,6 @@ def test_gpu_script_tiny_with_regional_compile():
 def test_cpu_script_on_a_saved_pipeline(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu
-
     import torch
 
     tok = tmp_path / "tok"
@@ -81,7 +83,9 @@ def test_cpu_script_on_a_saved_pipeline(tmp_path):
     arch = gpu.TINY["sd15"]
     parts = gpu.build_components(arch, torch.device("cpu"), torch.float32, tok)
     gpu.make_pipeline(arch, parts, copy_unet_vae=False).save_pretrained(tmp_path / "model")
-    out = run_script(str(CPU), "--model", str(tmp_path / "model"), "--no-tiny", "--steps", "2", "--rounds", "2")
+    out = run_script(
+        str(CPU), "--model", str(tmp_path / "model"), "--no-tiny", "--steps", "2", "--rounds", "2"
+    )
     rows = table_rows(out, "embedded model (model)")
     assert set(rows) == {"plain", "default", "channels-last", "unfused", "bf16-autocast"}
     assert rows["plain"][1] == "1.00" and rows["plain"][3] == "1.00"

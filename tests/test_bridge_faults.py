@@ -227,7 +227,7 @@ def test_fuzz_10000_bad_messages_each_answered_and_server_survives(server):
     codes = {ev.code for ev in replies.values()}
     assert {"bad_field", "bad_frames", "bad_version", "unknown_op", "too_large"} <= codes
     assert server.running
-    with Client(server.address, timeout=120) as c:
+    with Client(server.address, timeout=600) as c:
         assert c.txt2img(PROMPT, **FAST)[0].size == (64, 64)
 
 
@@ -311,12 +311,11 @@ def test_client_killed_mid_job_does_not_hold_the_server(server, bridge_engine):
 
 
 def test_client_gone_with_queued_jobs_is_cleaned_up(server, bridge_engine):
-    c = Client(server.address, transport="zmq", timeout=60)
+    c = Client(server.address, transport="zmq", timeout=600)
     blocker = c.submit(prompt=PROMPT, num_inference_steps=1000, width=64, height=64)
     waiting = [c.submit(prompt=PROMPT, **FAST) for _ in range(3)]
-    _wait(lambda: all(j.job_id for j in waiting), 60, "accepted", c.pump)
-    c._transport.sock.close(0)  # vanish without a bye
-    c._transport.context.term()
+    _wait(lambda: all(j.job_id for j in waiting), 300, "accepted", c.pump)
+    c._transport.close()  # vanish without a bye
     _wait(
         lambda: bridge_engine.queue_length() == 0 and bridge_engine.current_job is None,
         120,
@@ -330,23 +329,23 @@ def test_client_gone_with_queued_jobs_is_cleaned_up(server, bridge_engine):
 def test_server_restart_mid_session(bridge_engine, transport):
     first = serve(bridge_engine, "tcp://127.0.0.1:0")
     address = first.address
-    c = Client(address, transport=transport, timeout=120, heartbeat_ivl=0.5, heartbeat_timeout=3)
+    c = Client(address, transport=transport, timeout=600)
     try:
         assert c.txt2img(PROMPT, **FAST)[0].size == (64, 64)
         job = c.submit(prompt=PROMPT, num_inference_steps=1000, width=64, height=64)
-        _wait(lambda: job.progress is not None, 120, "the long job to run", c.pump)
+        _wait(lambda: job.progress is not None, 300, "the long job to run", c.pump)
         first.stop(notify=False)  # like a crash: nobody tells the client
         with pytest.raises(BridgeError) as e:
-            job.result(60)  # a clear error, never a hang
+            job.result(300)  # a clear error, never a hang
         assert e.value.code == "connection_lost" and "restart" in e.value.message
         second = serve(bridge_engine, address)
         try:
             assert c.txt2img(PROMPT, **FAST)[0].size == (64, 64)  # reconnected by itself
             job = c.submit(prompt=PROMPT, num_inference_steps=1000, width=64, height=64)
-            _wait(lambda: job.progress is not None, 120, "the long job to run", c.pump)
+            _wait(lambda: job.progress is not None, 300, "the long job to run", c.pump)
             second.stop()  # a clean stop tells the client
             with pytest.raises(BridgeError) as e:
-                job.result(60)
+                job.result(300)
             assert e.value.code in ("shutdown", "connection_lost")
         finally:
             second.stop()
@@ -391,11 +390,11 @@ def test_curve_known_key_works_unknown_key_gets_nothing(bridge_engine, tmp_path)
     try:
         port = handle.address.rsplit(":", 1)[1]
         address = f"tcp://127.0.0.1:{port}"
-        with Client(address, keys=good, client_name="alice", timeout=120) as c:
+        with Client(address, keys=good, client_name="alice", timeout=600) as c:
             assert c.hello()["versions"] == [1]
             assert c.txt2img(PROMPT, **FAST)[0].size == (64, 64)
-        time.sleep(0.5)
-        seen = handle.server.stats["messages"]  # alice's hello, generate and bye
+        _wait(lambda: handle.server.stats["messages"] >= 3, 60, "alice's hello, generate, bye")
+        seen = handle.server.stats["messages"]
         with Client(address, keys=bad, client_name="mallory") as c:
             with pytest.raises(BridgeTimeout):
                 c.hello(timeout=2)
@@ -403,7 +402,7 @@ def test_curve_known_key_works_unknown_key_gets_nothing(bridge_engine, tmp_path)
             with pytest.raises(BridgeTimeout):
                 c.hello(timeout=2)
             assert "CURVE" in (c._transport.last_error or "")
-        time.sleep(0.5)
+        time.sleep(1.0)
         assert handle.server.stats["messages"] == seen  # nothing of theirs reached the server
     finally:
         handle.stop()
@@ -461,8 +460,23 @@ def test_scale_out_two_worker_processes(bridge_engine):
             _wait(lambda: job.progress is not None, 300, "a running job", c.pump)
             job.cancel()
             with pytest.raises(BridgeError) as e:
-                job.result(120)
+                job.result(300)
             assert e.value.code == "cancelled"
     finally:
         scaleout.stop_workers(procs)
         broker.stop()
+
+
+def test_keys_command_creates_an_authorized_pair(tmp_path, capsys):
+    from sdkit.bridge.cli import main
+    from sdkit.bridge.security import load_client_keys, load_server_keys
+
+    assert main(["keys", str(tmp_path / "k")]) == 0
+    assert main(["keys", str(tmp_path / "k"), "--client", "gimp"]) == 0
+    server = load_server_keys(tmp_path / "k")
+    assert sorted(p.name for p in server.authorized.glob("*.key")) == ["client.key", "gimp.key"]
+    for name in ("client", "gimp"):
+        assert load_client_keys(tmp_path / "k", name).server_public == server.public
+    assert "--keys" in capsys.readouterr().out
+    with pytest.raises(SecurityError, match="missing key file"):
+        load_server_keys(tmp_path / "nothing")

@@ -38,7 +38,7 @@ def server(bridge_engine):
 
 @pytest.fixture(params=["zmq", "zmtp"])
 def client(request, server):
-    c = Client(server.address, transport=request.param, timeout=120)
+    c = Client(server.address, transport=request.param, timeout=600)
     yield c
     c.close()
 
@@ -108,7 +108,7 @@ def test_png_frames_in_and_out(server):
             result_format="png",
             **FAST,
         )
-        r = job.result(120)
+        r = job.result(600)
         assert r[0].size == (64, 64)
 
 
@@ -117,7 +117,7 @@ def test_bad_request_fields_come_back_as_errors_naming_the_field(client):
         client.txt2img(PROMPT, num_inference_steps=0)
     assert e.value.code == "bad_field" and e.value.field == "request.num_inference_steps"
     with pytest.raises(BridgeError) as e:
-        client.txt2img(PROMPT, width=60, height=64, num_inference_steps=1)
+        client.txt2img(PROMPT, width=62, height=64, num_inference_steps=1)
     assert e.value.field == "request.width" and "multiple of" in e.value.message
     with pytest.raises(BridgeError) as e:
         client.txt2img(PROMPT, colour="red")
@@ -136,13 +136,13 @@ def test_cancel_a_running_job(client):
     job = client.submit(
         prompt=PROMPT, num_inference_steps=200, width=64, height=64, progress=seen.append
     )
-    deadline = time.monotonic() + 60
-    while not seen and time.monotonic() < deadline:
+    deadline = time.monotonic() + 300  # generous: CI machines can be very busy
+    while not seen and not job.done() and time.monotonic() < deadline:
         client.pump(0.05)
-    assert seen, "the job never started"
+    assert seen, f"the job never started ({job.state}, {job._error})"
     job.cancel()
     with pytest.raises(BridgeError) as e:
-        job.result(60)
+        job.result(300)
     assert e.value.code == "cancelled" and job.state == "cancelled"
     assert len(seen) < 200
 
@@ -151,17 +151,17 @@ def test_cancel_a_queued_job_it_never_runs(client):
     first = client.submit(prompt=PROMPT, num_inference_steps=200, width=64, height=64)
     queued_progress = []
     second = client.submit(prompt=PROMPT, progress=queued_progress.append, **FAST)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 300
     while second.position is None and time.monotonic() < deadline:
         client.pump(0.05)
     assert second.state == "queued" and second.position >= 1
     second.cancel()
     with pytest.raises(BridgeError) as e:
-        second.result(60)
+        second.result(300)
     assert e.value.code == "cancelled" and queued_progress == []
     first.cancel()
     with pytest.raises(BridgeError):
-        first.result(60)
+        first.result(300)
     assert client.txt2img(PROMPT, **FAST)[0].size == (64, 64)
 
 
@@ -173,7 +173,7 @@ def test_status_lists_this_clients_jobs(client):
     assert job.id in st["jobs"] and st["jobs"][job.id] in ("queued", "running")
     job.cancel()
     with pytest.raises(BridgeError):
-        job.result(60)
+        job.result(300)
     assert job.id not in client.status()["jobs"]
 
 
@@ -223,43 +223,55 @@ def test_queue_limit_per_client(bridge_engine):
         bridge_engine, "tcp://127.0.0.1:0", limits=protocol.Limits(max_queued_per_client=2)
     )
     try:
-        with Client(handle.address, timeout=60) as c:
+        with Client(handle.address, timeout=300) as c:
             jobs = [
                 c.submit(prompt=PROMPT, num_inference_steps=100, width=64, height=64)
                 for _ in range(3)
             ]
             with pytest.raises(BridgeError) as e:
-                jobs[2].result(30)
+                jobs[2].result(300)
             assert e.value.code == "queue_full" and "limit is 2" in e.value.message
             for j in jobs[:2]:
                 j.cancel()
             for j in jobs[:2]:
                 with pytest.raises(BridgeError):
-                    j.result(60)
+                    j.result(300)
             assert c.txt2img(PROMPT, **FAST)[0].size == (64, 64)
     finally:
         handle.stop()
 
 
-def test_structured_json_logs(server, caplog):
-    from sdkit.bridge.server import JsonFormatter
+def test_structured_json_logs(server):
+    from sdkit.bridge.server import json_log_handler
 
-    with caplog.at_level(logging.INFO, logger="sdkit.bridge"):
-        with Client(server.address) as c:
+    stream = io.StringIO()
+    handler = json_log_handler(stream, logging.INFO)
+    logger = logging.getLogger("sdkit.bridge")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with Client(server.address, timeout=600) as c:
             c.txt2img(PROMPT, **FAST)
-        time.sleep(0.2)
-    records = [r for r in caplog.records if r.name == "sdkit.bridge"]
-    lines = [json.loads(JsonFormatter().format(r)) for r in records]
+            with pytest.raises(BridgeError):
+                c.txt2img(PROMPT, num_inference_steps=-1)
+        time.sleep(0.5)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     events = [ln["event"] for ln in lines]
-    assert "accepted" in events and "result" in events
+    assert "accepted" in events and "result" in events and "bad_request" in events
     acc = next(ln for ln in lines if ln["event"] == "accepted")
-    assert acc["mode"] == "txt2img" and acc["id"] and acc["client"]
+    assert acc["mode"] == "txt2img" and acc["id"] and acc["client"] and acc["level"] == "info"
+    bad = next(ln for ln in lines if ln["event"] == "bad_request")
+    assert bad["field"] == "request.num_inference_steps" and bad["code"] == "bad_field"
 
 
 def test_serve_in_a_background_thread_and_stop(bridge_engine):
     handle = serve(bridge_engine, "tcp://127.0.0.1:0")
     assert handle.running and handle.address.startswith("tcp://127.0.0.1:")
-    with Client(handle.address, timeout=30) as c:
+    with Client(handle.address, timeout=300) as c:
         assert c.hello()["versions"] == [1]
     handle.stop()
     assert not handle.running

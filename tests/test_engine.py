@@ -298,3 +298,10 @@ def test_info_is_json_safe(sd_engine):
     info = json.loads(json.dumps(sd_engine.info()))
     assert info["family"] == "sd1" and info["vae_factor"] == 4
     assert "Euler a" in info["scheduler_names"] and info["defaults"]["width"] == 32
+
+
+def test_progress_bar_shows_steps_and_can_be_turned_off(sd_engine, capsys):
+    sd_engine.txt2img(PROMPT, seed=1, num_inference_steps=3)
+    assert "3/3" in capsys.readouterr().err
+    sd_engine.txt2img(PROMPT, seed=1, num_inference_steps=3, progress=False)
+    assert capsys.readouterr().err == ""

@@ -155,7 +155,9 @@ def test_unparseable_known_values_are_kept_in_extra():
 
 
 def test_unknown_sampler_is_kept_and_flagged_by_validate():
-    r = Request.from_infotext("x\nSteps: 20, Sampler: DPM++ 3M SDE, Schedule type: Exponential, Seed: 1")
+    r = Request.from_infotext(
+        "x\nSteps: 20, Sampler: DPM++ 3M SDE, Schedule type: Exponential, Seed: 1"
+    )
     assert r.scheduler == "DPM++ 3M SDE"
     assert r.extra == {"Schedule type": "Exponential"}
     with pytest.raises(RequestError) as err:
@@ -202,7 +204,15 @@ def test_sdkit_inpaint_text_has_its_keys():
 
 
 def test_txt2img_text_is_plain_a1111():
-    r = Request(prompt="a", num_inference_steps=20, scheduler="Euler a", guidance_scale=7, seed=1, width=512, height=512)
+    r = Request(
+        prompt="a",
+        num_inference_steps=20,
+        scheduler="Euler a",
+        guidance_scale=7,
+        seed=1,
+        width=512,
+        height=512,
+    )
     assert r.to_infotext() == "a\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512"
 
 
@@ -247,7 +257,12 @@ def test_from_png_written_by_a1111_style_pnginfo(tmp_path):
 
 
 def test_from_png_round_trip_of_our_text(tmp_path):
-    r = Request(prompt="a red circle\non blue", num_inference_steps=3, seed=9, scheduler="DPM++ 2M SDE Karras")
+    r = Request(
+        prompt="a red circle\non blue",
+        num_inference_steps=3,
+        seed=9,
+        scheduler="DPM++ 2M SDE Karras",
+    )
     info = PngInfo()
     info.add_itxt("parameters", r.to_infotext())
     path = tmp_path / "ours.png"
@@ -269,10 +284,16 @@ def test_from_png_without_parameters(tmp_path):
 # ---------------------------------------------------------------------------- property
 
 _ALPHABET = "abcxyz XYZ019,:;()[]<>\"'!?-_.=/\\é中"
-_line = st.text(_ALPHABET, max_size=20).map(str.strip).filter(lambda s: not s.startswith("Negative prompt:"))
+_line = (
+    st.text(_ALPHABET, max_size=20)
+    .map(str.strip)
+    .filter(lambda s: not s.startswith("Negative prompt:"))
+)
 _text = st.lists(_line, max_size=4).map(lambda lines: "\n".join(lines).strip())
-_key = st.text("abcdefgh XYZ-/", min_size=1, max_size=12).map(str.strip).filter(
-    lambda k: k and k[0].isalnum() and k not in KNOWN_KEYS and k != "Schedule type"
+_key = (
+    st.text("abcdefgh XYZ-/", min_size=1, max_size=12)
+    .map(str.strip)
+    .filter(lambda k: k and k[0].isalnum() and k not in KNOWN_KEYS and k != "Schedule type")
 )
 _value = st.text(_ALPHABET + "\n", max_size=15)
 _a1111_schedulers = [n for n in scheduler_names() if not n.endswith("Scheduler")]

@@ -239,7 +239,9 @@ def test_composite_keeps_rgba_and_resizes_the_generated_image():
 )
 def test_composite_exactness_property(seed, grow, blur):
     rng = np.random.default_rng(seed)
-    raw = (rng.random((24, 32)) > 0.93).astype(np.uint8) * rng.integers(1, 256, (24, 32), dtype=np.uint8)
+    raw = (rng.random((24, 32)) > 0.93).astype(np.uint8) * rng.integers(
+        1, 256, (24, 32), dtype=np.uint8
+    )
     prepared = prepare_mask(Image.fromarray(raw, "L"), grow=grow, blur=blur)
     original, generated = noise_image(32, 24, seed), noise_image(32, 24, seed + 1)
     out = np.asarray(composite(original, generated, prepared))

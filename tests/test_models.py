@@ -132,3 +132,21 @@ def test_load_is_cached_per_spec_device_dtype(tiny_models):
     a = sdkit.load(tiny_models["sd"], device="cpu")
     assert sdkit.load(str(tiny_models["sd"]), device="cpu", dtype="fp32") is a
     assert sdkit.load(tiny_models["sd"], device="cpu", dtype=torch.bfloat16) is not a
+
+
+@pytest.mark.skipif(
+    not (models.EMBEDDED_DIR / "model_index.json").is_file(),
+    reason="embedded model not trained yet",
+)
+def test_embedded_model_is_the_default_and_brings_its_preview_fit():
+    engine = sdkit.load(device="cpu")
+    assert engine is sdkit.load("embedded", device="cpu") is sdkit.load("default", device="cpu")
+    assert engine.family == "sd1" and engine.vae_factor == 4 and engine.defaults["width"] == 64
+    assert engine.model.latent_rgb_factors is not None and len(engine.model.latent_rgb_factors) == 4
+    events = []
+    job = engine.submit(
+        sdkit.Request(prompt="a red circle on a blue background", num_inference_steps=3, seed=1),
+        callback=lambda kind, job, ev: events.append(ev) if kind == "progress" else None,
+    )
+    assert job.result(timeout=600)[0].size == (64, 64)
+    assert events[-1].preview.size == (64, 64)

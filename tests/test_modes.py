@@ -202,7 +202,8 @@ def test_only_masked_crops_pastes_back_and_keeps_outside_pixels(sd_engine, grow,
     soft = masks.prepare_mask(mask, grow, blur)
     outside = arr(soft) == 0
     assert np.array_equal(arr(ours[0])[outside], arr(image)[outside])
-    assert not np.array_equal(arr(ours[0])[arr(soft) == 255], arr(image)[arr(soft) == 255])
+    changed = (arr(ours[0]) != arr(image)).any(axis=-1)
+    assert changed[arr(soft) > 128].mean() > 0.5  # the masked area was repainted
     assert ours.request.only_masked
 
 

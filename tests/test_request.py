@@ -55,7 +55,9 @@ def error(req: Request, **kw) -> RequestError:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_good_request_of_every_mode_validates(mode):
-    good(mode=mode, num_inference_steps=20, guidance_scale=7.5, width=64, height=64, seed=1).validate()
+    good(
+        mode=mode, num_inference_steps=20, guidance_scale=7.5, width=64, height=64, seed=1
+    ).validate()
 
 
 def test_none_fields_mean_model_default_and_are_valid():
@@ -280,7 +282,12 @@ def test_with_defaults_fills_only_none_fields():
         }
     )
     assert filled.num_inference_steps == 10
-    assert (filled.guidance_scale, filled.width, filled.height, filled.scheduler) == (7.5, 512, 512, "PNDM")
+    assert (filled.guidance_scale, filled.width, filled.height, filled.scheduler) == (
+        7.5,
+        512,
+        512,
+        "PNDM",
+    )
     assert filled.seed is None
     assert req.guidance_scale is None  # the original is untouched
     filled.extra["k"] = "v"

@@ -125,7 +125,7 @@ def png_with_parameters(image: Image.Image, text: str) -> bytes:
 
 @pytest.fixture(scope="module")
 def engine():
-    return sdkit.load(os.environ.get("SDKIT_TEST_MODEL"))
+    return sdkit.load()
 
 
 @pytest.fixture

@@ -56,11 +56,8 @@ def call(name, image, layer, **props):
     result = proc.run(config)
     status = result.index(0)
     error = None
-    if status != Gimp.PDBStatusType.SUCCESS:
-        try:
-            error = Gimp.get_pdb().get_last_error()
-        except Exception:  # noqa: BLE001
-            error = None
+    if status != Gimp.PDBStatusType.SUCCESS and result.length() > 1:
+        error = str(result.index(1))  # the plug-in's GError message
     return status.value_nick, error
 
 
