@@ -6,7 +6,7 @@ configs of ``benchmarks/gpu.py``:
 * ``plain``          the diffusers pipeline as loaded (fp32, SDPA), the baseline;
 * ``default``        after ``sdkit.fast.apply_speed_options(pipe, device="cpu", dtype=float32)``;
 * ``channels-last``  default + channels-last UNet and VAE;
-* ``unfused``        default without fused QKV (what fusing buys);
+* ``fused-qkv``      default + fused QKV projections (on by default on CUDA only);
 * ``bf16-autocast``  default under ``torch.autocast("cpu", dtype=torch.bfloat16)``;
 * ``fast-regional``  default + ``compile="regional"`` (only with ``--compile``: minutes of C++).
 
@@ -69,7 +69,7 @@ def variants(pipe: Any, compile_mode: bool) -> list[tuple[str, Any, Any]]:
         ("plain", pipe, contextlib.nullcontext),
         ("default", fresh(), contextlib.nullcontext),
         ("channels-last", fresh(channels_last=True), contextlib.nullcontext),
-        ("unfused", fresh(fused_qkv=False), contextlib.nullcontext),
+        ("fused-qkv", fresh(fused_qkv=True), contextlib.nullcontext),
         ("bf16-autocast", fresh(), lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
     ]
     if compile_mode:
@@ -77,7 +77,7 @@ def variants(pipe: Any, compile_mode: bool) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def time_image(pipe: Any, ctx: Any, steps: int, size: int) -> tuple[float, float]:
+def time_one_image(pipe: Any, ctx: Any, steps: int, size: int) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) for one image."""
     g = torch.Generator().manual_seed(0)
     c0, t0 = time.process_time(), time.perf_counter()
@@ -94,8 +94,24 @@ def time_image(pipe: Any, ctx: Any, steps: int, size: int) -> tuple[float, float
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def time_unet(pipe: Any, ctx: Any, steps: int, size: int) -> tuple[float, float]:
+    """(wall, CPU seconds) of `steps` UNet calls as one CFG step makes them (batch 2)."""
+    g = torch.Generator().manual_seed(0)
+    side = size // fast.vae_factor(pipe)
+    sample = torch.randn(2, pipe.unet.config.in_channels, side, side, generator=g)
+    cond = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    c0, t0 = time.process_time(), time.perf_counter()
+    with torch.inference_mode(), ctx():
+        for i in range(steps):
+            pipe.unet(
+                sample, torch.tensor(999 - 40 * i), encoder_hidden_states=cond, return_dict=False
+            )
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def bench(title: str, pipe: Any, size: int, args: argparse.Namespace) -> dict[str, float]:
     configs = variants(pipe, args.compile)
+    time_image = time_unet if args.unet_only else time_one_image
     for _name, p, ctx in configs:  # warm-up (and compile)
         time_image(p, ctx, 2, size)
     wall: dict[str, list[float]] = {name: [] for name, _, _ in configs}
@@ -106,8 +122,10 @@ def bench(title: str, pipe: Any, size: int, args: argparse.Namespace) -> dict[st
             w, c = time_image(p, ctx, args.steps, size)
             wall[name].append(w)
             cpu[name].append(c)
-    print(f"\n## {title} {size}x{size}, {args.steps} steps, CFG 7.5, {args.rounds} rounds")
-    print("| config | wall s/image | x plain (wall) | CPU s/image | x plain (CPU time) |")
+    what = "UNet calls (batch 2, as CFG)" if args.unet_only else "steps per image, CFG 7.5"
+    unit = f"{args.steps} calls" if args.unet_only else "image"
+    print(f"\n## {title} {size}x{size}, {args.steps} {what}, {args.rounds} rounds")
+    print(f"| config | wall s/{unit} | x plain (wall) | CPU s/{unit} | x plain (CPU time) |")
     print("|---|---|---|---|---|")
     ratios = {}
     for name in wall:
@@ -134,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-tiny", action="store_true", help="skip the tiny SD 1.5 / SDXL configs")
+    p.add_argument(
+        "--unet-only", action="store_true", help="time UNet calls only (the denoising cost)"
+    )
     p.add_argument(
         "--compile", action="store_true", help="also time compile='regional' (slow to build)"
     )

@@ -12,15 +12,16 @@ What is applied, and why:
   every decode), fp16 on MPS, fp32 on CPU (this project's CPU benchmark: bf16
   autocast is slower on AVX2-only CPUs, see benchmarks/RESULTS.md).
 * **Attention.** diffusers 0.42 already installs `AttnProcessor2_0`
-  (`torch.nn.functional.scaled_dot_product_attention`) on torch >= 2.0; we check
-  every processor and replace anything else (for example after a LoRA or an old
-  checkpoint set the classic processor).
-* **Fused QKV.** `fuse_qkv_projections()` on the UNet and an `AutoencoderKL` VAE:
+  (`torch.nn.functional.scaled_dot_product_attention`) on torch >= 2.0 (checked in
+  tests/test_fast.py); we replace any classic `AttnProcessor` that something set,
+  and leave special processors (IP-Adapter, custom) alone.
+* **Fused QKV** (default on CUDA, opt-in elsewhere). `fuse_qkv_projections()` on the
+  UNet and an `AutoencoderKL` VAE:
   one matmul for q, k and v in self-attention (k and v in cross-attention). diffusers
   keeps the unfused weights too, so the attention projections take about twice their
   memory (reported as `fused_qkv_extra_params`).
 * **Channels-last** UNet and VAE memory format: on by default on CUDA (Tensor-core
-  convolutions want NHWC), opt-in on CPU, where our benchmark shows no gain.
+  convolutions want NHWC), opt-in on CPU, where our benchmark shows no gain beyond noise.
 * **VAE slicing/tiling** per job (`configure_vae_for`): slicing (one image at a
   time, same result) when the whole batch would not fit the memory budget, tiling
   (overlapping tiles blended, *changes pixels near tile seams*) only when one image
@@ -311,7 +312,7 @@ def apply_speed_options(
     dtype: torch.dtype,
     compile: str | bool | None = None,
     channels_last: bool | None = None,
-    fused_qkv: bool = True,
+    fused_qkv: bool | None = None,
     sync_free: bool = True,
     compile_sizes: Iterable[Sequence[int]] | None = None,
     compile_batches: Iterable[int] = DEFAULT_COMPILE_BATCHES,
@@ -319,7 +320,8 @@ def apply_speed_options(
     """Apply the speed options to a loaded pipeline in place; returns what was applied (JSON-safe).
 
     `compile`: None/False/"off" (default), True (= "regional"), "regional", "full" or
-    "cudagraphs". `channels_last=None` means on for CUDA, off elsewhere.
+    "cudagraphs". `channels_last=None` and `fused_qkv=None` mean on for CUDA, off elsewhere
+    (on this project's AVX2 CPU neither showed a gain beyond noise: benchmarks/RESULTS.md).
     """
     if compile is True:
         compile = "regional"
@@ -346,6 +348,8 @@ def apply_speed_options(
     info: dict[str, Any] = {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
 
     models = [m for m in (unet, getattr(pipe, "vae", None)) if m is not None]
+    if fused_qkv is None:
+        fused_qkv = device.type == "cuda"
     for m in models:
         ensure_sdpa(m)
     extra = sum(fuse_qkv(m) for m in models) if fused_qkv else 0

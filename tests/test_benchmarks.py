@@ -51,7 +51,7 @@ def test_gpu_script_tiny_prints_the_table():
         for cells in rows.values():
             its, ratio, image_s = (float(c) for c in cells[:3])
             assert its > 0 and ratio > 0 and image_s > 0
-    assert "'fused_qkv': True" in out
+    assert "'sync_free': True" in out
 
 
 def test_gpu_script_rejects_unknown_model():
@@ -87,5 +87,5 @@ def test_cpu_script_on_a_saved_pipeline(tmp_path):
         str(CPU), "--model", str(tmp_path / "model"), "--no-tiny", "--steps", "2", "--rounds", "2"
     )
     rows = table_rows(out, "embedded model (model)")
-    assert set(rows) == {"plain", "default", "channels-last", "unfused", "bf16-autocast"}
+    assert set(rows) == {"plain", "default", "channels-last", "fused-qkv", "bf16-autocast"}
     assert rows["plain"][1] == "1.00" and rows["plain"][3] == "1.00"

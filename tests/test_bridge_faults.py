@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -295,7 +296,8 @@ def test_client_killed_mid_job_does_not_hold_the_server(server, bridge_engine):
         [sys.executable, "-c", _KILLED_CLIENT, server.address], stdout=subprocess.PIPE, text=True
     )
     try:
-        assert proc.stdout.readline().strip() == "running"
+        ready, _, _ = select.select([proc.stdout], [], [], 600)  # never hang the suite
+        assert ready and proc.stdout.readline().strip() == "running"
         running = bridge_engine.current_job
         assert running is not None and running.request.num_inference_steps == 1000
         os.kill(proc.pid, signal.SIGKILL)

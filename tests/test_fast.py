@@ -134,7 +134,9 @@ def test_channels_last_and_fused_qkv_within_tolerance(parts):
 def test_apply_speed_options_pipeline_matches_plain(parts, tokenizer_dir):
     plain = run(make_pipe(parts, tokenizer_dir))
     pipe = make_pipe(parts, tokenizer_dir)
-    info = fast.apply_speed_options(pipe, device="cpu", dtype=torch.float32, channels_last=True)
+    info = fast.apply_speed_options(
+        pipe, device="cpu", dtype=torch.float32, channels_last=True, fused_qkv=True
+    )
     assert info["fused_qkv"] and info["channels_last"] and info["sync_free"]
     assert info["attention"] == "sdpa-fused" and info["compile"] is None
     assert info["device"] == "cpu" and info["dtype"] == "float32"
@@ -203,6 +205,13 @@ def test_vae_slicing_keeps_pixels(parts, tokenizer_dir):
     assert pipe.vae.use_slicing
     sliced = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kw).images
     assert abs(sliced - plain).max() < fast.TOLERANCE
+
+
+def test_cpu_defaults_are_the_plain_path(parts, tokenizer_dir):
+    pipe = make_pipe(parts, tokenizer_dir)
+    info = fast.apply_speed_options(pipe, device="cpu", dtype=torch.float32)
+    assert info["fused_qkv"] is False and info["channels_last"] is False
+    assert info["attention"] == "sdpa" and info["sync_free"] is True
 
 
 def test_dtype_helpers():

@@ -147,7 +147,7 @@ def page(jupyterlab):
             page = browser.new_page(viewport={"width": 1400, "height": 1200})
             page.set_default_timeout(60_000)
             errors: list = []
-            page.on("pageerror", errors.append)
+            page.on("pageerror", lambda error: errors.append(error))
             yield page, errors
         finally:
             browser.close()
@@ -190,6 +190,8 @@ def test_paint_and_inpaint_in_jupyterlab(jupyterlab, page):
 
 
 def _paint_and_inpaint(url, root, page, page_errors):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(SETUP_CELL), nbformat.v4.new_code_cell(CHECK_CELL)]
     nb.metadata["kernelspec"] = {
@@ -200,9 +202,33 @@ def _paint_and_inpaint(url, root, page, page_errors):
     nbformat.write(nb, root / "studio.ipynb")
     uploaded = _input_image(root / "input.png")
 
+    # Start the notebook's kernel through the REST API, so the page joins that session
+    # instead of asking which kernel to start.
+    body = json.dumps(
+        {
+            "path": "studio.ipynb",
+            "type": "notebook",
+            "name": "studio.ipynb",
+            "kernel": {"name": "python3"},
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"{url}/api/sessions",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as r:
+        assert r.status == 201, r.status
     _step("opening the notebook")
     page.goto(f"{url}/lab/tree/studio.ipynb")
     page.locator(".jp-Notebook .jp-Cell").first.wait_for()
+    dialog = page.locator(".jp-Dialog .jp-mod-accept")
+    try:  # older/other set-ups may still ask: accept the preselected Python 3 kernel
+        dialog.wait_for(timeout=5_000)
+        dialog.click()
+    except PlaywrightTimeout:
+        pass
     page.wait_for_selector(
         ".jp-Notebook-ExecutionIndicator[data-status='idle']", state="attached", timeout=180_000
     )

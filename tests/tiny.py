@@ -291,6 +291,9 @@ def write_original_checkpoint(pipe, path: Path) -> Path:
     )
     state.update(_vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
     for key, value in pipe.text_encoder.state_dict().items():
+        # transformers 5 names CLIPTextModel weights without the `text_model.` level the
+        # original checkpoints (and transformers 4) have
+        key = key if key.startswith("text_model.") else "text_model." + key
         state["cond_stage_model.transformer." + key] = value
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path

@@ -63,14 +63,22 @@ def _polygon(scene: Scene, scale: float) -> list[tuple[float, float]]:
     cx, cy, r, a = scene.cx * scale, scene.cy * scale, scene.radius * scale, scene.angle
     if scene.shape == "square":
         # radius is the half-diagonal so every shape spans the same circle
-        return [(cx + r * math.cos(a + k * math.pi / 2), cy + r * math.sin(a + k * math.pi / 2)) for k in range(4)]
+        return [
+            (cx + r * math.cos(a + k * math.pi / 2), cy + r * math.sin(a + k * math.pi / 2))
+            for k in range(4)
+        ]
     if scene.shape == "triangle":
-        return [(cx + r * math.cos(a + k * 2 * math.pi / 3), cy + r * math.sin(a + k * 2 * math.pi / 3)) for k in range(3)]
+        return [
+            (cx + r * math.cos(a + k * 2 * math.pi / 3), cy + r * math.sin(a + k * 2 * math.pi / 3))
+            for k in range(3)
+        ]
     if scene.shape == "star":
         pts = []
         for k in range(10):
             rr = r if k % 2 == 0 else r * 0.45
-            pts.append((cx + rr * math.cos(a + k * math.pi / 5), cy + rr * math.sin(a + k * math.pi / 5)))
+            pts.append(
+                (cx + rr * math.cos(a + k * math.pi / 5), cy + rr * math.sin(a + k * math.pi / 5))
+            )
         return pts
     raise ValueError(scene.shape)
 
