@@ -21,7 +21,7 @@ from sdkit.request import FILLS, RESIZE_MODES, Request, RequestError
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("sdkit.bridge.cli",)  # modules with register(subparsers), imported in main()
+EXTENSIONS = ("sdkit.bridge.cli", "sdkit.bridge.plugins")  # modules with register(subparsers), imported in main()
 
 # Request fields per mode (the positional image/mask/prompt are added separately).
 _COMMON = (

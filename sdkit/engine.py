@@ -164,6 +164,8 @@ class Engine:
         base = model.pipe
         self.inpainting_unet = self.family != "unconditional" and base.unet.config.in_channels == 9
         self.vae_factor = 1 if self.family == "unconditional" else int(base.vae_scale_factor)
+        # diffusers' text pipelines insist on multiples of 8 even when the VAE factor is smaller.
+        self.size_multiple = 1 if self.family == "unconditional" else max(8, self.vae_factor)
         self._scheduler_config = dict(base.scheduler.config)
         if self.family == "unconditional":
             self.scheduler_names = list(_UNCONDITIONAL_SCHEDULERS)
@@ -224,12 +226,12 @@ class Engine:
             raise RequestError(
                 "request", f"expected an sdkit.Request, got {type(request).__name__}"
             )
-        request.validate(vae_factor=self.vae_factor, scheduler_names=self.scheduler_names)
+        request.validate(vae_factor=self.size_multiple, scheduler_names=self.scheduler_names)
         req = dataclasses.replace(request, extra=dict(request.extra))
         if req.mode in ("img2img", "inpaint") and not (req.mode == "inpaint" and req.only_masked):
             # diffusers' own rule: work at the input's size, rounded down to the VAE factor.
             w, h = req.image.size
-            f = self.vae_factor
+            f = self.size_multiple
             if req.width is None:
                 req.width = max(f, w - w % f)
             if req.height is None:
@@ -269,7 +271,7 @@ class Engine:
             req.seed = random.randrange(0, 2**32 - req.num_images)
         if req.model is None:
             req.model = self.model.name
-        req.validate(vae_factor=self.vae_factor, scheduler_names=self.scheduler_names)
+        req.validate(vae_factor=self.size_multiple, scheduler_names=self.scheduler_names)
         return req
 
     def submit(

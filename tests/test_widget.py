@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import threading
 
 import numpy as np

@@ -144,7 +144,7 @@ def page(jupyterlab):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1200})
+            page = browser.new_page(viewport={"width": 1400, "height": 1700})
             page.set_default_timeout(60_000)
             errors: list = []
             page.on("pageerror", lambda error: errors.append(error))

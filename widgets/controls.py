@@ -117,7 +117,7 @@ class RequestControls:
             value="resize",
             description="Resize",
             style=_STYLE,
-            layout=w.Layout(width="14em"),
+            layout=w.Layout(width="16em"),
         )
         self.mask_blur = w.IntText(4, description="Mask blur", style=_STYLE, layout=_NUM)
         self.grow = w.IntText(0, description="Grow", style=_STYLE, layout=_NUM)
@@ -130,7 +130,7 @@ class RequestControls:
             value="original",
             description="Fill",
             style=_STYLE,
-            layout=w.Layout(width="14em"),
+            layout=w.Layout(width="16em"),
         )
         self._set_scheduler(d.get("scheduler"))
 

@@ -84,7 +84,7 @@ class MaskPainter:
             max=128,
             description="Brush",
             style={"description_width": "3.5em"},
-            layout=w.Layout(width="190px"),
+            layout=w.Layout(width="230px"),
         )
         self.tool = w.ToggleButtons(
             options=[("Paint", "paint"), ("Erase", "erase")],

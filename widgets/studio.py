@@ -120,7 +120,7 @@ class SDWidget(w.VBox):
             multiple=False,
             description="Upload image",
             icon="upload",
-            layout=w.Layout(width="10.5em"),
+            layout=w.Layout(width="12em"),
         )
         self.image_upload.observe(self._on_image_upload, "value")
         e = self.controls.errors
