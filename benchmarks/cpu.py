@@ -5,7 +5,7 @@ configs of ``benchmarks/gpu.py``:
 
 * ``plain``          the diffusers pipeline as loaded (fp32, SDPA), the baseline;
 * ``default``        after ``sdkit.fast.apply_speed_options(pipe, device="cpu", dtype=float32)``;
-* ``channels-last``  default + channels-last UNet and VAE;
+* ``no-channels-last`` default with the UNet and VAE left contiguous (NCHW);
 * ``fused-qkv``      default + fused QKV projections (on by default on CUDA only);
 * ``bf16-autocast``  default under ``torch.autocast("cpu", dtype=torch.bfloat16)``;
 * ``fast-regional``  default + ``compile="regional"`` (only with ``--compile``: minutes of C++).
@@ -68,7 +68,7 @@ def variants(pipe: Any, compile_mode: bool) -> list[tuple[str, Any, Any]]:
     out = [
         ("plain", pipe, contextlib.nullcontext),
         ("default", fresh(), contextlib.nullcontext),
-        ("channels-last", fresh(channels_last=True), contextlib.nullcontext),
+        ("no-channels-last", fresh(channels_last=False), contextlib.nullcontext),
         ("fused-qkv", fresh(fused_qkv=True), contextlib.nullcontext),
         ("bf16-autocast", fresh(), lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
     ]

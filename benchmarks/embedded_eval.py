@@ -133,7 +133,7 @@ def score_inpaint(engine, n: int = 16) -> dict:
     }
 
 
-def score_unconditional(engine, n: int = 32) -> dict:
+def score_unconditional(engine, n: int = 16) -> dict:
     result = engine.generate(
         sdkit.Request(mode="unconditional", num_images=n, seed=0), progress=False
     )

@@ -20,8 +20,9 @@ What is applied, and why:
   one matmul for q, k and v in self-attention (k and v in cross-attention). diffusers
   keeps the unfused weights too, so the attention projections take about twice their
   memory (reported as `fused_qkv_extra_params`).
-* **Channels-last** UNet and VAE memory format: on by default on CUDA (Tensor-core
-  convolutions want NHWC), opt-in on CPU, where our benchmark shows no gain beyond noise.
+* **Channels-last** UNet and VAE memory format, on by default: Tensor-core
+  convolutions want NHWC on CUDA, and on this project's AVX2 CPU it was faster in
+  every run (x1.1-1.7, benchmarks/RESULTS.md).
 * **VAE slicing/tiling** per job (`configure_vae_for`): slicing (one image at a
   time, same result) when the whole batch would not fit the memory budget, tiling
   (overlapping tiles blended, *changes pixels near tile seams*) only when one image
@@ -311,7 +312,7 @@ def apply_speed_options(
     device: torch.device | str,
     dtype: torch.dtype,
     compile: str | bool | None = None,
-    channels_last: bool | None = None,
+    channels_last: bool = True,
     fused_qkv: bool | None = None,
     sync_free: bool = True,
     compile_sizes: Iterable[Sequence[int]] | None = None,
@@ -320,8 +321,8 @@ def apply_speed_options(
     """Apply the speed options to a loaded pipeline in place; returns what was applied (JSON-safe).
 
     `compile`: None/False/"off" (default), True (= "regional"), "regional", "full" or
-    "cudagraphs". `channels_last=None` and `fused_qkv=None` mean on for CUDA, off elsewhere
-    (on this project's AVX2 CPU neither showed a gain beyond noise: benchmarks/RESULTS.md).
+    "cudagraphs". `fused_qkv=None` means on for CUDA, off elsewhere (on this project's
+    AVX2 CPU it showed no gain beyond noise; channels-last did: benchmarks/RESULTS.md).
     """
     if compile is True:
         compile = "regional"
@@ -357,8 +358,6 @@ def apply_speed_options(
     info["fused_qkv_extra_params"] = extra
     info["attention"] = attention_kind(unet) if unet is not None else "none"
 
-    if channels_last is None:
-        channels_last = device.type == "cuda"
     if channels_last:
         for m in models:
             m.to(memory_format=torch.channels_last)

@@ -87,5 +87,5 @@ def test_cpu_script_on_a_saved_pipeline(tmp_path):
         str(CPU), "--model", str(tmp_path / "model"), "--no-tiny", "--steps", "2", "--rounds", "2"
     )
     rows = table_rows(out, "embedded model (model)")
-    assert set(rows) == {"plain", "default", "channels-last", "fused-qkv", "bf16-autocast"}
+    assert set(rows) == {"plain", "default", "no-channels-last", "fused-qkv", "bf16-autocast"}
     assert rows["plain"][1] == "1.00" and rows["plain"][3] == "1.00"

@@ -207,10 +207,11 @@ def test_vae_slicing_keeps_pixels(parts, tokenizer_dir):
     assert abs(sliced - plain).max() < fast.TOLERANCE
 
 
-def test_cpu_defaults_are_the_plain_path(parts, tokenizer_dir):
+def test_cpu_defaults(parts, tokenizer_dir):
     pipe = make_pipe(parts, tokenizer_dir)
     info = fast.apply_speed_options(pipe, device="cpu", dtype=torch.float32)
-    assert info["fused_qkv"] is False and info["channels_last"] is False
+    assert info["fused_qkv"] is False and info["channels_last"] is True
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert info["attention"] == "sdpa" and info["sync_free"] is True
 
 

@@ -76,18 +76,18 @@ class Gallery:
         )
         self.detail_info = w.HTML(layout=w.Layout(width="320px"))
         self.use_button = w.Button(
-            description="Use as input", icon="arrow-right", layout=w.Layout(width="9.5em")
+            description="Use as input", icon="arrow-right", layout=w.Layout(width="11em")
         )
         self.inpaint_button = w.Button(
-            description="Send to inpaint", icon="paint-brush", layout=w.Layout(width="9.5em")
+            description="Send to inpaint", icon="paint-brush", layout=w.Layout(width="11em")
         )
         self.rerun_button = w.Button(
             description="Re-run",
             icon="repeat",
             tooltip="Re-run with these settings and this seed",
-            layout=w.Layout(width="9.5em"),
+            layout=w.Layout(width="11em"),
         )
-        self.save_button = w.Button(description="Save", icon="save", layout=w.Layout(width="9.5em"))
+        self.save_button = w.Button(description="Save", icon="save", layout=w.Layout(width="11em"))
         self.save_dir = w.Text(
             "outputs",
             description="to",

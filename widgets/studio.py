@@ -110,7 +110,7 @@ class SDWidget(w.VBox):
             multiple=False,
             description="Load PNG settings",
             icon="file-image-o",
-            layout=w.Layout(width="12em"),
+            layout=w.Layout(width="14em"),
         )
         self.settings_upload.observe(self._on_settings_upload, "value")
 
