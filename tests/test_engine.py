@@ -239,7 +239,7 @@ def test_failed_job_reports_its_error_and_the_engine_goes_on(sd_engine):
 def test_submit_validates_first(sd_engine):
     with pytest.raises(RequestError) as err:
         sd_engine.submit(Request(prompt=PROMPT, width=30))
-    assert err.value.field == "width" and "multiple of 4" in str(err.value)
+    assert err.value.field == "width" and "multiple of 8" in str(err.value)
     with pytest.raises(RequestError) as err:
         sd_engine.submit(Request(prompt=PROMPT, scheduler="Nope"))
     assert err.value.field == "scheduler" and "Euler a" in str(err.value)
