@@ -84,8 +84,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             _wait_for_signal()
         finally:
-            scaleout.stop_workers(procs)
+            # The broker first: libzmq aborted when workers vanished under a running broker.
             broker.stop()
+            scaleout.stop_workers(procs)
         return 0
     from sdkit.bridge.server import Server
 

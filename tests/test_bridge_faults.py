@@ -465,8 +465,8 @@ def test_scale_out_two_worker_processes(bridge_engine):
                 job.result(300)
             assert e.value.code == "cancelled"
     finally:
-        scaleout.stop_workers(procs)
         broker.stop()
+        scaleout.stop_workers(procs)
 
 
 def test_keys_command_creates_an_authorized_pair(tmp_path, capsys):
