@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageOps
 
-from sdkit import schedulers
+from sdkit import fast, schedulers
 from sdkit.models import LoadedModel, load_model
 from sdkit.preview import factors_for, latents_to_rgb
 from sdkit.request import Request, RequestError
@@ -724,27 +724,15 @@ def inpaint_finish(req: Request, work: InpaintWork, generated: Image.Image) -> I
 
 
 def _apply_speed_options(pipe: Any, device: torch.device, dtype: torch.dtype, compile: bool | None):
-    try:
-        from sdkit.fast import apply_speed_options
-    except ImportError:  # sdkit.fast arrives with issue 7
-        return
-    apply_speed_options(pipe, device=device, dtype=dtype, compile=compile)
+    fast.apply_speed_options(pipe, device=device, dtype=dtype, compile=compile)
 
 
 def _prepare_job(pipe: Any, req: Request) -> None:
-    try:
-        from sdkit.fast import prepare_job
-    except ImportError:
-        return
-    prepare_job(pipe, req.width, req.height, req.num_images)
+    fast.prepare_job(pipe, req.width, req.height, req.num_images)
 
 
 def _share_speed_state(base: Any, pipe: Any) -> None:
     """Pipelines made by from_pipe share the base's modules, so they share its speed state."""
-    try:
-        from sdkit import fast
-    except ImportError:
-        return
     name = getattr(fast, "_STATE", None)
     if name and getattr(base, name, None) is not None:
         setattr(pipe, name, getattr(base, name))
