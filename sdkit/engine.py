@@ -185,7 +185,7 @@ class Engine:
         self._preview_factors, self._preview_bias = factors_for(
             self.family, vae_config, model.latent_rgb_factors, model.latent_rgb_bias
         )
-        _apply_speed_options(base, self.device, self.dtype, compile)
+        fast.apply_speed_options(base, device=self.device, dtype=self.dtype, compile=compile)
         base.set_progress_bar_config(disable=True)
         self._pipes: dict[str, Any] = {type(base).__name__: base}
         self._base = base
@@ -381,7 +381,6 @@ class Engine:
             if pipe is None:
                 pipe = cls.from_pipe(self._base, dtype=self.dtype)
                 pipe.set_progress_bar_config(disable=True)
-                _share_speed_state(self._base, pipe)
                 self._pipes[cls.__name__] = pipe
             return pipe
 
@@ -480,7 +479,7 @@ class Engine:
             seed_noise_sampler(scheduler, job.request.seed, job.request.num_images)
         pipe.scheduler = scheduler
         if job is not None:
-            _prepare_job(pipe, job.request)
+            fast.prepare_job(pipe, job.request.width, job.request.height, job.request.num_images)
         return pipe
 
     def _step_callback(self, job: Job, denoise_steps: int) -> Callable:
@@ -721,18 +720,3 @@ def inpaint_finish(req: Request, work: InpaintWork, generated: Image.Image) -> I
     else:
         full = generated
     return masks.composite(original, full, work.soft_mask)
-
-
-def _apply_speed_options(pipe: Any, device: torch.device, dtype: torch.dtype, compile: bool | None):
-    fast.apply_speed_options(pipe, device=device, dtype=dtype, compile=compile)
-
-
-def _prepare_job(pipe: Any, req: Request) -> None:
-    fast.prepare_job(pipe, req.width, req.height, req.num_images)
-
-
-def _share_speed_state(base: Any, pipe: Any) -> None:
-    """Pipelines made by from_pipe share the base's modules, so they share its speed state."""
-    name = getattr(fast, "_STATE", None)
-    if name and getattr(base, name, None) is not None:
-        setattr(pipe, name, getattr(base, name))
