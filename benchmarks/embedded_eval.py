@@ -29,6 +29,29 @@ def classifier_accuracy(n: int = 500, seed: int = 0) -> float:
     return right / n
 
 
+def vae_round_trip_accuracy(engine, n: int = 200, seed: int = 5) -> dict:
+    """The classifier on clean renders sent through the VAE and back: the ceiling that the
+    autoencoder alone puts on txt2img scores, whatever the UNet does."""
+    import torch
+
+    vae = engine.model.pipe.vae
+    rng = np.random.default_rng(seed)
+    scenes = [shapes.random_scene(rng) for _ in range(n)]
+    x = np.stack([np.asarray(shapes.render(s), dtype=np.float32) for s in scenes]) / 127.5 - 1
+    x = torch.from_numpy(x).permute(0, 3, 1, 2).to(vae.device, vae.dtype)
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1).float().cpu()
+    psnr = 10 * np.log10(4 / float(((rec - x.float().cpu()) ** 2).mean()))
+    arrays = ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8)
+    tallies = {"colour": 0, "background": 0, "shape": 0}
+    for scene, arr in zip(scenes, arrays, strict=True):
+        j = shapes.classify(Image.fromarray(arr))
+        tallies["colour"] += j.colour == scene.colour
+        tallies["background"] += j.background == scene.background
+        tallies["shape"] += j.shape == scene.shape
+    return {k: v / n for k, v in tallies.items()} | {"psnr_db": round(float(psnr), 2), "n": n}
+
+
 def prompt_grid(count: int, seed: int = 0) -> list[tuple[str, str, str]]:
     """A balanced, deterministic sample of (colour, shape, background) triples."""
     combos = [
@@ -173,6 +196,8 @@ def main() -> None:
     scores: dict = {"defaults": engine.defaults}
     scores["classifier_on_clean_renders"] = classifier_accuracy()
     print(f"classifier on clean renders: {scores['classifier_on_clean_renders']:.3f}", flush=True)
+    scores["vae_round_trip"] = vae_round_trip_accuracy(engine)
+    print(f"classifier on VAE round trips (ceiling): {scores['vae_round_trip']}", flush=True)
     triples = prompt_grid(args.prompts)
     seeds = list(range(100, 100 + args.seeds))
     t = time.perf_counter()

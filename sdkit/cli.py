@@ -17,28 +17,20 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from sdkit.request import FILLS, RESIZE_MODES, Request, RequestError
+from sdkit.request import FIELDS_BY_MODE, FILLS, RESIZE_MODES, Request, RequestError
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("sdkit.bridge.cli", "sdkit.bridge.plugins")  # modules with register(subparsers), imported in main()
+EXTENSIONS = (
+    "sdkit.bridge.cli",
+    "sdkit.bridge.plugins",
+)  # modules with register(subparsers), imported in main()
 
-# Request fields per mode (the positional image/mask/prompt are added separately).
-_COMMON = (
-    "negative_prompt",
-    "num_inference_steps",
-    "guidance_scale",
-    "width",
-    "height",
-    "seed",
-    "scheduler",
-    "num_images",
-)
+# Flags per mode: the mode's fields less the positional prompt, image and mask.
+_POSITIONAL = ("prompt", "image", "mask")
 _FIELDS = {
-    "txt2img": _COMMON,
-    "img2img": (*_COMMON, "strength", "resize_mode"),
-    "inpaint": (*_COMMON, "strength", "mask_blur", "grow", "only_masked", "padding", "fill"),
-    "unconditional": ("num_inference_steps", "width", "height", "seed", "scheduler", "num_images"),
+    mode: tuple(f for f in fields if f not in _POSITIONAL)
+    for mode, fields in FIELDS_BY_MODE.items()
 }
 _HELP = {
     "negative_prompt": "what to steer away from",

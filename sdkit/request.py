@@ -35,6 +35,26 @@ MODES = ("txt2img", "img2img", "inpaint", "unconditional")
 FILLS = ("original", "fill", "noise")
 RESIZE_MODES = ("resize", "crop", "fill")
 
+_PROMPTED = (
+    "prompt",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "seed",
+    "scheduler",
+    "num_images",
+)
+_IMG2IMG = (*_PROMPTED, "image", "strength", "resize_mode")
+# The fields each mode reads; the CLI's flags and the widget's tabs both follow this table.
+FIELDS_BY_MODE: dict[str, tuple[str, ...]] = {
+    "txt2img": _PROMPTED,
+    "img2img": _IMG2IMG,
+    "inpaint": (*_IMG2IMG, "mask", "mask_blur", "grow", "only_masked", "padding", "fill"),
+    "unconditional": ("num_inference_steps", "width", "height", "seed", "scheduler", "num_images"),
+}
+
 MAX_STEPS = 1000
 MAX_IMAGES = 16
 MAX_SIZE = 4096

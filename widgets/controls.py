@@ -12,27 +12,8 @@ from typing import Any
 import ipywidgets as w
 
 from sdkit import schedulers
-from sdkit.request import FILLS, MODES, RESIZE_MODES, Request, RequestError
+from sdkit.request import FIELDS_BY_MODE, FILLS, MODES, RESIZE_MODES, Request, RequestError
 
-_BASE = (
-    "prompt",
-    "negative_prompt",
-    "num_inference_steps",
-    "guidance_scale",
-    "width",
-    "height",
-    "seed",
-    "scheduler",
-    "num_images",
-)
-_IMG2IMG = (*_BASE, "image", "strength", "resize_mode")
-# Which Request fields each mode uses; the tab for a mode shows exactly these.
-FIELDS_BY_MODE: dict[str, tuple[str, ...]] = {
-    "txt2img": _BASE,
-    "img2img": _IMG2IMG,
-    "inpaint": (*_IMG2IMG, "mask", "mask_blur", "grow", "only_masked", "padding", "fill"),
-    "unconditional": ("num_inference_steps", "width", "height", "seed", "scheduler", "num_images"),
-}
 # Shown until a model tells us its own defaults (SD 1.x values at the embedded model's size).
 FALLBACK_DEFAULTS = {
     "num_inference_steps": 25,

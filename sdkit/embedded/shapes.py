@@ -138,10 +138,71 @@ def nearest_colours(pixels: np.ndarray) -> np.ndarray:
     return d.argmin(1).reshape(pixels.shape[:-1])
 
 
+# Area of each shape as drawn by `render`, in units of radius squared.
+_AREA_PER_R2 = {
+    "circle": math.pi * 0.85**2,
+    "square": 2.0,
+    "triangle": 3 * math.sqrt(3) / 4,
+    "star": 5 * 0.45 * math.sin(math.pi / 5),
+}
+# Rotations that map each shape onto itself: searching one period covers every angle.
+_SYMMETRY = {
+    "circle": 2 * math.pi,
+    "square": math.pi / 2,
+    "triangle": 2 * math.pi / 3,
+    "star": 2 * math.pi / 5,
+}
+_ANGLES = 12
+_MIN_FIT = 0.55
+
+
+def _shape_mask(shape: str, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
+    """The shape's pixels as `render` would draw them (drawn at twice the size, then reduced)."""
+    scene = Scene(shape, "white", "black", cx, cy, radius, angle)
+    img = Image.new("L", (SIZE * 2, SIZE * 2), 0)
+    draw = ImageDraw.Draw(img)
+    if shape == "circle":
+        r, x, y = radius * 2 * 0.85, cx * 2, cy * 2
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
+    else:
+        draw.polygon(_polygon(scene, 2.0), fill=255)
+    return np.asarray(img.reduce(2)) >= 128
+
+
+def shape_fits(mask: np.ndarray) -> dict[str, float]:
+    """Best intersection-over-union of the mask with each shape, placed at its centroid.
+
+    Scale comes from the mask's area, rotation from a search over one symmetry period.
+    Fitting whole templates, rather than thresholding a single statistic, keeps the verdict
+    stable when edges are soft or corners slightly rounded, as in decoded latents.
+    """
+    ys, xs = np.nonzero(mask)
+    area = float(len(ys))
+    cy, cx = ys.mean() + 0.5, xs.mean() + 0.5
+    fits: dict[str, float] = {}
+    for shape in SHAPES:
+        base = math.sqrt(area / _AREA_PER_R2[shape])
+        angles = (
+            [0.0] if shape == "circle" else [_SYMMETRY[shape] * k / _ANGLES for k in range(_ANGLES)]
+        )
+        best = 0.0
+        for scale in (0.92, 1.0, 1.08):
+            for angle in angles:
+                ideal = _shape_mask(shape, cx, cy, base * scale, angle)
+                union = np.logical_or(ideal, mask).sum()
+                best = max(best, float(np.logical_and(ideal, mask).sum() / max(union, 1)))
+        fits[shape] = best
+    return fits
+
+
 def classify(image: Image.Image) -> Judgement:
-    """Judge colour, background and shape from pixel statistics alone."""
+    """Judge colour, background and shape from pixel statistics alone.
+
+    Background: the commonest palette colour on the border. Colour: the commonest other
+    one. Shape: the template that best fits the largest blob of that colour, or None when
+    no template fits it at all (a smear is not a shape).
+    """
     from scipy import ndimage
-    from scipy.spatial import ConvexHull, QhullError
 
     arr = np.asarray(image.convert("RGB").resize((SIZE, SIZE)))
     labels = nearest_colours(arr)
@@ -157,25 +218,8 @@ def classify(image: Image.Image) -> Judgement:
         sizes = ndimage.sum(mask, comp, range(1, n + 1))
         mask = comp == (int(np.argmax(sizes)) + 1)
     mask = ndimage.binary_fill_holes(mask)
-    ys, xs = np.nonzero(mask)
-    area = float(mask.sum())
-    if area < 20:
+    if mask.sum() < 20:
         return Judgement(_NAMES[fg], _NAMES[bg], None)
-    cy, cx = ys.mean(), xs.mean()
-    r_max = float(np.sqrt(((ys - cy) ** 2 + (xs - cx) ** 2).max())) + 0.5
-    fill = area / (math.pi * r_max**2)
-    try:
-        pts = np.stack([xs, ys], 1).astype(np.float64)
-        corners = np.concatenate([pts + d for d in ((0, 0), (1, 0), (0, 1), (1, 1))])
-        solidity = area / ConvexHull(corners).volume
-    except QhullError:
-        solidity = 1.0
-    if solidity < 0.78:
-        shape = "star"
-    elif fill > 0.8:
-        shape = "circle"
-    elif fill > 0.5:
-        shape = "square"
-    else:
-        shape = "triangle"
-    return Judgement(_NAMES[fg], _NAMES[bg], shape)
+    fits = shape_fits(mask)
+    shape = max(fits, key=fits.__getitem__)
+    return Judgement(_NAMES[fg], _NAMES[bg], shape if fits[shape] >= _MIN_FIT else None)
