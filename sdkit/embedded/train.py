@@ -15,7 +15,9 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -184,70 +186,6 @@ def train_vae(args, work: Path):
                 ckpt,
             )
     return vae, loss_avg
-
-
-def train_decoder(args, work: Path, vae):
-    """Sharpen the decoder with the encoder frozen: the latents, and so the UNet, stay valid.
-
-    The joint VAE phase leaves corners rounded and star points filled (triangles and stars
-    decoded as squares); this phase spends more steps on the decoder alone.
-    """
-    ckpt = work / "decoder.pt"
-    decoder = [vae.decoder, vae.post_quant_conv]
-    params = [p for m in decoder for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=1e-4)
-    step = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        vae.decoder.load_state_dict(state["decoder"])
-        vae.post_quant_conv.load_state_dict(state["post_quant_conv"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-        log(f"decoder: resumed at step {step}")
-    if step >= args.decoder_steps:
-        return
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    vae.train()
-    t0, loss_avg = time.time(), None
-    while step < args.decoder_steps:
-        rng = rng_for(args.seed, 5, step)
-        x = images_to_tensor(
-            [shapes.render(shapes.random_scene(rng)) for _ in range(args.vae_batch)]
-        )
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.decoder_steps, args.decoder_lr, warmup=50)
-        torch.manual_seed(args.seed * 1_000_003 + 500_000 + step)
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample()
-        rec = vae.decode(z).sample
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + args.edge_weight * edge_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        if step % 50 == 0 or step == args.decoder_steps:
-            mse = F.mse_loss(rec.clamp(-1, 1), x).item() / 4
-            log(
-                f"decoder step {step}/{args.decoder_steps} loss {loss_avg:.4f} "
-                f"psnr {10 * math.log10(1 / max(mse, 1e-10)):.1f} dB ({(time.time() - t0) / 50:.2f} s/step)"
-            )
-            t0 = time.time()
-        if step % 250 == 0 or step == args.decoder_steps:
-            state = {
-                "decoder": vae.decoder.state_dict(),
-                "post_quant_conv": vae.post_quant_conv.state_dict(),
-                "opt": opt.state_dict(),
-                "step": step,
-                "loss": loss_avg,
-            }
-            torch.save(state, work / "decoder.tmp")
-            os.replace(work / "decoder.tmp", ckpt)
-    vae.eval()
 
 
 # ------------------------------------------------------------------ phase 3
@@ -443,9 +381,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--decoder-steps", type=int, default=0, help="decoder-only steps after the VAE")
-    p.add_argument("--decoder-lr", type=float, default=5e-4)
-    p.add_argument("--edge-weight", type=float, default=1.0, help="decoder phase's edge term")
     p.add_argument("--dataset", type=int, default=40_000)
     p.add_argument("--unet-steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=48)
@@ -454,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--offset-noise", type=float, default=0.15)
     p.add_argument("--export-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--note", default="", help="how this run relates to earlier ones (model card)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -472,14 +408,15 @@ def main(argv: list[str] | None = None) -> None:
     log(f"tokenizer: {len(tokenizer)} entries")
 
     vae, vae_loss = train_vae(args, args.work)
-    train_decoder(args, args.work, vae)
     for q in vae.parameters():
         q.requires_grad_(False)
     data = encode_dataset(args, vae, args.work)
     preview = latent_rgb_factors(data)
     for step, ema_unet, ema_te, loss in train_unet(args, args.work, tokenizer, data):
         training = {
-            "command": "python -m sdkit.embedded.train " + " ".join(argv or []),
+            "command": shlex.join(
+                ["python", "-m", "sdkit.embedded.train", *(sys.argv[1:] if argv is None else argv)]
+            ),
             "seed": args.seed,
             "vae_steps": args.vae_steps,
             "vae_final_loss": vae_loss,
@@ -489,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
             "offset_noise": args.offset_noise,
             "wall_seconds_this_run": round(time.time() - started),
             "torch": torch.__version__,
-        }
+        } | ({"note": args.note} if args.note else {})
         export(args.out, vae, ema_unet, ema_te, tok_dir, data["scaling_factor"], training, preview)
         log(f"exported {args.out} at unet step {step}")
     log(f"done in {time.time() - started:.0f} s")
