@@ -85,6 +85,25 @@ def score_txt2img(
     return {k: v / n for k, v in tallies.items()} | {"n": n}
 
 
+def score_binding(engine, pairs: int = 8, seed: int = 100) -> dict:
+    """Does the text encoder bind each colour to its noun? Each colour pair is asked both ways
+    round ("a red circle on a blue background" and "a blue circle on a red background")."""
+    rng = np.random.default_rng(4)
+    names = list(shapes.COLOURS)
+    both, n = 0, 0
+    for k in range(pairs):
+        a, b = rng.choice(len(names), size=2, replace=False)
+        shape = shapes.SHAPES[k % len(shapes.SHAPES)]
+        right = 0
+        for fg, bg in ((names[a], names[b]), (names[b], names[a])):
+            req = sdkit.Request(prompt=f"a {fg} {shape} on a {bg} background", seed=seed + k)
+            j = shapes.classify(engine.generate(req, progress=False)[0])
+            right += (j.colour, j.background) == (fg, bg)
+        both += right == 2
+        n += 1
+    return {"both_orders_right": both / n, "pairs": n}
+
+
 def foreground_mask(image: Image.Image, colour: str) -> np.ndarray:
     labels = shapes.nearest_colours(np.asarray(image.convert("RGB")))
     return labels == list(shapes.COLOURS).index(colour)
@@ -182,17 +201,39 @@ def time_one_image(engine, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
+def sweep(engine, triples: list, seeds: list[int]) -> None:
+    for scheduler in ("DPM++ 2M", "DPM++ 2M Karras", "Euler a", "Euler", "DDIM", "UniPC"):
+        for guidance in (3.0, 5.0, 7.5):
+            t = time.perf_counter()
+            s = score_txt2img(engine, triples, seeds, scheduler=scheduler, guidance_scale=guidance)
+            print(
+                f"{scheduler:16s} guidance {guidance:4.1f}: colour {s['colour']:.2f} "
+                f"background {s['background']:.2f} shape {s['shape']:.2f} all {s['all']:.2f} "
+                f"({(time.perf_counter() - t) / s['n']:.2f} s/image)",
+                flush=True,
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--prompts", type=int, default=48)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a small grid, for a smoke run")
     p.add_argument("--json", help="also write the scores to this file")
+    p.add_argument("--model", help="a diffusers folder to judge instead of the shipped model")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="only compare samplers and guidance scales (how the model's defaults were chosen)",
+    )
     args = p.parse_args()
     if args.quick:
         args.prompts, args.seeds = 8, 1
 
-    engine = sdkit.load()
+    engine = sdkit.load(args.model)
+    if args.sweep:
+        sweep(engine, prompt_grid(args.prompts), list(range(100, 100 + args.seeds)))
+        return
     scores: dict = {"defaults": engine.defaults}
     scores["classifier_on_clean_renders"] = classifier_accuracy()
     print(f"classifier on clean renders: {scores['classifier_on_clean_renders']:.3f}", flush=True)
@@ -205,6 +246,8 @@ def main() -> None:
     print(f"txt2img at defaults: {scores['txt2img']} ({time.perf_counter() - t:.0f} s)", flush=True)
     scores["txt2img_guidance_1"] = score_txt2img(engine, triples, seeds, guidance_scale=1.0)
     print(f"txt2img at guidance 1: {scores['txt2img_guidance_1']}", flush=True)
+    scores["binding"] = score_binding(engine)
+    print(f"colour binding: {scores['binding']}", flush=True)
     scores["img2img"] = score_img2img(engine)
     print(f"img2img strength 0.5: {scores['img2img']}", flush=True)
     scores["inpaint"] = score_inpaint(engine)

