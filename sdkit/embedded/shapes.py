@@ -83,19 +83,20 @@ def _polygon(scene: Scene, scale: float) -> list[tuple[float, float]]:
     raise ValueError(scene.shape)
 
 
-def render(scene: Scene, size: int = SIZE) -> Image.Image:
-    """Anti-aliased RGB drawing of the scene (drawn large, then downsampled)."""
-    big = size * _SUPERSAMPLE
-    scale = big / SIZE
-    img = Image.new("RGB", (big, big), COLOURS[scene.background])
-    draw = ImageDraw.Draw(img)
-    fill = COLOURS[scene.colour]
+def _draw_shape(draw: ImageDraw.ImageDraw, scene: Scene, scale: float, fill) -> None:
     if scene.shape == "circle":
         r = scene.radius * scale * 0.85  # a circle as wide as a square's diagonal looks too big
         cx, cy = scene.cx * scale, scene.cy * scale
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
         draw.polygon(_polygon(scene, scale), fill=fill)
+
+
+def render(scene: Scene, size: int = SIZE) -> Image.Image:
+    """Anti-aliased RGB drawing of the scene (drawn large, then downsampled)."""
+    big = size * _SUPERSAMPLE
+    img = Image.new("RGB", (big, big), COLOURS[scene.background])
+    _draw_shape(ImageDraw.Draw(img), scene, big / SIZE, COLOURS[scene.colour])
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
@@ -158,14 +159,10 @@ _MIN_FIT = 0.55
 
 def _shape_mask(shape: str, cx: float, cy: float, radius: float, angle: float) -> np.ndarray:
     """The shape's pixels as `render` would draw them (drawn at twice the size, then reduced)."""
-    scene = Scene(shape, "white", "black", cx, cy, radius, angle)
     img = Image.new("L", (SIZE * 2, SIZE * 2), 0)
-    draw = ImageDraw.Draw(img)
-    if shape == "circle":
-        r, x, y = radius * 2 * 0.85, cx * 2, cy * 2
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
-    else:
-        draw.polygon(_polygon(scene, 2.0), fill=255)
+    _draw_shape(
+        ImageDraw.Draw(img), Scene(shape, "white", "black", cx, cy, radius, angle), 2.0, 255
+    )
     return np.asarray(img.reduce(2)) >= 128
 
 
