@@ -10,17 +10,24 @@ from sdkit.embedded import shapes
 from sdkit.schedulers import scheduler_names
 
 # Prompts the shipped model gets right at its defaults on these seeds, picked where the best
-# shape template beats the runner-up by >= 0.05 IoU and the verdict is the same at 1 and 2
-# CPU threads (different float summation order); each judged by the pixel classifier, so the test does not depend on exact
-# floating-point output and survives differences between machines.
+# shape template beats the runner-up by >= 0.1 IoU and the verdict is the same at 1 and 2
+# CPU threads (different float summation order); each judged by the pixel classifier, so the
+# test does not depend on exact floating-point output and survives differences between
+# machines. (Squares are the closest call: a rounded square is nearly a circle.)
 ORACLE_CASES = [
+    ("orange", "circle", "white", 200),
     ("black", "triangle", "green", 201),
-    ("white", "triangle", "blue", 232),
+    ("yellow", "square", "blue", 208),
+    ("green", "circle", "red", 211),
     ("white", "star", "yellow", 214),
+    ("green", "triangle", "blue", 215),
+    ("blue", "triangle", "yellow", 218),
     ("white", "square", "green", 222),
-    ("yellow", "square", "green", 213),
-    ("red", "circle", "purple", 220),
+    ("black", "star", "purple", 223),
+    ("red", "star", "yellow", 226),
+    ("red", "star", "purple", 227),
     ("blue", "circle", "black", 228),
+    ("white", "triangle", "blue", 232),
 ]
 
 
@@ -82,6 +89,18 @@ def test_loads_offline_with_its_own_defaults(monkeypatch, tmp_path):
     engine.close()
 
 
+def test_every_sampler_starts_from_pure_noise(engine):
+    """The shipped config spaces timesteps from t = 999 ("trailing"); SD's "leading" spacing
+    starts 12 steps at t = 914, skipping where the shape is decided (shape 0.72 vs 0.86)."""
+    from sdkit.schedulers import make_scheduler
+
+    config = engine.pipeline("txt2img").scheduler.config
+    for name in ("Euler a", "DPM++ 2M", "DDIM", "PNDM", "UniPC"):
+        scheduler = make_scheduler(name, config)
+        scheduler.set_timesteps(12)
+        assert int(scheduler.timesteps[0]) == 999, name
+
+
 @pytest.mark.parametrize(("colour", "shape", "background", "seed"), ORACLE_CASES)
 def test_draws_what_the_prompt_says(engine, colour, shape, background, seed):
     prompt = f"a {colour} {shape} on a {background} background"
@@ -92,9 +111,13 @@ def test_draws_what_the_prompt_says(engine, colour, shape, background, seed):
 
 
 # DDPM is offered only for unconditional-only (UNet2DModel) models: it needs ~1000 steps.
-# PNDM (PLMS) shifts colours on this model at 20 steps (orange on purple for 6 of 6 seeds of
-# this prompt) and gets them right at 50, Stable Diffusion's default step count for it.
-_STEPS = {"PNDM": 50, "PNDMScheduler": 50}
+# PNDM (PLMS) and LMS get this prompt's colours wrong on this model at 20 steps (0 of 6
+# seeds each) and right at 50, Stable Diffusion's default step count for PLMS: both are
+# 4th-order multistep methods, whose extrapolation amplifies a step-to-step wobble of the
+# predicted mean (benchmarks/pndm_order.py; LMS capped at order 2 got 6 of 6 at 20 steps).
+_STEPS = {
+    name: 50 for name in ("PNDM", "PNDMScheduler", "LMS", "LMS Karras", "LMSDiscreteScheduler")
+}
 
 
 @pytest.mark.parametrize("name", [n for n in scheduler_names() if n != "DDPM"])
@@ -122,13 +145,13 @@ def _prompts_followed(engine, guidance: float) -> int:
     """Images whose colour, background and shape all match, over a fixed grid of prompts and seeds.
 
     Sampled with DPM++ 2M at 20 steps, a deterministic sampler at Stable Diffusion's usual
-    step count (measured: 11 of 24 at guidance 1, 13 at 7.5)."""
+    step count (measured: 18 of 32 at guidance 1, 27 at 7.5)."""
     rng = np.random.default_rng(9)
     combos = [
         (c, s, b) for c in shapes.COLOURS for s in shapes.SHAPES for b in shapes.COLOURS if c != b
     ]
     right = 0
-    for k, i in enumerate(rng.permutation(len(combos))[:24]):
+    for k, i in enumerate(rng.permutation(len(combos))[:32]):
         colour, shape, background = combos[i]
         req = sdkit.Request(
             prompt=f"a {colour} {shape} on a {background} background",
@@ -145,5 +168,5 @@ def _prompts_followed(engine, guidance: float) -> int:
 def test_guidance_makes_the_prompt_followed_more(engine):
     unguided = _prompts_followed(engine, 1.0)
     guided = _prompts_followed(engine, 7.5)
-    print(f"prompts followed of 24: guidance 1 -> {unguided}, 7.5 -> {guided}")
+    print(f"prompts followed of 32: guidance 1 -> {unguided}, 7.5 -> {guided}")
     assert guided > unguided

@@ -41,6 +41,11 @@ SCHEDULER_CONFIG = {
     "set_alpha_to_one": False,
     "skip_prk_steps": True,
     "steps_offset": 1,
+    # Sample from t = 999 down. Stable Diffusion's "leading" spacing starts 12 steps at
+    # t = 914, so the sampler never sees the pure-noise end where the shape is decided:
+    # shape accuracy 0.72 with it and 0.86 without (96 images, same seeds, step 8000 of the
+    # UNet). "Common Diffusion Noise Schedules and Sample Steps Are Flawed" (Lin et al. 2024).
+    "timestep_spacing": "trailing",
 }
 # Chosen on the trained model with `benchmarks/embedded_eval.py --sweep` and a steps check:
 # of DPM++ 2M (plain and Karras), Euler a, Euler, DDIM and UniPC at guidance 3, 5 and 7.5,
