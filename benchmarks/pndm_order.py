@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--prompt", default="a yellow square on a black background")
     p.add_argument("--seeds", type=int, default=6)
     args = p.parse_args()
+    expected = "{} on {}".format(*[w for w in args.prompt.split() if w in shapes.COLOURS][:2])
     PNDMScheduler.step_plms = _capped_step
     engine = sdkit.load(args.model)
     for order in (4, 3, 2):
@@ -66,14 +67,8 @@ def main() -> None:
                     print(f"order {order}, 20 steps, seed 0: spatial mean of the prediction")
                     for t, m in _means[:8]:
                         print(f"  t={t:4d} " + " ".join(f"{v:+.2f}" for v in m))
-            right = sum(v == "{} on {}".format(*_colours(args.prompt)) for v in verdicts)
+            right = sum(v == expected for v in verdicts)
             print(f"order {order}, {steps} steps: {right}/{len(verdicts)} right {verdicts}")
-
-
-def _colours(prompt: str) -> tuple[str, str]:
-    words = [w.strip(",") for w in prompt.split()]
-    found = [w for w in words if w in shapes.COLOURS]
-    return found[0], found[1]
 
 
 if __name__ == "__main__":
