@@ -8,6 +8,7 @@ as they went in; `composite` is where that is enforced.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -31,29 +32,54 @@ def _as_mask(mask: Image.Image) -> Image.Image:
 
 
 def grow_mask(mask: Image.Image, grow: int) -> Image.Image:
-    """Dilate by `grow` px with a round brush (grey levels dilate too: a max filter)."""
+    """Dilate by `grow` px with a round brush (grey levels dilate too: a max filter over the
+    disc of radius `grow`).
+
+    Cost is O(pixels), whatever `grow` is: the radius is clamped to the image diagonal (a
+    larger disc covers the same pixels) and large discs go through distance transforms, one
+    per grey level, instead of a max filter whose footprint grows as grow^2 (issue 13).
+    """
     mask = _as_mask(mask)
     if grow <= 0:
         return mask
-    r = int(grow)
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    disk = xx * xx + yy * yy <= r * r
     arr = np.asarray(mask)
     if not arr.any():
         return mask.copy()
-    if set(np.unique(arr).tolist()) <= {0, 255}:
-        # binary masks: an exact Euclidean distance is much faster than a big max filter
-        dist = ndimage.distance_transform_edt(arr == 0)
-        return Image.fromarray(np.where(dist <= r, 255, 0).astype(np.uint8), "L")
-    return Image.fromarray(ndimage.grey_dilation(arr, footprint=disk, mode="constant", cval=0), "L")
+    h, w = arr.shape
+    r = min(int(grow), math.isqrt(h * h + w * w) + 1)
+    levels = np.unique(arr[arr > 0])
+    if levels.size > 1 and _disc_area(r) <= _EDT_COST * levels.size:
+        # small discs over many grey levels: one max filter is cheaper than a transform per level
+        yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+        disc = xx * xx + yy * yy <= r * r
+        return Image.fromarray(ndimage.grey_dilation(arr, footprint=disc, mode="constant"), "L")
+    out = np.zeros_like(arr)
+    for level in levels:  # ascending, so each pixel ends with the highest level in reach
+        out[_within(arr >= level, r)] = level
+    return Image.fromarray(out, "L")
+
+
+# one distance transform costs about as much as a max filter with this many footprint pixels
+_EDT_COST = 50
+
+
+def _disc_area(r: int) -> int:
+    """Lattice points in the disc x^2 + y^2 <= r^2."""
+    return sum(2 * math.isqrt(r * r - dy * dy) + 1 for dy in range(-r, r + 1))
+
+
+def _within(region: np.ndarray, r: int) -> np.ndarray:
+    """Pixels at Euclidean distance <= r from `region` (exact: sqrt of a whole square is exact)."""
+    return ndimage.distance_transform_edt(~region) <= r
 
 
 def feather_mask(mask: Image.Image, blur: float) -> Image.Image:
     """Gaussian feather with standard deviation `blur` px (A1111's "Mask blur")."""
     mask = _as_mask(mask)
-    if blur <= 0:
+    if not blur > 0:  # also NaN
         return mask
-    return mask.filter(ImageFilter.GaussianBlur(radius=blur))
+    # a radius beyond the image adds nothing but cost (and Pillow refuses 2**31 and up)
+    return mask.filter(ImageFilter.GaussianBlur(radius=min(blur, max(mask.size))))
 
 
 def prepare_mask(mask: Image.Image, grow: int = 0, blur: float = 0) -> Image.Image:

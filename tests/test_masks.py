@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from scipy import ndimage
 
 from sdkit.masks import (
     composite,
@@ -58,6 +61,50 @@ def test_grow_zero_and_empty_masks_are_unchanged():
     assert np.array_equal(np.asarray(grow_mask(m, 0)), np.asarray(m))
     empty = Image.new("L", (10, 10), 0)
     assert not np.asarray(grow_mask(empty, 5)).any()
+
+
+def _disc_dilation(arr: np.ndarray, r: int) -> np.ndarray:
+    """The definition: each pixel takes the max over the disc of radius r around it."""
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    return ndimage.grey_dilation(arr, footprint=xx * xx + yy * yy <= r * r, mode="constant")
+
+
+@pytest.mark.parametrize("levels", [(255,), (90, 255), (40, 128, 200), tuple(range(1, 256, 5))])
+@pytest.mark.parametrize("r", [1, 2, 5, 7, 11, 19])
+def test_grow_is_the_disc_max_filter_for_any_grey_levels(levels, r):
+    rng = np.random.default_rng(r * 1000 + len(levels))
+    arr = np.zeros((33, 40), np.uint8)
+    spots = rng.integers(0, arr.size, 6)
+    arr.flat[spots] = rng.choice(levels, spots.size)
+    arr[20:24, 3:9] = levels[-1]
+    grown = np.asarray(grow_mask(Image.fromarray(arr, "L"), r))
+    assert np.array_equal(grown, _disc_dilation(arr, r))
+
+
+@pytest.mark.parametrize("levels", [(255,), (60, 130, 255)])
+def test_huge_grow_costs_memory_of_the_image_not_of_grow(levels):
+    # issue 13: grow=3000 on 64x64 took 1.1 GB in np.mgrid (memory grew as grow^2)
+    arr = np.zeros((64, 64), np.uint8)
+    for i, level in enumerate(levels):
+        arr[10 + 3 * i, 20 + 5 * i] = level
+    mask = Image.fromarray(arr, "L")
+    tracemalloc.start()
+    try:
+        grown = np.asarray(grow_mask(mask, 3000))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    assert (grown == max(levels)).all()  # the disc covers the whole image
+
+
+def test_huge_blur_is_clamped_to_the_image():
+    m = block_mask(64, 48, (20, 20, 40, 40))
+    for blur in (10**6, 2**31, 2**63, float("inf")):
+        soft = feather_mask(m, blur)
+        assert soft.size == (64, 48) and soft.mode == "L"
+    assert np.array_equal(np.asarray(feather_mask(m, 10**9)), np.asarray(feather_mask(m, 64)))
+    assert np.array_equal(np.asarray(feather_mask(m, float("nan"))), np.asarray(m))
 
 
 def test_feather_softens_the_edge_and_stays_local():
