@@ -9,19 +9,16 @@ The decoders never trust their input: every fault becomes a `ProtocolError` carr
 error code, a message naming what was wrong, the header field at fault and (when it could
 be read) the request id, so that the server can answer it.
 
-`Session` is the transport-neutral client core: it builds requests, keeps track of the
-ones in flight and turns incoming frames into `Event` objects.  It never blocks longer
-than the ``timeout`` it is given, so a Qt timer can pump it from an editor's UI thread.
+The transport-neutral client core, `Session`, lives in ``tracker.py`` (re-exported here).
 """
 
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -589,165 +586,14 @@ def progress_fraction(event: Event) -> float:
 
 # ---------------------------------------------------------------------------- Session
 
-
-class Transport(Protocol):
-    """What a `Session` needs: pyzmq's DEALER (wrapped) or `zmtp.Dealer`."""
-
-    epoch: int  # +1 every time an established connection is lost
-
-    def send_multipart(self, frames: Sequence[Any]) -> None: ...
-
-    def poll(self, timeout: float = 0.0) -> list[list[bytes]]: ...
-
-    def close(self) -> None: ...
+_MOVED_TO_TRACKER = ("Session", "Pending", "Transport")
 
 
-@dataclass
-class Pending:
-    id: str
-    op: str
-    epoch: int
-    sent: float
-    target: str | None = None
+def __getattr__(name: str) -> Any:
+    """`Session` moved to tracker.py (one job tracker); still importable from here."""
+    if name in _MOVED_TO_TRACKER:
+        import importlib
 
-
-class Session:
-    """Client-side bookkeeping for one connection; never blocks longer than asked.
-
-    Editor plug-ins call `generate`/`cancel` from UI handlers and `poll(0)` from a timer;
-    each returned `Event` belongs to a request id this session sent.  A request that was in
-    flight when the connection dropped ends with an ``error`` event, code
-    ``connection_lost`` (the server that would answer it is gone); a request that gets no
-    answer within ``timeout`` seconds (if given) ends with code ``timeout``.
-    """
-
-    def __init__(self, transport: Transport, *, client: str = "sdkit-session"):
-        self.transport = transport
-        self.client = client
-        self.pending: dict[str, Pending] = {}
-        self._epoch = transport.epoch
-        self._deadlines: dict[str, float] = {}
-        self._backlog: list[Event] = []
-        self.on_event: Callable[[Event], None] | None = None
-
-    # -- sending
-    def _send(self, op: str, frames: list[Any], rid: str, target: str | None = None) -> str:
-        if rid in self.pending:
-            raise ValueError(f"request id {rid!r} is already in flight")
-        self._check_epoch()
-        self.transport.send_multipart(frames)
-        self.pending[rid] = Pending(rid, op, self.transport.epoch, time.monotonic(), target)
-        return rid
-
-    def hello(self, *, request_id: str | None = None) -> str:
-        rid = request_id or new_request_id()
-        frames = request_frames("hello", rid, client=self.client, versions=list(SUPPORTED_VERSIONS))
-        return self._send("hello", frames, rid)
-
-    def ping(self, *, request_id: str | None = None) -> str:
-        rid = request_id or new_request_id()
-        return self._send("ping", request_frames("ping", rid), rid)
-
-    def status(self, *, request_id: str | None = None) -> str:
-        rid = request_id or new_request_id()
-        return self._send("status", request_frames("status", rid), rid)
-
-    def generate(
-        self,
-        request: Mapping[str, Any],
-        *,
-        image: Picture | None = None,
-        mask: Picture | None = None,
-        preview: int = 0,
-        result_format: str = "rgba8",
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> str:
-        rid = request_id or new_request_id()
-        frames = generate_frames(
-            rid, request, image=image, mask=mask, preview=preview, result_format=result_format
-        )
-        self._send("generate", frames, rid)
-        if timeout is not None:
-            self._deadlines[rid] = time.monotonic() + timeout
-        return rid
-
-    def cancel(self, target: str, *, request_id: str | None = None) -> str:
-        """Ask the server to cancel ``target``; its own terminal event follows later."""
-        rid = request_id or new_request_id()
-        return self._send("cancel", request_frames("cancel", rid, target=target), rid, target)
-
-    def bye(self) -> None:
-        """Tell the server this client is leaving (its unfinished requests are cancelled)."""
-        try:
-            self.transport.send_multipart(request_frames("bye", new_request_id()))
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
-
-    # -- receiving
-    def _check_epoch(self) -> None:
-        """Requests sent over a connection that has since dropped will never be answered."""
-        epoch = self.transport.epoch
-        if epoch == self._epoch:
-            return
-        self._epoch = epoch
-        for p in [p for p in self.pending.values() if p.epoch < epoch]:
-            self._backlog.append(
-                self._synthetic(
-                    p.id,
-                    "connection_lost",
-                    f"the connection to the server dropped while {p.op} {p.id!r} was in flight; "
-                    "the server may have restarted, send it again",
-                )
-            )
-
-    def _synthetic(self, rid: str, code: str, message: str) -> Event:
-        self.pending.pop(rid, None)
-        self._deadlines.pop(rid, None)
-        header = {"v": VERSION, "event": "error", "id": rid, "code": code, "message": message}
-        header["field"] = None
-        return Event("error", rid, header)
-
-    def _accept(self, frames: list[bytes]) -> Event | None:
-        try:
-            ev = decode_event(frames)
-        except ProtocolError:
-            return None  # not ours to answer; a well-behaved server never sends this
-        p = self.pending.get(ev.id) if ev.id is not None else None
-        if p is None:
-            return None
-        if ev.terminal or p.op != "generate":
-            self.pending.pop(ev.id, None)
-            self._deadlines.pop(ev.id, None)
-        return ev
-
-    def poll(self, timeout: float = 0.0) -> list[Event]:
-        """Pump the transport for up to ``timeout`` seconds; return the events that arrived."""
-        self._check_epoch()
-        events, self._backlog = self._backlog, []
-        if not events:
-            for frames in self.transport.poll(timeout):
-                ev = self._accept(frames)
-                if ev is not None:
-                    events.append(ev)
-            self._check_epoch()
-            events.extend(self._backlog)
-            self._backlog = []
-        now = time.monotonic()
-        for rid, deadline in list(self._deadlines.items()):
-            if now >= deadline and rid in self.pending:
-                try:
-                    self.cancel(rid)
-                except Exception:  # noqa: BLE001 - the timeout error is what matters
-                    pass
-                events.append(
-                    self._synthetic(rid, "timeout", f"no result for {rid!r} within the timeout")
-                )
-        if self.on_event is not None:
-            for ev in events:
-                self.on_event(ev)
-        return events
-
-    def close(self) -> None:
-        self.bye()
-        self.transport.close()
+        tracker = importlib.import_module(f"{__package__}.tracker" if __package__ else "tracker")
+        return getattr(tracker, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
