@@ -1,7 +1,8 @@
 """SDWidget without a browser: widgets driven from Python with the messages the front end sends.
 
-A real engine (the embedded model) runs every generation. Exceptions raised in widget
-callbacks (which ipywidgets and the engine only log) fail the test.
+A real engine (the embedded model, and a tiny SD 1.x-shaped model with VAE factor 8) runs
+every generation. Exceptions raised in widget callbacks (which ipywidgets and the engine
+only log) fail the test. What must not happen is waited for on an event, with a timeout.
 """
 
 from __future__ import annotations
@@ -9,17 +10,22 @@ from __future__ import annotations
 import io
 import logging
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from ipycanvas.canvas import _CanvasManager
 from PIL import Image, PngImagePlugin
-from sdkit.widgets import SDWidget
-from sdkit.widgets.controls import FIELDS_BY_MODE, RequestControls
+from sdkit.widgets import SDWidget, gallery
+from sdkit.widgets.controls import RequestControls
 from sdkit.widgets.painter import MaskPainter
 
 import sdkit
-from sdkit.request import MODES, Request, RequestError
+from sdkit import modes
+from sdkit.engine import Engine
+from sdkit.models import LoadedModel
+from sdkit.request import Request, RequestError
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -127,10 +133,56 @@ def engine():
     return sdkit.load()
 
 
+@pytest.fixture(scope="module")
+def f8_engine(tmp_path_factory):
+    """A tiny SD 1.x-shaped model whose VAE factor is 8 (the embedded model's is 4)."""
+    import tiny
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    tok = tiny.tokenizer(tmp_path_factory.mktemp("f8") / "tokenizer")
+    torch.manual_seed(2)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=64,
+    ).eval()
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=tiny.text_encoder(tok),
+        tokenizer=tok,
+        unet=tiny.unet(),
+        scheduler=tiny.scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    model = LoadedModel(
+        pipe=pipe,
+        spec="tiny-f8",
+        name="tiny-f8",
+        family="sd1",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        defaults={**tiny.TINY_DEFAULTS, "width": 64, "height": 64},
+    )
+    engine = Engine.from_loaded(model)
+    assert engine.vae_factor == 8
+    yield engine
+    engine.close()
+
+
 @pytest.fixture
-def studio(engine):
+def studio(engine, tmp_path):
     wd = SDWidget(
-        engine=engine, prompt="a red circle on a blue background", num_inference_steps=4, seed=11
+        engine=engine,
+        prompt="a red circle on a blue background",
+        num_inference_steps=4,
+        seed=11,
+        outputs_dir=tmp_path / "outputs",
     )
     yield wd
     wd.cancel()
@@ -240,13 +292,38 @@ def test_canvas_redraws_when_a_browser_connects(monkeypatch):
 
 def test_mode_tabs_show_only_their_fields():
     c = RequestControls()
-    for mode in MODES:
-        c.mode = mode
+    specs = modes.registered()
+    assert [m["name"] for m in c.modes] == [s.name for s in specs]
+    assert c.mode_tabs.titles == tuple(s.title for s in specs)
+    for index, spec in enumerate(specs):
+        c.mode = spec.name
         shown = {n for n, row in c.rows.items() if row.layout.display != "none"}
-        assert shown == set(FIELDS_BY_MODE[mode]) - {"image", "mask"}, mode
-        index = MODES.index(mode)
+        assert shown == set(spec.fields) - {"image", "mask"}, spec.name
         assert c.mode_tabs.children[index].children == (c.body,)
         assert all(not t.children for i, t in enumerate(c.mode_tabs.children) if i != index)
+
+
+def test_tabs_and_field_groups_come_from_the_mode_descriptions():
+    sketch = {
+        "name": "sketch",
+        "title": "Sketch",
+        "fields": ["prompt", "seed", "image", "strength"],
+        "required": ["image"],
+        "inputs": ["image"],
+    }
+    c = RequestControls(modes=[modes.get("txt2img").describe(), sketch])
+    assert c.mode_tabs.titles == ("Text to image", "Sketch")
+    c.mode = "sketch"
+    shown = {n for n, row in c.rows.items() if row.layout.display != "none"}
+    assert shown == {"prompt", "seed", "strength"}
+    visible = {k for k, g in c.groups.items() if g.layout.display != "none"}
+    assert visible == {"prompts", "sampling", "image"}
+    c.prompt.value, c.seed.value, c.strength.value = "a star", 3, 0.5
+    r = c.request(image=Image.new("RGB", (8, 8)))
+    assert (r.mode, r.prompt, r.seed, r.strength) == ("sketch", "a star", 3, 0.5)
+    assert r.num_inference_steps is None and r.width is None  # fields it does not read
+    with pytest.raises(RequestError, match="allowed: txt2img, sketch"):
+        c.mode = "inpaint"
 
 
 def test_controls_build_the_request_for_each_mode():
@@ -296,13 +373,17 @@ def test_controls_build_the_request_for_each_mode():
     assert c.request().seed is None
 
 
-def test_invalid_values_show_the_core_message_next_to_the_control(studio):
+def test_invalid_values_show_the_engine_message_next_to_the_control(studio, engine):
     c = studio.controls
-    c.width.value = 66  # the embedded model's VAE factor is 4
-    expected = Request(prompt="x", width=66)
+    # The embedded model's VAE factor is 4, but the engine runs multiples of 8 only:
+    # the widget used to accept 68 and then fail at submit.
+    assert engine.vae_factor == 4 and engine.size_multiple == 8
+    c.width.value = 68
     with pytest.raises(RequestError) as info:
-        expected.validate(vae_factor=studio.engine.vae_factor)
+        engine.check(Request(prompt="x", width=68))
     assert str(info.value) in _text(c.errors["width"].value)
+    studio.generate_button.click()
+    assert studio.last_job is None and "width" in _text(studio.status.value)
     c.width.value = 64
     assert c.errors["width"].value == ""
     c.num_images.value = 17
@@ -317,6 +398,133 @@ def test_invalid_values_show_the_core_message_next_to_the_control(studio):
     assert studio.last_job.state == "done"
     assert len(studio.gallery.items) == 1
     assert all(slot.value == "" for slot in c.errors.values())
+
+
+def test_status_line_clears_its_error_when_the_field_is_fixed(studio):
+    c = studio.controls
+    c.num_images.value = 17
+    studio.generate_button.click()
+    assert "sdkit-error" in studio.status.value and "num_images" in studio.status.value
+    c.num_inference_steps.value = 5  # another field: the error still stands
+    assert "num_images" in studio.status.value
+    c.num_images.value = 2
+    assert "sdkit-error" not in studio.status.value and "num_images" not in studio.status.value
+    assert c.errors["num_images"].value == ""
+
+
+# Every field, valid and invalid values: (mode, field, value, valid for the embedded model,
+# valid for the tiny factor-8 model). Steps are 10 unless the case sets them.
+CASES = [
+    ("txt2img", "width", 64, True, True),
+    ("txt2img", "width", 68, False, False),  # a multiple of the embedded VAE factor 4 only
+    ("txt2img", "width", 36, False, False),
+    ("txt2img", "width", 0, False, False),
+    ("txt2img", "width", -8, False, False),
+    ("txt2img", "width", 4104, False, False),
+    ("txt2img", "height", 72, True, True),
+    ("txt2img", "height", 60, False, False),
+    ("txt2img", "num_inference_steps", 1, True, True),
+    ("txt2img", "num_inference_steps", 0, False, False),
+    ("txt2img", "num_inference_steps", 1000, True, True),
+    ("txt2img", "num_inference_steps", 1001, False, False),
+    ("txt2img", "guidance_scale", 0.0, True, True),
+    ("txt2img", "guidance_scale", 7.5, True, True),
+    ("txt2img", "guidance_scale", -1.0, False, False),
+    ("txt2img", "guidance_scale", 101.0, False, False),
+    ("txt2img", "seed", 0, True, True),
+    ("txt2img", "seed", 2**32 - 1, True, True),
+    ("txt2img", "seed", -1, False, False),
+    ("txt2img", "seed", 2**32, False, False),
+    ("txt2img", "num_images", 1, True, True),
+    ("txt2img", "num_images", 16, True, True),
+    ("txt2img", "num_images", 0, False, False),
+    ("txt2img", "num_images", 17, False, False),
+    ("txt2img", "scheduler", "Euler a", True, True),
+    ("txt2img", "scheduler", "dpm++ 2m karras", True, True),
+    ("txt2img", "scheduler", "DDPM", False, False),  # unconditional models only
+    ("txt2img", "scheduler", "Warp drive", False, False),
+    ("txt2img", "prompt", "", False, False),
+    ("img2img", "strength", 0.75, True, True),
+    ("img2img", "strength", 1.0, True, True),
+    ("img2img", "strength", 0.1, True, True),  # 0.1 x 10 steps = one step
+    ("img2img", "strength", 0.05, False, False),  # no denoising step left
+    ("img2img", "strength", 0.0, False, False),
+    ("inpaint", "mask_blur", 0, True, True),
+    ("inpaint", "mask_blur", 64, True, True),
+    ("inpaint", "mask_blur", -1, False, False),
+    ("inpaint", "mask_blur", 65, False, False),
+    ("inpaint", "grow", 0, True, True),
+    ("inpaint", "grow", 256, True, True),
+    ("inpaint", "grow", -2, False, False),
+    ("inpaint", "grow", 257, False, False),
+    ("inpaint", "padding", 0, True, True),
+    ("inpaint", "padding", 512, True, True),
+    ("inpaint", "padding", -1, False, False),
+    ("inpaint", "padding", 513, False, False),
+    ("unconditional", "num_images", 4, True, True),
+    ("unconditional", "width", 68, False, False),
+]
+
+
+@pytest.mark.parametrize("which", ["embedded", "tiny-f8"])
+def test_widget_validation_agrees_with_engine_check_on_every_field(which, engine, f8_engine):
+    eng = engine if which == "embedded" else f8_engine
+    wd = SDWidget(engine=eng, prompt="a red circle", outputs_dir=None)
+    c = wd.controls
+    base = {name: getattr(c, name).value for name in c.rows if name != "scheduler"}
+    wd.painter.set_image(Image.new("RGB", (64, 64), (0, 0, 255)))
+    wd.painter.fill_all()
+    checked = set()
+    try:
+        for mode, field, value, ok_embedded, ok_f8 in CASES:
+            for name, v in base.items():
+                getattr(c, name).value = v
+            c.num_inference_steps.value = 10
+            c.mode = mode
+            if field == "scheduler":
+                c._set_scheduler(value)
+            else:
+                getattr(c, field).value = value
+            request = wd.request()
+            widget_err = c.validate(request)
+            try:
+                eng.check(request)
+                engine_err = None
+            except RequestError as err:
+                engine_err = err
+            case = f"{which} {mode} {field}={value!r}"
+            assert (widget_err is None) == (engine_err is None), case
+            want_ok = ok_embedded if which == "embedded" else ok_f8
+            assert (engine_err is None) == want_ok, f"{case}: {engine_err}"
+            if engine_err is not None:
+                assert (widget_err.field, str(widget_err)) == (engine_err.field, str(engine_err))
+                assert engine_err.field == field, case
+                # the live check showed it next to the control just changed
+                assert str(engine_err) in _text(c.errors[field].value), case
+            else:
+                assert c.shown_error is None, case
+            checked.add(field)
+            c._set_scheduler(eng.defaults["scheduler"])
+    finally:
+        wd.close()
+    assert checked >= {
+        "width", "height", "num_inference_steps", "guidance_scale", "strength", "seed",
+        "num_images", "mask_blur", "grow", "padding", "scheduler",
+    }  # fmt: skip
+
+
+def test_a_size_the_widget_accepts_is_accepted_at_submit(f8_engine, tmp_path):
+    wd = SDWidget(engine=f8_engine, prompt="a red circle", seed=1, outputs_dir=None)
+    try:
+        wd.controls.width.value = 72
+        wd.controls.num_inference_steps.value = 2
+        assert wd.controls.validate(wd.request()) is None
+        job = wd.generate()
+        assert job is not None
+        wd.wait(120)
+        assert job.state == "done" and job.result(0).images[0].size == (72, 64)
+    finally:
+        wd.close()
 
 
 def test_inpaint_without_image_names_the_image(studio):
@@ -474,19 +682,195 @@ def test_uploaded_image_becomes_the_input(studio):
     assert studio.image_upload.value == ()
 
 
-def test_jobs_from_others_on_the_shared_engine_show_up(studio, engine):
+def test_jobs_from_others_on_the_shared_engine_show_up(studio, engine, tmp_path):
+    shown = threading.Event()
+    studio.gallery.on("select", lambda item: shown.set())
     job = engine.submit(
         Request(prompt="a blue triangle on a white background", num_inference_steps=3, seed=77)
     )
     job.result(120)
-    # the subscriber ran on the worker before result() returned? wait for the gallery
-    for _ in range(200):
-        if studio.gallery.items:
-            break
-        threading.Event().wait(0.05)
+    assert shown.wait(120)
+    studio.wait(60)
     item = studio.gallery.items[0]
     assert item.seed == 77 and item.source == "engine"
     assert "elsewhere" in studio.status.value
+    assert studio.saved == [] and not (tmp_path / "outputs").exists()  # not ours to keep
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def test_the_widget_never_holds_up_the_engine(studio, engine, monkeypatch):
+    """The widget's handling (gallery, PNG encoding, saving) runs on its own thread: while
+    it is stuck, the engine finishes the next job; no PNG is ever encoded on an engine thread."""
+    release = threading.Event()
+    entered = threading.Event()
+    encoders: list[str] = []
+    original_add = studio.gallery.add_result
+    original_png = gallery.png_bytes
+
+    def stuck_add(*args, **kwargs):
+        entered.set()
+        assert release.wait(120)
+        return original_add(*args, **kwargs)
+
+    def recording_png(image):
+        encoders.append(threading.current_thread().name)
+        return original_png(image)
+
+    monkeypatch.setattr(studio.gallery, "add_result", stuck_add)
+    monkeypatch.setattr(gallery, "png_bytes", recording_png)
+    monkeypatch.setattr("sdkit.widgets.studio.png_bytes", recording_png)
+    second_done = threading.Event()
+    first = studio.generate()
+    assert entered.wait(120), "the first result never reached the gallery"
+    try:
+        second = engine.submit(
+            Request(prompt="a green star on a white background", num_inference_steps=2, seed=4),
+            callback=lambda kind, job, ev: second_done.set() if kind == "done" else None,
+        )
+        # the widget's thread is blocked in the gallery, yet the engine runs the next job
+        assert second_done.wait(120), "the engine waited for the widget"
+        assert second.state == "done"
+    finally:
+        release.set()
+    studio.wait(120)
+    assert first.state == "done"
+    assert [i.seed for i in studio.gallery.items] == [4, 11]
+    assert encoders and all(name == "sdkit-widget-events" for name in encoders), encoders
+
+
+def test_generate_returns_its_job_without_waiting_for_events(studio, engine):
+    """Our own job is known as ours from its first event, whichever thread delivers it."""
+    job = studio.generate()
+    studio.wait(120)
+    assert job.state == "done"
+    assert studio.gallery.items[0].source == "widget"
+    assert "elsewhere" not in studio.status.value
+
+
+def test_progress_bar_resets_when_a_job_starts(studio):
+    values: list[int] = []
+    studio.progress.observe(lambda ch: values.append(ch["new"]), "value")
+    studio.generate_button.click()
+    studio.wait(120)
+    assert studio.progress.value == studio.progress.max == 4
+    values.clear()
+    studio.controls.num_inference_steps.value = 3
+    studio.generate_button.click()
+    studio.wait(120)
+    assert values[0] == 0, values  # back to empty before the first step of the new job
+    assert values[-1] == 3 and studio.progress.max == 3
+    assert values == sorted(values), values
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_every_result_is_saved_with_its_infotext(studio, tmp_path):
+    studio.controls.num_images.value = 2
+    studio.generate_button.click()
+    studio.wait(120)
+    folder = tmp_path / "outputs"
+    files = sorted(folder.glob("*.png"))
+    assert len(files) == 2 and sorted(studio.saved) == files
+    seeds = sorted(Request.from_png(f).seed for f in files)
+    assert seeds == [11, 12]
+    for item in studio.gallery.items:
+        assert item.path in files
+        assert Image.open(item.path).info["parameters"] == item.infotext
+    assert str(studio.gallery.selected.path) in _text(studio.gallery.detail_info.value)
+    assert "saved to" in studio.status.value
+
+
+def test_outputs_default_to_the_env_var_or_the_working_directory(engine, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SDKIT_OUTPUTS", raising=False)
+    wd = SDWidget(engine=engine, prompt="a red circle", num_inference_steps=2, seed=1)
+    assert wd.outputs_dir == Path("outputs")
+    wd.close()
+    monkeypatch.setenv("SDKIT_OUTPUTS", str(tmp_path / "from-env"))
+    wd = SDWidget(engine=engine, prompt="a red circle", num_inference_steps=2, seed=1)
+    try:
+        wd.generate()
+        wd.wait(120)
+    finally:
+        wd.close()
+    assert [Request.from_png(p).seed for p in (tmp_path / "from-env").glob("*.png")] == [1]
+
+
+@pytest.mark.parametrize("off", [None, False])
+def test_saving_can_be_turned_off(engine, tmp_path, monkeypatch, off):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SDKIT_OUTPUTS", raising=False)
+    wd = SDWidget(engine=engine, prompt="a red circle", num_inference_steps=2, outputs_dir=off)
+    try:
+        wd.generate()
+        wd.wait(120)
+        assert len(wd.gallery.items) == 1
+    finally:
+        wd.close()
+    assert wd.outputs_dir is None and wd.saved == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_that_cannot_be_written_is_reported_and_the_result_kept(engine, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    wd = SDWidget(engine=engine, prompt="a red circle", num_inference_steps=2, outputs_dir=blocker)
+    try:
+        wd.generate()
+        wd.wait(120)
+        assert "could not save" in wd.status.value and "sdkit-error" in wd.status.value
+        assert len(wd.gallery.items) == 1
+        wd.errors.clear()
+    finally:
+        wd.close()
+
+
+# ----------------------------------------------------------------------------- small things
+
+
+def test_infotext_wraps_at_commas_never_inside_a_word():
+    text = (
+        "a red circle on a blue background\n"
+        "Negative prompt: blurry\n"
+        "Steps: 4, Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: 11, Size: 64x64"
+    )
+    out = gallery.infotext_html(text)
+    assert "word-break:normal" in out and "<pre" not in out
+    spans = [
+        "Steps: 4", "Sampler: DPM++ 2M Karras", "CFG scale: 5", "Seed: 11", "Size: 64x64"
+    ]  # fmt: skip
+    assert (
+        ", <wbr>".join(
+            f"<span class='sdkit-kv' style='white-space:nowrap'>{p}</span>" for p in spans
+        )
+        in out
+    )
+    assert "a red circle on a blue background\nNegative prompt: blurry\n" in out
+    assert _text(out) == text
+
+
+def test_upload_buttons_show_their_label_without_a_counter(studio):
+    for upload in (studio.image_upload, studio.settings_upload):
+        assert "sdkit-upload" in upload._dom_classes
+        assert upload.tooltip == upload.description  # the CSS shows the title, not "(0)"
+    css = studio.children[0].value
+    assert ".sdkit-upload { font-size: 0; }" in css and "content: attr(title)" in css
+
+
+def test_brush_slider_range_follows_the_image_size():
+    p = MaskPainter(64, 64)
+    assert (p.brush_size.min, p.brush_size.max) == (1, 64)
+    p.brush_size.value = 40
+    p.set_image(Image.new("RGB", (512, 384)))
+    assert p.brush_size.max == 512 and p.brush_size.value == 40
+    p.set_image(Image.new("RGB", (24, 16)))
+    assert p.brush_size.max == 24 and p.brush_size.value == 24
+    p.set_image(None)
+    p.resize_blank(96, 32)
+    assert p.brush_size.max == 96
 
 
 def test_model_load_error_is_shown_in_the_widget(tmp_path):

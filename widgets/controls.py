@@ -1,7 +1,9 @@
 """Controls for every `Request` field, grouped, with mode tabs and per-field error slots.
 
-Validation is the core's (`Request.validate`); this module only shows its
-`RequestError` next to the control that `err.field` names.
+The tabs and the fields each tab shows come from the mode registry (`sdkit.modes`, or
+the loaded engine's `info()["modes"]`), so a newly registered mode needs no edit here.
+Validation is the engine's (`Engine.check`, the same rule `submit` applies); this module
+only shows its `RequestError` next to the control that `err.field` names.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from typing import Any
 import ipywidgets as w
 
 from sdkit import schedulers
-from sdkit.request import FIELDS_BY_MODE, FILLS, MODES, RESIZE_MODES, Request, RequestError
+from sdkit.request import FILLS, RESIZE_MODES, Request, RequestError
+
+ModeInfo = Mapping[str, Any]  # ModeSpec.describe(): name, title, fields, required, inputs
+Check = Callable[[Request], Any]  # Engine.check: raises RequestError, as submit would
 
 # Shown until a model tells us its own defaults (SD 1.x values at the embedded model's size).
 FALLBACK_DEFAULTS = {
@@ -21,6 +26,15 @@ FALLBACK_DEFAULTS = {
     "width": 64,
     "height": 64,
     "scheduler": "PNDM",
+}
+
+# Rows grouped under a heading; a group shows when the current mode uses one of its rows.
+GROUPS = {
+    "prompts": ("", ("prompt", "negative_prompt")),
+    "sampling": ("Sampling", ("num_inference_steps", "guidance_scale", "scheduler", "seed")),
+    "size": ("Size & batch", ("width", "height", "num_images")),
+    "image": ("Input image", ("strength", "resize_mode")),
+    "inpaint": ("Inpaint", ("mask_blur", "grow", "only_masked", "padding", "fill")),
 }
 
 _STYLE = {"description_width": "7.5em"}
@@ -34,17 +48,18 @@ class RequestControls:
         self,
         defaults: Mapping[str, Any] | None = None,
         scheduler_names: Iterable[str] | None = None,
+        modes: Iterable[ModeInfo] | None = None,
     ) -> None:
         self.defaults = {**FALLBACK_DEFAULTS, **(defaults or {})}
-        self.vae_factor = 8
+        self.size_multiple = 8  # what the engine's check demands of width and height
         self.scheduler_names = list(scheduler_names or schedulers.scheduler_names())
+        self.check: Check | None = None  # the engine's; None: Request.validate (no model yet)
         self._listeners: list[Callable[[str], None]] = []
-        self._shown_error: str | None = None
+        self.shown_error: str | None = None  # the field whose error is on display
+        self.modes: list[ModeInfo] = []
         d = self.defaults
 
-        self.mode_tabs = w.Tab(children=[w.VBox() for _ in MODES])
-        for i, mode in enumerate(MODES):
-            self.mode_tabs.set_title(i, mode)
+        self.mode_tabs = w.Tab()
         self.prompt = w.Textarea(
             placeholder="a red circle on a blue background",
             description="Prompt",
@@ -115,10 +130,11 @@ class RequestControls:
         )
         self._set_scheduler(d.get("scheduler"))
 
-        # One error slot per field (image/mask slots are placed by the studio, next to the
+        # One error slot per control (image/mask slots are placed by the studio, next to the
         # painter); "request" catches errors that name no control.
-        names = [f for fs in FIELDS_BY_MODE.values() for f in fs] + ["mode", "request"]
-        self.errors: dict[str, w.HTML] = {n: _error_html() for n in dict.fromkeys(names)}
+        names = [n for _, rows in GROUPS.values() for n in rows]
+        names += ["image", "mask", "mode", "request"]
+        self.errors: dict[str, w.HTML] = {n: _error_html() for n in names}
         e = self.errors
 
         self.seed.observe(lambda _: setattr(self.random_seed, "value", False), "value")
@@ -150,24 +166,15 @@ class RequestControls:
             "padding": row(self.padding, e["padding"]),
             "fill": row(self.fill, e["fill"]),
         }
-        r = self.rows
         self.groups = {
-            "prompts": w.VBox([r["prompt"], r["negative_prompt"]]),
-            "sampling": _group(
-                "Sampling",
-                [r["num_inference_steps"], r["guidance_scale"], r["scheduler"], r["seed"]],
-            ),
-            "size": _group("Size & batch", [r["width"], r["height"], r["num_images"]]),
-            "image": _group("Input image", [r["strength"], r["resize_mode"]]),
-            "inpaint": _group(
-                "Inpaint", [r["mask_blur"], r["grow"], r["only_masked"], r["padding"], r["fill"]]
-            ),
+            key: _group(title, [self.rows[n] for n in rows])
+            for key, (title, rows) in GROUPS.items()
         }
         self.body = w.VBox(
             [*self.groups.values(), e["mode"], e["request"]], layout=w.Layout(width="100%")
         )
         self.mode_tabs.observe(self._on_tab, "selected_index")
-        self._on_tab(None)
+        self.set_modes(modes if modes is not None else registered_modes())
 
         for name in self.rows:
             control = getattr(self, name)
@@ -175,24 +182,45 @@ class RequestControls:
         self.random_seed.observe(lambda _: self._changed("seed"), "value")
 
     # ----- mode ------------------------------------------------------------------------
+    def set_modes(self, modes: Iterable[ModeInfo]) -> None:
+        """One tab per mode (the registry's order); the current mode stays selected."""
+        current = self.mode if self.modes else None
+        self.modes = [dict(m) for m in modes]
+        names = [m["name"] for m in self.modes]
+        tabs = self.mode_tabs
+        tabs.children = [w.VBox() for _ in self.modes]
+        tabs.titles = tuple(str(m.get("title") or m["name"]) for m in self.modes)
+        index = names.index(current) if current in names else 0
+        if tabs.selected_index == index:
+            self._on_tab(None)
+        else:
+            tabs.selected_index = index  # _on_tab runs
+
+    @property
+    def spec(self) -> ModeInfo:
+        """The current mode's description (name, title, fields, required, inputs)."""
+        return self.modes[self.mode_tabs.selected_index or 0]
+
     @property
     def mode(self) -> str:
-        return MODES[self.mode_tabs.selected_index or 0]
+        return str(self.spec["name"])
 
     @mode.setter
     def mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise RequestError("mode", f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
-        self.mode_tabs.selected_index = MODES.index(mode)
+        names = [m["name"] for m in self.modes]
+        if mode not in names:
+            raise RequestError("mode", f"unknown mode {mode!r}; allowed: {', '.join(names)}")
+        self.mode_tabs.selected_index = names.index(mode)
 
     def _on_tab(self, _: Any) -> None:
+        if not self.modes:
+            return
         index = self.mode_tabs.selected_index or 0
-        used = set(FIELDS_BY_MODE[MODES[index]])
+        used = set(self.spec["fields"])
         for name, row in self.rows.items():
             row.layout.display = None if name in used else "none"
-        self.groups["prompts"].layout.display = None if "prompt" in used else "none"
-        self.groups["image"].layout.display = None if "strength" in used else "none"
-        self.groups["inpaint"].layout.display = None if "mask_blur" in used else "none"
+        for key, (_title, rows) in GROUPS.items():
+            self.groups[key].layout.display = None if used & set(rows) else "none"
         for i, tab in enumerate(self.mode_tabs.children):
             tab.children = (self.body,) if i == index else ()
         self._changed("mode")
@@ -200,17 +228,14 @@ class RequestControls:
     # ----- reading and writing ---------------------------------------------------------
     def request(self, **overrides: Any) -> Request:
         """The Request the controls describe (fields the mode does not use keep defaults)."""
-        used = FIELDS_BY_MODE[self.mode]
         values: dict[str, Any] = {"mode": self.mode}
-        for name in used:
-            if name in ("image", "mask"):
+        for name in self.spec["fields"]:
+            if name not in self.rows:  # picture inputs (the painter's) or no control yet
                 continue
             if name == "seed":
                 values["seed"] = None if self.random_seed.value else self.seed.value
             else:
                 values[name] = getattr(self, name).value
-        if self.mode == "unconditional":
-            values["guidance_scale"] = None
         values.update(overrides)
         return Request(**values)
 
@@ -235,17 +260,17 @@ class RequestControls:
             self.seed.value = int(request.seed)
             self.random_seed.value = False
 
-    def apply_model(
-        self, defaults: Mapping[str, Any], scheduler_names: Iterable[str], vae_factor: int
-    ) -> None:
-        """A model was loaded: show its defaults and its scheduler names."""
+    def apply_model(self, info: Mapping[str, Any], check: Check) -> None:
+        """A model was loaded (`Engine.info()`): its modes, defaults, scheduler names and
+        size rule show; `check` (its `Engine.check`) judges every value from now on."""
         previous = self.defaults
         self.defaults = {
             **FALLBACK_DEFAULTS,
-            **{k: v for k, v in defaults.items() if v is not None},
+            **{k: v for k, v in info["defaults"].items() if v is not None},
         }
-        self.vae_factor = int(vae_factor)
-        names = list(scheduler_names) or schedulers.scheduler_names()
+        self.size_multiple = max(1, int(info["size_multiple"]))
+        self.check = check
+        names = list(info["scheduler_names"]) or schedulers.scheduler_names()
         current = self.scheduler.value
         self.scheduler_names = names
         self.scheduler.options = names
@@ -253,10 +278,10 @@ class RequestControls:
             control = getattr(self, name)
             if control.value == previous.get(name):  # untouched: follow the model
                 control.value = self.defaults[name]
-        step = max(8, self.vae_factor)
-        self.width.step = self.height.step = step
+        self.width.step = self.height.step = self.size_multiple
         untouched = current == previous.get("scheduler")
         self._set_scheduler((untouched and self.defaults.get("scheduler")) or current)
+        self.set_modes(info["modes"])
 
     def _set_scheduler(self, name: str | None) -> None:
         if not name:
@@ -279,17 +304,23 @@ class RequestControls:
         """Show `err` next to its control (or in the general slot); None clears all."""
         for slot in self.errors.values():
             slot.value = ""
-        self._shown_error = None
+        self.shown_error = None
         if err is None:
             return
         slot = self.errors.get(err.field, self.errors["request"])
         slot.value = _error_text(str(err))
-        self._shown_error = err.field
+        self.shown_error = err.field
 
     def validate(self, request: Request) -> RequestError | None:
-        """The core's verdict on `request` for the loaded model, or None."""
+        """The loaded engine's verdict on `request` (what submit would say), or None.
+
+        Before a model is loaded only the model-independent rules apply.
+        """
         try:
-            request.validate(vae_factor=self.vae_factor, scheduler_names=self.scheduler_names)
+            if self.check is not None:
+                self.check(request)
+            else:
+                request.validate(scheduler_names=self.scheduler_names)
         except RequestError as err:
             return err
         return None
@@ -303,7 +334,16 @@ class RequestControls:
             fn(field)
 
 
+def registered_modes() -> list[ModeInfo]:
+    """Every mode the registry knows (shown until an engine says which it serves)."""
+    from sdkit import modes
+
+    return [spec.describe() for spec in modes.registered()]
+
+
 def _group(title: str, rows: list[w.Widget]) -> w.VBox:
+    if not title:
+        return w.VBox(rows)
     head = w.HTML(
         f"<b style='font-size:12px;color:#666;text-transform:uppercase;"
         f"letter-spacing:.05em'>{title}</b>"

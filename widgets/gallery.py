@@ -1,11 +1,15 @@
-"""Gallery / history: every result image with its seed and parameters, and what to do with it."""
+"""Gallery / history: every result image with its seed and parameters, and what to do with it.
+
+Runs on the widget's own thread (never the engine's): each image is encoded to PNG once,
+when it arrives.
+"""
 
 from __future__ import annotations
 
 import html
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,8 @@ class GalleryItem:
     result: Any  # sdkit.Result
     index: int
     source: str  # "widget" or "engine" (a job someone else submitted to the shared engine)
+    path: Path | None = None  # where it was auto-saved, if it was
+    box: Any = field(default=None, repr=False)  # its thumbnail widget, built once
 
     @property
     def image(self) -> Image.Image:
@@ -117,54 +123,58 @@ class Gallery:
         self._set_actions_enabled(False)
 
     # ----- content ---------------------------------------------------------------------
-    def add_result(self, result: Any, source: str = "widget") -> list[GalleryItem]:
-        """Add every image of `result` (newest first) and select the first."""
+    def add_result(
+        self, result: Any, source: str = "widget", paths: list[Path] | None = None
+    ) -> list[GalleryItem]:
+        """Add every image of `result` (newest first) and select the first; `paths`: where
+        each image was saved."""
         new = []
         for i in range(len(result.images)):
             self._count += 1
-            new.append(GalleryItem(self._count, result, i, source))
+            path = paths[i] if paths and i < len(paths) else None
+            item = GalleryItem(self._count, result, i, source, path)
+            item.box = self._thumb(item)
+            new.append(item)
         self.items = (list(reversed(new)) + self.items)[:MAX_ITEMS]
-        self._render_thumbs()
+        self.thumbs.children = [item.box for item in self.items]
+        self.empty.layout.display = "none" if self.items else None
         if new:
             self.select(new[0])
         return new
 
-    def _render_thumbs(self) -> None:
-        boxes = []
-        for item in self.items:
-            img = w.Image(
-                value=png_bytes(item.image),
-                format="png",
-                layout=w.Layout(
-                    width=f"{self._thumb_px}px", height=f"{self._thumb_px}px", object_fit="contain"
-                ),
-            )
-            label = f"#{item.number} · {item.seed}"
-            button = w.Button(
-                description=label,
-                tooltip=item.infotext,
-                layout=w.Layout(width=f"{self._thumb_px}px", height="24px", padding="0"),
-            )
-            if item is self.selected:
-                button.button_style = "info"
-            button.on_click(lambda _, it=item: self.select(it))
-            button.add_class("sdkit-thumb")
-            boxes.append(w.VBox([img, button], layout=w.Layout(margin="2px")))
-        self.thumbs.children = boxes
-        self.empty.layout.display = "none" if self.items else None
+    def _thumb(self, item: GalleryItem) -> w.VBox:
+        img = w.Image(
+            value=png_bytes(item.image),
+            format="png",
+            layout=w.Layout(
+                width=f"{self._thumb_px}px", height=f"{self._thumb_px}px", object_fit="contain"
+            ),
+        )
+        button = w.Button(
+            description=f"#{item.number} · {item.seed}",
+            tooltip=item.infotext,
+            layout=w.Layout(width=f"{self._thumb_px}px", height="24px", padding="0"),
+        )
+        button.on_click(lambda _: self.select(item))
+        button.add_class("sdkit-thumb")
+        return w.VBox([img, button], layout=w.Layout(margin="2px"))
 
     def select(self, item: GalleryItem) -> None:
         self.selected = item
-        for box, it in zip(self.thumbs.children, self.items, strict=False):
-            box.children[1].button_style = "info" if it is item else ""
+        for it in self.items:
+            it.box.children[1].button_style = "info" if it is item else ""
         self.detail_image.value = png_bytes(item.image)
         origin = "" if item.source == "widget" else " <i>(submitted elsewhere)</i>"
         size = f"{item.image.width}×{item.image.height}"
+        saved = (
+            ""
+            if item.path is None
+            else f"<div class='sdkit-saved' style='color:#666'>{html.escape(str(item.path))}</div>"
+        )
         self.detail_info.value = (
             f"<div style='font-size:12px'><b>#{item.number}</b> · {item.request.mode} · "
             f"seed <b class='sdkit-seed'>{item.seed}</b> · {size}{origin}"
-            f"<pre style='white-space:pre-wrap;font-size:11px;margin:4px 0'>"
-            f"{html.escape(item.infotext)}</pre></div>"
+            f"{infotext_html(item.infotext)}{saved}</div>"
         )
         self.message.value = ""
         self.detail.layout.display = None
@@ -205,6 +215,28 @@ class Gallery:
             f"<span style='color:#2e7d32;font-size:12px'>saved {html.escape(str(path))}</span>"
         )
         return path
+
+
+def infotext_html(text: str) -> str:
+    """Infotext that wraps at commas, never inside a word.
+
+    The "Key: value" pairs of the parameters line (the last) are unbreakable spans with a
+    break opportunity after each comma; prompt lines wrap between words. The styles are
+    inline because JupyterLab's output CSS breaks `pre` text anywhere (word-break: break-all).
+    """
+    lines = text.split("\n")
+    out = [html.escape(line) for line in lines[:-1]]
+    pairs = lines[-1].split(", ")
+    kv = "<span class='sdkit-kv' style='white-space:nowrap'>{}</span>"
+    if len(lines) == 1 and len(pairs) < 2:  # a prompt alone
+        out.append(html.escape(lines[-1]))
+    else:
+        out.append(", <wbr>".join(kv.format(html.escape(p)) for p in pairs))
+    style = (
+        "white-space:pre-wrap;word-break:normal;overflow-wrap:normal;font-family:monospace;"
+        "font-size:11px;line-height:1.35;margin:4px 0"
+    )
+    return f"<div class='sdkit-infotext' style='{style}'>" + "\n".join(out) + "</div>"
 
 
 def save_item(item: GalleryItem, directory: Path) -> Path:

@@ -79,9 +79,9 @@ class MaskPainter:
 
         self.canvas = MultiCanvas(3, width=1, height=1)
         self.brush_size = w.IntSlider(
-            value=8,
+            value=min(8, max(width, height)),
             min=1,
-            max=128,
+            max=max(int(width), int(height)),
             description="Brush",
             style={"description_width": "3.5em"},
             layout=w.Layout(width="230px"),
@@ -139,6 +139,10 @@ class MaskPainter:
         self.canvas.layout.width = f"{cw}px"
         self.canvas.layout.height = f"{ch}px"
 
+    def _fit_brush(self) -> None:
+        """The brush slider spans 1 px to the image's longer side (ipywidgets clamps the value)."""
+        self.brush_size.max = max(self.size)
+
     def to_image(self, x: float, y: float) -> Point:
         """Canvas pixel coordinates (as ipycanvas reports them) -> image coordinates."""
         iw, ih = self.size
@@ -157,6 +161,7 @@ class MaskPainter:
             self.strokes = 0
         self.image = image
         self._last = None
+        self._fit_brush()
         self._resize_canvas()
         self.redraw()
         self._changed()
@@ -166,6 +171,7 @@ class MaskPainter:
         if self.image is None and (width, height) != self.size and width > 0 and height > 0:
             self.mask = np.zeros((int(height), int(width)), dtype=np.uint8)
             self.strokes = 0
+            self._fit_brush()
             self._resize_canvas()
             self.redraw()
             self._changed()

@@ -1,9 +1,11 @@
 """`SDWidget`: the notebook studio (model, controls, mask painter, progress, gallery).
 
-Generation runs as a `Job` on the engine's worker thread; the widget learns
-about every job of its engine through `Engine.subscribe`, so jobs that others
-submit (e.g. the editor bridge) show up here too. Worker-thread callbacks only
-update widget values, which ipywidgets sends to the browser from any thread.
+Generation runs as a `Job` on the engine; the widget learns about every job of its
+engine through `Engine.subscribe`, so jobs that others submit (e.g. the editor bridge)
+show up here too. The engine's listener only queues the event (`follow.JobFollower`);
+the widget's own thread updates widget values (ipywidgets sends them from any thread),
+encodes pictures and saves results. Every result of ours is saved with its infotext to
+`outputs_dir`, as A1111 does, so a kernel restart loses nothing.
 """
 
 from __future__ import annotations
@@ -12,20 +14,26 @@ import dataclasses
 import functools
 import html
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ipywidgets as w
 from PIL import Image
 
 import sdkit
+from sdkit.jobs import EventKind
 from sdkit.request import Request, RequestError, load_image
 
 from .controls import RequestControls
+from .follow import JobFollower
 from .gallery import Gallery, GalleryItem, png_bytes
 from .painter import MaskPainter
+
+OUTPUTS_ENV = "SDKIT_OUTPUTS"  # default folder for auto-saved results ("outputs" if unset)
 
 log = logging.getLogger("sdkit.widgets")
 
@@ -34,6 +42,12 @@ _CSS = """
 .sdkit-studio { border: 1px solid #ddd; border-radius: 6px; padding: 8px; max-width: 960px; }
 .sdkit-studio .widget-textarea textarea { font-family: inherit; }
 .sdkit-studio img { image-rendering: pixelated; }
+/* FileUpload writes "label (count)" as its text; show the label alone (kept in the title) */
+.sdkit-studio .sdkit-upload { font-size: 0; }
+.sdkit-studio .sdkit-upload > i { font-size: var(--jp-widgets-font-size, 13px); margin-right: 4px; }
+.sdkit-studio .sdkit-upload::after {
+  content: attr(title); font-size: var(--jp-widgets-font-size, 13px);
+}
 </style>
 """
 
@@ -62,7 +76,9 @@ class SDWidget(w.VBox):
 
     `engine`: an `sdkit.Engine` to share (jobs others submit to it show here too);
     otherwise `model` (a spec for `sdkit.load`, default the embedded model) is loaded
-    in the background. Other keyword arguments are initial `Request` fields.
+    in the background. `outputs_dir`: where every result of ours is saved as PNG with
+    its infotext (default `$SDKIT_OUTPUTS`, else "outputs" in the working directory;
+    None or False: not saved). Other keyword arguments are initial `Request` fields.
     """
 
     def __init__(
@@ -71,20 +87,22 @@ class SDWidget(w.VBox):
         *,
         model: str | None = None,
         display_size: int = 320,
+        outputs_dir: str | os.PathLike | None | bool = True,
         **fields: Any,
     ) -> None:
         self.engine: Any = None
+        self.outputs_dir = resolve_outputs_dir(outputs_dir)
         self._unsubscribe: Callable[[], None] | None = None
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._loading = 0  # model loads in flight
-        self._active: set[str] = set()  # unfinished jobs of the engine, whoever submitted them
         self._deferred: list[Request] = []  # Generate pressed while the model loads
-        self._submitting: set[int] = set()  # threads inside Engine.submit
-        self.jobs: dict[str, Any] = {}  # our unfinished jobs by id
+        self.follower = JobFollower(self._handle_event)
         self.last_job: Any = None
         self.last_seed: int | None = None
+        self.saved: list[Path] = []  # every file auto-saved to outputs_dir
         self.errors: list[str] = []  # every error shown in the status line
+        self._status_error: RequestError | None = None  # the field error the status shows
 
         self.controls = RequestControls()
         self.painter = MaskPainter(display_size=display_size)
@@ -109,6 +127,7 @@ class SDWidget(w.VBox):
             accept=".png,image/png",
             multiple=False,
             description="Load PNG settings",
+            tooltip="Load PNG settings",  # the label shown (see _CSS: no "(0)" counter)
             icon="file-image-o",
             layout=w.Layout(width="14em"),
         )
@@ -119,6 +138,7 @@ class SDWidget(w.VBox):
             accept="image/*",
             multiple=False,
             description="Upload image",
+            tooltip="Upload image",  # the label shown (see _CSS: no "(0)" counter)
             icon="upload",
             layout=w.Layout(width="12em"),
         )
@@ -202,6 +222,10 @@ class SDWidget(w.VBox):
             ]
         )
         self.add_class("sdkit-studio")
+        if self.outputs_dir is not None:
+            self.gallery.save_dir.value = str(self.outputs_dir)
+        for upload in (self.image_upload, self.settings_upload):
+            upload.add_class("sdkit-upload")
         for widget, name in (
             (self.model_status, "sdkit-model-status"),
             (self.image_upload, "sdkit-image-upload"),
@@ -228,8 +252,8 @@ class SDWidget(w.VBox):
             if self._unsubscribe is not None:
                 self._unsubscribe()
             self.engine = engine
-            self._unsubscribe = engine.subscribe(self._on_engine_event)
-        self.controls.apply_model(engine.defaults, engine.scheduler_names, engine.vae_factor)
+            self._unsubscribe = engine.subscribe(self.follower.listener)
+        self.controls.apply_model(engine.info(), engine.check)
         spec = str(getattr(engine, "spec", "engine"))
         if spec not in self.model_spec.options:
             self.model_spec.options = [*self.model_spec.options, spec]
@@ -297,11 +321,11 @@ class SDWidget(w.VBox):
     # ----- requests ----------------------------------------------------------------------
     def request(self) -> Request:
         """The Request the widget currently describes, input image and mask included."""
-        mode = self.controls.mode
+        inputs = self.controls.spec["inputs"]
         extra: dict[str, Any] = {}
-        if mode in ("img2img", "inpaint"):
+        if "image" in inputs:
             extra["image"] = self.painter.image
-        if mode == "inpaint":
+        if "mask" in inputs:
             extra["mask"] = self.painter.mask_image()
         return self.controls.request(**extra)
 
@@ -314,24 +338,24 @@ class SDWidget(w.VBox):
                 self.painter.set_mask(request.mask)
 
     def _on_control_change(self, field: str) -> None:
-        mode = self.controls.mode
+        inputs = self.controls.spec["inputs"]
         if field in ("width", "height"):
             self.painter.resize_blank(self.controls.width.value, self.controls.height.value)
         if field == "mode":
-            self.input_box.layout.display = None if mode in ("img2img", "inpaint") else "none"
-            inpaint = mode == "inpaint"
+            self.input_box.layout.display = None if "image" in inputs else "none"
             for child in self.painter.widget.children[1:]:
-                child.layout.display = None if inpaint else "none"
+                child.layout.display = None if "mask" in inputs else "none"
         # Live check: show a fresh error for the field just changed; clear a fixed one.
-        shown = self.controls._shown_error
-        if shown is None and field == "mode":
+        shown = self.controls.shown_error
+        if shown is None and field == "mode" and self._status_error is None:
             return
         err = self.controls.validate(self.request())
-        if err is None or (err.field != shown and err.field != field):
-            if shown is not None and (err is None or err.field != shown):
-                self.controls.show_error(None)
-            return
-        self.controls.show_error(err)
+        if self._status_error is not None and (err is None or str(err) != str(self._status_error)):
+            self._set_status("")  # the error the status line named is fixed
+        if err is not None and err.field in (shown, field):
+            self.controls.show_error(err)
+        elif shown is not None:
+            self.controls.show_error(None)
 
     @_guard
     def generate(self) -> Any:
@@ -340,7 +364,7 @@ class SDWidget(w.VBox):
         err = self.controls.validate(request)
         self.controls.show_error(err)
         if err is not None:
-            self._set_status(f"not generated: {err}", error=True)
+            self._set_status(f"not generated: {err}", error=err)
             return None
         with self._lock:
             if self.engine is None:
@@ -353,27 +377,14 @@ class SDWidget(w.VBox):
         return self._submit(request)
 
     def _submit(self, request: Request) -> Any:
-        # The worker may report on the job before submit() returns: its callbacks wait on
-        # `_submitting` until the job is registered here, so they know it is ours.
-        job = None
-        with self._lock:
-            self._submitting.add(threading.get_ident())
         try:
-            job = self.engine.submit(request)
+            job = self.follower.submit(self.engine, request)
         except RequestError as err:
             self.controls.show_error(err)
-            self._set_status(f"not generated: {err}", error=True)
+            self._set_status(f"not generated: {err}", error=err)
             return None
-        finally:
-            with self._idle:
-                self._submitting.discard(threading.get_ident())
-                if job is not None:
-                    self.jobs[job.id] = job
-                    if not job.done():
-                        self._active.add(job.id)
-                    self.last_job = job
-                    self.cancel_button.disabled = False
-                self._idle.notify_all()
+        self.last_job = job
+        self.cancel_button.disabled = False
         if job.state == "queued":
             self._set_status(f"queued ({self.engine.queue_length()} waiting)")
         return job
@@ -382,7 +393,7 @@ class SDWidget(w.VBox):
     def cancel(self) -> None:
         """Cancel this widget's running and queued jobs (a running one stops within a step)."""
         with self._lock:
-            jobs = list(self.jobs.values())
+            jobs = self.follower.ours()
             self._deferred.clear()
         for job in jobs:
             job.cancel()
@@ -394,50 +405,25 @@ class SDWidget(w.VBox):
         results in the gallery (scripts and tests)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._idle:
-            while self._loading or self._active:
+            while self._loading:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise TimeoutError(f"SDWidget still busy after {timeout} s")
+                    raise TimeoutError(f"SDWidget still loading a model after {timeout} s")
                 self._idle.wait(left)
+        if not self.follower.wait_idle(deadline):
+            raise TimeoutError(f"SDWidget still busy after {timeout} s")
 
-    # ----- engine events (worker thread) ------------------------------------------------
-    def _on_engine_event(self, kind: str, job: Any, event: Any) -> None:
-        with self._idle:
-            me = threading.get_ident()
-            deadline = time.monotonic() + 10
-            while (
-                job.id not in self.jobs and self._submitting - {me} and time.monotonic() < deadline
-            ):
-                self._idle.wait(0.5)
-            # The engine reports "queued" from inside submit(), on the submitting thread.
-            ours = job.id in self.jobs or me in self._submitting
-            terminal = kind in ("done", "cancelled", "failed")
-            if not terminal:
-                self._active.add(job.id)
-        try:
-            self._handle_event(kind, job, event, ours)
-        except Exception as e:
-            log.exception("SDWidget: handling %s of job %s failed", kind, job.id)
-            self._set_status(f"{type(e).__name__}: {e}", error=True)
-        finally:
-            if terminal:
-                with self._idle:
-                    self.jobs.pop(job.id, None)
-                    self._active.discard(job.id)
-                    self.cancel_button.disabled = not self.jobs
-                    self._idle.notify_all()
-
-    def _handle_event(self, kind: str, job: Any, event: Any, ours: bool) -> None:
+    # ----- engine events (the follower's thread, never the engine's) ---------------------
+    def _handle_event(self, kind: EventKind, job: Any, event: Any, ours: bool) -> None:
         who = "" if ours else " (submitted elsewhere)"
-        if kind == "queued":
+        if kind == EventKind.QUEUED:
             if not ours:
                 self._set_status(f"job queued{who}")
-        elif kind == "started":
-            self.progress.max = max(1, int(job.request.num_inference_steps or 1))
-            self.progress.value = 0
+        elif kind == EventKind.STARTED:
+            self._reset_progress(job)
             self.progress.bar_style = "info"
             self._set_status(f"{job.request.mode} started{who}")
-        elif kind == "progress" and event is not None:
+        elif kind == EventKind.PROGRESS and event is not None:
             self.progress.max = max(1, event.total)
             self.progress.value = event.step
             per_step = event.elapsed / max(1, event.step)
@@ -447,49 +433,86 @@ class SDWidget(w.VBox):
             )
             if event.preview is not None:
                 self.preview.value = png_bytes(event.preview)
-        elif kind == "done":
-            result = job.result(timeout=0)
-            self.progress.value = self.progress.max
-            self.progress.bar_style = "success"
-            self.gallery.add_result(result, source="widget" if ours else "engine")
-            if result.seeds:
-                self.last_seed = int(result.seeds[0])
-                self.controls.reuse_seed.disabled = False
-            if result.images:
-                self.preview.value = png_bytes(result.images[0])
-            t = result.timings
-            self._set_status(
-                f"done: {len(result.images)} image(s) · "
-                f"{t.get('per_step', 0.0):.3f} s/step · "
-                f"{t.get('total', 0.0):.2f} s total{who}"
-            )
-        elif kind == "cancelled":
+        elif kind == EventKind.DONE:
+            self._finished(job.result(timeout=0), ours, who)
+        elif kind == EventKind.CANCELLED:
             self.progress.bar_style = "warning"
             step = job.progress.step if job.progress is not None else 0
             self._set_status(f"cancelled at step {step}/{self.progress.max}{who}")
-        elif kind == "failed":
+        elif kind == EventKind.FAILED:
             self.progress.bar_style = "danger"
             err = job.error
             if isinstance(err, RequestError) and ours:
                 self.controls.show_error(err)
-            self._set_status(f"failed{who}: {err}", error=True)
+            self._set_status(
+                f"failed{who}: {err}",
+                error=err if isinstance(err, RequestError) and ours else True,
+            )
+        if kind in (EventKind.DONE, EventKind.CANCELLED, EventKind.FAILED):
+            self.cancel_button.disabled = not [j for j in self.follower.ours() if j is not job]
 
-    def _set_status(self, text: str, *, error: bool = False) -> None:
+    def _finished(self, result: Any, ours: bool, who: str) -> None:
+        self.progress.value = self.progress.max
+        self.progress.bar_style = "success"
+        saved = ""
+        paths: list[Path] = []
+        if ours and self.outputs_dir is not None:
+            try:
+                paths = [Path(p) for p in result.save(self.outputs_dir)]
+            except OSError as e:  # a bad folder is the user's to fix; the result stays here
+                self._set_status(f"could not save to {self.outputs_dir}: {e}", error=True)
+                return self._show_result(result, ours, [])
+            self.saved.extend(paths)
+            saved = f" · saved to {self.outputs_dir}"
+        self._show_result(result, ours, paths)
+        t = result.timings
+        self._set_status(
+            f"done: {len(result.images)} image(s) · "
+            f"{t.get('per_step', 0.0):.3f} s/step · "
+            f"{t.get('total', 0.0):.2f} s total{saved}{who}"
+        )
+
+    def _show_result(self, result: Any, ours: bool, paths: list[Path]) -> None:
+        self.gallery.add_result(result, source="widget" if ours else "engine", paths=paths)
+        if result.seeds:
+            self.last_seed = int(result.seeds[0])
+            self.controls.reuse_seed.disabled = False
+        if result.images:
+            self.preview.value = png_bytes(result.images[0])
+
+    def _reset_progress(self, job: Any) -> None:
+        """A job starts: an empty bar sized by its steps (progress events correct the total)."""
+        self.progress.value = 0
+        self.progress.max = max(1, int(job.request.num_inference_steps or 1))
+        self.progress.bar_style = ""
+
+    def _set_status(self, text: str, *, error: bool | RequestError = False) -> None:
+        """Show `text`; `error` a RequestError: the line clears once that field is fixed."""
         if error:
             self.errors.append(text)
-        self.status.value = _err(text) if error else _info(text)
+        self._status_error = error if isinstance(error, RequestError) else None
+        self.status.value = _err(text) if error else _info(text) if text else ""
 
     # ----- gallery actions ---------------------------------------------------------------
     @_guard
     def _use_as_input(self, item: GalleryItem) -> None:
         self._set_input(item.image)
-        if self.controls.mode not in ("img2img", "inpaint"):
-            self.controls.mode = "img2img"
+        self._switch_to_image_mode()
 
     @_guard
     def _send_to_inpaint(self, item: GalleryItem) -> None:
         self._set_input(item.image)
-        self.controls.mode = "inpaint"
+        self._switch_to_image_mode(mask=True)
+
+    def _switch_to_image_mode(self, *, mask: bool = False) -> None:
+        """Keep the current mode if it takes an input picture (and a mask, if asked), else
+        switch to the registered mode that takes it with the fewest other inputs."""
+        want = {"image", "mask"} if mask else {"image"}
+        if want <= set(self.controls.spec["inputs"]):
+            return
+        fitting = [m for m in self.controls.modes if want <= set(m["inputs"])]
+        if fitting:
+            self.controls.mode = min(fitting, key=lambda m: len(m["inputs"]))["name"]
 
     @_guard
     def rerun(self, item: GalleryItem | None = None) -> Any:
@@ -503,7 +526,7 @@ class SDWidget(w.VBox):
 
     def _set_input(self, image: Image.Image) -> None:
         self.painter.set_image(image)
-        factor = max(1, self.controls.vae_factor)
+        factor = self.controls.size_multiple
         if image.width % factor == 0 and image.height % factor == 0:
             self.controls.width.value, self.controls.height.value = image.size
         self._on_control_change("image")
@@ -527,8 +550,7 @@ class SDWidget(w.VBox):
             self.controls.show_error(err)
             return
         self._set_input(image)
-        if self.controls.mode not in ("img2img", "inpaint"):
-            self.controls.mode = "img2img"
+        self._switch_to_image_mode()
 
     @_guard
     def _on_settings_upload(self, change: dict) -> None:
@@ -558,11 +580,22 @@ class SDWidget(w.VBox):
             if self._unsubscribe is not None:
                 self._unsubscribe()
                 self._unsubscribe = None
+        self.follower.close()
         super().close()
 
     def result_images(self) -> list[Image.Image]:
         """All gallery images, newest first (for scripts)."""
         return [item.image for item in self.gallery.items]
+
+
+def resolve_outputs_dir(value: str | os.PathLike | None | bool) -> Path | None:
+    """`outputs_dir` as given: True means `$SDKIT_OUTPUTS` or "outputs" (relative to the
+    working directory); None or False turn auto-saving off."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = os.environ.get(OUTPUTS_ENV) or "outputs"
+    return Path(value).expanduser()
 
 
 def _info(text: str) -> str:
