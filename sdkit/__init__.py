@@ -30,9 +30,9 @@ __all__ = [
 
 _LAZY = {
     "Engine": "sdkit.engine",
-    "Job": "sdkit.engine",
-    "JobCancelled": "sdkit.engine",
-    "ProgressEvent": "sdkit.engine",
+    "Job": "sdkit.jobs",
+    "JobCancelled": "sdkit.jobs",
+    "ProgressEvent": "sdkit.jobs",
     "Result": "sdkit.result",
     "ModelNotFoundError": "sdkit.models",
     "load": "sdkit.api",
@@ -45,7 +45,8 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from sdkit.api import generate, img2img, inpaint, load, txt2img, unconditional
-    from sdkit.engine import Engine, Job, JobCancelled, ProgressEvent
+    from sdkit.engine import Engine
+    from sdkit.jobs import Job, JobCancelled, ProgressEvent
     from sdkit.models import ModelNotFoundError
     from sdkit.result import Result
 

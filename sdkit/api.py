@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from sdkit.engine import Engine, make_request
+from sdkit.engine import Engine
 from sdkit.models import normalise_spec, resolve_device, resolve_dtype
-from sdkit.request import Request
+from sdkit.request import Request, make_request
 from sdkit.result import Result
 
 _engines: dict[tuple, Engine] = {}

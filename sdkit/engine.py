@@ -1,140 +1,52 @@
-"""`Engine`: one loaded model on one device serving the four modes; `Job`: one request in it.
+"""`Engine`: one loaded model on one device serving every registered mode it can.
 
 The engine loads weights once and builds the per-mode diffusers pipelines from the same
 components with `from_pipe` (no second copy, no reload when switching). A single worker
-thread runs jobs in FIFO order; events go to the job's callbacks and to every subscriber.
+thread runs jobs in FIFO order through the mode registry (`sdkit.modes`); events go to
+listeners on a separate dispatcher thread (`sdkit.jobs`), so no listener runs on the worker.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import itertools
 import logging
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from sdkit import fast, schedulers
+from sdkit import fast, modes, schedulers
+from sdkit.jobs import (
+    Dispatcher,
+    EventFn,
+    EventKind,
+    Interrupted,
+    Job,
+    JobCancelled,
+    JobQueue,
+    JobState,
+    ProgressEvent,
+)
 from sdkit.models import LoadedModel, load_model
 from sdkit.preview import factors_for, latents_to_rgb
-from sdkit.request import Request, RequestError
+from sdkit.request import RANGES, Request, RequestError, make_request
 from sdkit.result import Result
+from sdkit.runners import RunContext, cancel_points, denoise_steps
 
 log = logging.getLogger(__name__)
 
-EventFn = Callable[[str, "Job", "ProgressEvent | None"], None]
+__all__ = ["Engine", "Job", "JobCancelled", "ProgressEvent", "make_request"]
+
 _UNCONDITIONAL_SCHEDULERS = ["DDPM", "DDIM"]
 
 
-@dataclass(frozen=True)
-class ProgressEvent:
-    """One finished denoising step (counted the way diffusers' own progress bar counts)."""
-
-    job_id: str
-    step: int
-    total: int
-    elapsed: float
-    preview: Image.Image | None = None
-
-
-class JobCancelled(RuntimeError):
-    """The job was cancelled; it produced no images."""
-
-
-class _Interrupted(Exception):
-    """Raised inside the denoising loop to stop a cancelled job at once."""
-
-
-class Job:
-    """A request on its way through an engine; `result()` waits for it."""
-
-    def __init__(self, request: Request, engine: Engine, preview_every: int = 1):
-        self.id = uuid.uuid4().hex[:12]
-        self.request = request
-        self.state = "queued"
-        self.progress: ProgressEvent | None = None
-        self.error: BaseException | None = None
-        self.preview_every = preview_every
-        self.submitted_at = time.perf_counter()
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-        self._engine = engine
-        self._result: Result | None = None
-        self._callbacks: list[EventFn] = []
-        self._lock = threading.Lock()
-        self._cancel = threading.Event()
-        self._finished = threading.Event()
-
-    def __repr__(self) -> str:
-        return f"<Job {self.id} {self.request.mode} {self.state}>"
-
-    def cancel(self) -> None:
-        """A queued job never runs; a running one stops within one denoising step."""
-        with self._lock:
-            if self.state in ("done", "cancelled", "failed"):
-                return
-            self._cancel.set()
-            if self.state != "queued":
-                return
-            self.state = "cancelled"
-            self.finished_at = time.perf_counter()
-        self._finished.set()
-        self._engine._emit("cancelled", self, None)
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel.is_set()
-
-    def done(self) -> bool:
-        return self._finished.is_set()
-
-    def result(self, timeout: float | None = None) -> Result:
-        """The `Result`; raises `JobCancelled`, the job's own error, or `TimeoutError`."""
-        if not self._finished.wait(timeout):
-            raise TimeoutError(f"job {self.id} still {self.state} after {timeout} s")
-        if self.state == "cancelled":
-            raise JobCancelled(f"job {self.id} was cancelled")
-        if self.state == "failed":
-            assert self.error is not None
-            raise self.error
-        assert self._result is not None
-        return self._result
-
-    def add_callback(self, fn: EventFn) -> None:
-        """`fn(kind, job, event)` for this job's events, from the worker thread."""
-        with self._lock:
-            self._callbacks.append(fn)
-
-    # -- used by the engine's worker ------------------------------------------------
-
-    def _try_start(self) -> bool:
-        with self._lock:
-            if self.state != "queued":
-                return False
-            self.state = "running"
-            self.started_at = time.perf_counter()
-            return True
-
-    def _finish(self, state: str, result: Result | None = None, error: BaseException | None = None):
-        with self._lock:
-            self.state = state
-            self._result = result
-            self.error = error
-            self.finished_at = time.perf_counter()
-        self._finished.set()
-
-
 class Engine:
-    """One model on one device. All four modes share its components."""
+    """One model on one device. Every mode it serves shares its components."""
 
     def __init__(
         self,
@@ -166,7 +78,7 @@ class Engine:
         self.vae_factor = 1 if self.family == "unconditional" else int(base.vae_scale_factor)
         # diffusers' text pipelines insist on multiples of 8 even when the VAE factor is smaller.
         self.size_multiple = 1 if self.family == "unconditional" else max(8, self.vae_factor)
-        self._scheduler_config = dict(base.scheduler.config)
+        self.scheduler_config = dict(base.scheduler.config)
         if self.family == "unconditional":
             self.scheduler_names = list(_UNCONDITIONAL_SCHEDULERS)
         else:
@@ -190,23 +102,46 @@ class Engine:
         self._pipes: dict[str, Any] = {type(base).__name__: base}
         self._base = base
         self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
-        self._pending: collections.deque[Job] = collections.deque()
-        self._subscribers: list[EventFn] = []
+        self._queue = JobQueue()
+        self._events = Dispatcher(f"sdkit-events-{id(self):x}")
+        self._post = self._events.post
         self._current: Job | None = None
-        self._closed = False
         self._worker = threading.Thread(
             target=self._work, name=f"sdkit-engine-{id(self):x}", daemon=True
         )
         self._worker.start()
+
+    @property
+    def _scheduler_config(self) -> dict:  # the name tests and older callers use
+        return self.scheduler_config
+
+    @property
+    def _closed(self) -> bool:
+        return self._queue.closed
 
     def __repr__(self) -> str:
         return f"<sdkit.Engine {self.model.name} {self.family} on {self.device} {self.dtype}>"
 
     # -- public API -----------------------------------------------------------------
 
+    def modes(self) -> list[modes.ModeSpec]:
+        """The registered modes this engine's model family can run."""
+        return [s for s in modes.registered() if s.serves(self.family)]
+
+    def ranges(self) -> dict[str, list[float]]:
+        """[lo, hi] of every numeric Request field for this model (what `check` enforces)."""
+        out = {k: [lo, hi] for k, (lo, hi) in RANGES.items()}
+        if self.family == "unconditional":
+            size = self.defaults["width"]
+            out["width"] = out["height"] = [size, size]
+        else:
+            for name in ("width", "height"):
+                f = self.size_multiple
+                out[name] = [f, RANGES[name][1] // f * f]
+        return out
+
     def info(self) -> dict:
-        """JSON-safe description (the bridge and the widget show it)."""
+        """JSON-safe description (the bridge, the widget and the editors show and check it)."""
         return {
             "spec": self.spec,
             "name": self.model.name,
@@ -214,43 +149,49 @@ class Engine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "vae_factor": self.vae_factor,
+            "size_multiple": self.size_multiple,
             "inpainting_unet": self.inpainting_unet,
             "defaults": dict(self.defaults),
             "scheduler_names": list(self.scheduler_names),
-            "modes": ["unconditional"] if self.family == "unconditional" else list(_MODES),
+            "modes": [s.describe() for s in self.modes()],
+            "ranges": self.ranges(),
         }
 
-    def prepare(self, request: Request) -> Request:
-        """The request as it will run: validated, model defaults and a seed filled in."""
+    def check(self, request: Request) -> Request:
+        """The request as it would run (validated; size from the input image, model defaults
+        and a seed filled in), or the `RequestError` that `submit` would raise. Limits
+        (pixels per job, steps) apply to this filled request. `request` is not changed,
+        except that image/mask given as paths or bytes are loaded in place."""
         if not isinstance(request, Request):
             raise RequestError(
                 "request", f"expected an sdkit.Request, got {type(request).__name__}"
             )
         request.validate(vae_factor=self.size_multiple, scheduler_names=self.scheduler_names)
+        spec = modes.get(request.mode)
+        if not spec.serves(self.family):
+            allowed = ", ".join(str(s.name) for s in self.modes())
+            raise RequestError(
+                "mode",
+                f"{self.model.name} ({self.family}) cannot run {request.mode}; allowed: {allowed}",
+            )
         req = dataclasses.replace(request, extra=dict(request.extra))
-        if req.mode in ("img2img", "inpaint") and not (req.mode == "inpaint" and req.only_masked):
-            # diffusers' own rule: work at the input's size, rounded down to the VAE factor.
+        if "image" in spec.inputs and not ("only_masked" in spec.fields and req.only_masked):
+            # diffusers' own rule: work at the input's size, rounded down to the size multiple.
             w, h = req.image.size
             f = self.size_multiple
             if req.width is None:
                 req.width = max(f, w - w % f)
             if req.height is None:
                 req.height = max(f, h - h % f)
-        if req.mode == "unconditional":
-            if req.guidance_scale is not None and req.guidance_scale > 1:
-                raise RequestError(
-                    "guidance_scale",
-                    "unconditional generation runs without guidance; use 0, 1 or None",
-                )
-            req.guidance_scale = 1.0
-            req.prompt = ""
+        g = spec.forced.get("guidance_scale")
+        if g is not None and req.guidance_scale is not None and req.guidance_scale > g:
+            raise RequestError(
+                "guidance_scale", f"{req.mode} generation runs without guidance; use 0, 1 or None"
+            )
+        for name, value in spec.forced.items():
+            setattr(req, name, value)
         req = req.with_defaults(self.defaults)
         if self.family == "unconditional":
-            if req.mode != "unconditional":
-                raise RequestError(
-                    "mode",
-                    f"{self.model.name} is an unconditional-only model; allowed: unconditional",
-                )
             size = self.defaults["width"]
             for name in ("width", "height"):
                 if getattr(req, name) != size:
@@ -258,10 +199,7 @@ class Engine:
                         name,
                         f"this unconditional model draws {size}x{size} only, got {getattr(req, name)}",
                     )
-        if (
-            req.mode in ("img2img", "inpaint")
-            and denoise_steps(req.num_inference_steps, req.strength) < 1
-        ):
+        if "strength" in spec.fields and denoise_steps(req.num_inference_steps, req.strength) < 1:
             raise RequestError(
                 "strength",
                 f"{req.strength} x {req.num_inference_steps} steps leaves no denoising step; "
@@ -277,33 +215,28 @@ class Engine:
     def submit(
         self, request: Request, *, preview_every: int = 1, callback: EventFn | None = None
     ) -> Job:
-        """Validate (raising `RequestError`) and queue; `preview_every=0` means no previews."""
-        req = self.prepare(request)
-        job = Job(req, self, preview_every)
-        if callback is not None:
-            job.add_callback(callback)
+        """Check (raising `RequestError`) and queue; `preview_every=0` means no previews.
+
+        The job's events ("queued" first) reach listeners only after this returns it."""
+        req = self.check(request)
         if self._closed:
             raise RuntimeError("this engine is closed")
-        self._emit("queued", job, None)  # before the worker can see it: "queued" comes first
-        with self._cond:
-            if not self._closed:
-                self._pending.append(job)
-                self._cond.notify()
-                return job
-        job.cancel()
-        raise RuntimeError("this engine is closed")
+        job = Job(req, self._post, preview_every)
+        if callback is not None:
+            job.add_callback(callback)
+        try:
+            self._post(EventKind.QUEUED, job, None)  # before the worker can see it
+            if not self._queue.put(job):
+                job.cancel()
+                raise RuntimeError("this engine is closed")
+            return job
+        finally:
+            job._handed_out.set()
 
     def subscribe(self, fn: EventFn) -> Callable[[], None]:
-        """`fn(kind, job, event)` for every job of this engine; returns the unsubscribe."""
-        with self._lock:
-            self._subscribers.append(fn)
-
-        def unsubscribe() -> None:
-            with self._lock:
-                if fn in self._subscribers:
-                    self._subscribers.remove(fn)
-
-        return unsubscribe
+        """`fn(kind, job, event)` for every job of this engine, on the dispatcher thread;
+        returns the unsubscribe."""
+        return self._events.subscribe(fn)
 
     def generate(self, request: Request, *, progress: bool = True) -> Result:
         """Run one request to the end with a tqdm bar; Ctrl-C cancels the job."""
@@ -311,9 +244,9 @@ class Engine:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=None, desc=request.mode, unit="step", leave=False)
+            bar = tqdm(total=None, desc=str(request.mode), unit="step", leave=False)
 
-        def on_event(kind: str, job: Job, event: ProgressEvent | None) -> None:
+        def on_event(kind: EventKind, job: Job, event: ProgressEvent | None) -> None:
             if bar is not None and event is not None:
                 bar.total = event.total
                 bar.n = event.step
@@ -321,7 +254,9 @@ class Engine:
 
         job = self.submit(request, preview_every=0, callback=on_event)
         try:
-            return job.result()
+            result = job.result()
+            job.wait_delivered(10)  # the bar shows the last step before it closes
+            return result
         except KeyboardInterrupt:
             job.cancel()
             raise
@@ -352,114 +287,104 @@ class Engine:
 
     def queue_length(self) -> int:
         """Jobs waiting (not counting the running one)."""
-        with self._lock:
-            return sum(1 for j in self._pending if j.state == "queued")
+        return self._queue.waiting()
 
     @property
     def current_job(self) -> Job | None:
         return self._current
 
     def close(self) -> None:
-        """Cancel what waits, let the running job stop, end the worker."""
-        with self._cond:
-            self._closed = True
-            pending = list(self._pending)
-            self._pending.clear()
-            self._cond.notify_all()
-        for job in pending:
+        """Cancel what waits, let the running job stop, end the worker and the dispatcher."""
+        for job in self._queue.close():
             job.cancel()
         if self._current is not None:
             self._current.cancel()
         if threading.current_thread() is not self._worker:
             self._worker.join(timeout=30)
+        self._events.close()
 
-    def pipeline(self, mode: str) -> Any:
-        """The diffusers pipeline serving `mode`, built once from the shared components."""
-        cls = self._pipeline_class(mode)
+    def pipeline(self, name: str) -> Any:
+        """The diffusers pipeline serving mode `name` (or the diffusers class `name`), built
+        once from the shared components."""
+        cls_name = self._pipeline_class_name(name)
         with self._lock:
-            pipe = self._pipes.get(cls.__name__)
+            pipe = self._pipes.get(cls_name)
             if pipe is None:
-                pipe = cls.from_pipe(self._base, dtype=self.dtype)
+                import diffusers
+
+                pipe = getattr(diffusers, cls_name).from_pipe(self._base, dtype=self.dtype)
                 pipe.set_progress_bar_config(disable=True)
-                self._pipes[cls.__name__] = pipe
+                self._pipes[cls_name] = pipe
             return pipe
+
+    def preview(self, latents: Any, *, pixel: bool = False) -> Image.Image:
+        """A cheap RGB view of `latents` (or of pixel-space samples) at image size."""
+        return latents_to_rgb(
+            latents,
+            self._preview_factors,
+            self._preview_bias,
+            scale=1 if pixel else self.vae_factor,
+            pixel_space=pixel,
+        )
 
     # -- internals ------------------------------------------------------------------
 
-    def _pipeline_class(self, mode: str) -> Any:
-        import diffusers as d
-
-        if self.family == "unconditional":
-            return d.DDPMPipeline if mode == "DDPM" else d.DDIMPipeline
+    def _pipeline_class_name(self, name: str) -> str:
+        if name not in {str(s.name) for s in modes.registered()}:
+            return name  # a diffusers class name
+        spec = modes.get(name)
         if self.inpainting_unet:  # a 9-channel UNet serves every mode through its own pipeline
-            return (
-                d.StableDiffusionXLInpaintPipeline
-                if self.family == "sdxl"
-                else d.StableDiffusionInpaintPipeline
-            )
-        table = {
-            "txt2img": (d.StableDiffusionPipeline, d.StableDiffusionXLPipeline),
-            "unconditional": (d.StableDiffusionPipeline, d.StableDiffusionXLPipeline),
-            "img2img": (d.StableDiffusionImg2ImgPipeline, d.StableDiffusionXLImg2ImgPipeline),
-            "inpaint": (d.StableDiffusionInpaintPipeline, d.StableDiffusionXLInpaintPipeline),
-        }
-        return table[mode][self.family == "sdxl"]
-
-    def _emit(self, kind: str, job: Job, event: ProgressEvent | None) -> None:
-        with self._lock:
-            fns = list(job._callbacks) + list(self._subscribers)
-        for fn in fns:
-            try:
-                fn(kind, job, event)
-            except Exception:  # a broken listener must never break the job
-                log.exception("sdkit event listener %r failed on %s", fn, kind)
+            spec = modes.get(modes.Mode.INPAINT)
+        try:
+            return spec.pipelines[self.family]
+        except KeyError:
+            raise RequestError(
+                "mode", f"{name} has no diffusers pipeline for a {self.family} model"
+            ) from None
 
     def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closed:
-                    self._cond.wait()
-                if not self._pending:
-                    return
-                job = self._pending.popleft()
+        while (job := self._queue.take()) is not None:
             if not job._try_start():
                 continue
             self._current = job
-            self._emit("started", job, None)
+            self._post(EventKind.STARTED, job, None)
             try:
                 result = self._execute(job)
-            except _Interrupted:
-                job._finish("cancelled")
-                self._emit("cancelled", job, None)
+            except Interrupted:
+                self._end(job, JobState.CANCELLED)
             except BaseException as err:  # noqa: BLE001 - reported through the job
                 log.debug("job %s failed", job.id, exc_info=True)
-                job._finish("failed", error=err)
-                self._emit("failed", job, None)
+                self._end(job, JobState.FAILED, error=err)
             else:
                 if job.cancel_requested:
-                    job._finish("cancelled")
-                    self._emit("cancelled", job, None)
+                    self._end(job, JobState.CANCELLED)
                 else:
-                    job._finish("done", result=result)
-                    self._emit("done", job, job.progress)
+                    self._end(job, JobState.DONE, result=result)
             finally:
                 self._current = None
 
+    def _end(self, job: Job, state: JobState, **outcome: Any) -> None:
+        """Finish the job first (so `result()` works in its listeners), then tell them."""
+        job._finish(state, **outcome)
+        kind = EventKind(state.value)
+        self._post(kind, job, job.progress if kind == EventKind.DONE else None)
+
     def _execute(self, job: Job) -> Result:
+        """Run `job` through its mode's runner; cancel is checked before the run, at every
+        step and UNet/VAE-decoder block (`cancel_points`), after the decode and between
+        batch items."""
         req = job.request
         if job.cancel_requested:
-            raise _Interrupted
+            raise Interrupted
+        spec = modes.get(req.mode)
         seeds = [req.seed + i for i in range(req.num_images)]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        with torch.inference_mode():
-            if self.family == "unconditional":
-                images = self._run_pixel_unconditional(job, generators)
-            elif req.mode == "inpaint":
-                images = self._run_inpaint(job, generators)
-            else:
-                images = self._run_sd(job, generators)
-        if job.cancel_requested:
-            raise _Interrupted
+        ctx = RunContext(self, job, generators)
+        vae = getattr(self._base, "vae", None)
+        unet = getattr(self._base, "unet", None)
+        with torch.inference_mode(), cancel_points(ctx, unet, getattr(vae, "decoder", None)):
+            images = spec.run(ctx)
+        ctx.check_cancel()
         now = time.perf_counter()
         steps = job.progress.total if job.progress else req.num_inference_steps
         total = now - (job.started_at or now)
@@ -469,254 +394,3 @@ class Engine:
             "queued": (job.started_at or now) - job.submitted_at,
         }
         return Result(images=images, seeds=seeds, request=req, timings=timings)
-
-    # -- the modes --------------------------------------------------------------------
-
-    def _scheduled(self, pipe: Any, name: str, job: Job | None = None) -> Any:
-        """Put a fresh scheduler `name` (built on the model's own config) on `pipe`."""
-        scheduler = schedulers.make_scheduler(name, self._scheduler_config)
-        if job is not None:
-            seed_noise_sampler(scheduler, job.request.seed, job.request.num_images)
-        pipe.scheduler = scheduler
-        if job is not None:
-            fast.prepare_job(pipe, job.request.width, job.request.height, job.request.num_images)
-        return pipe
-
-    def _step_callback(self, job: Job, denoise_steps: int) -> Callable:
-        """callback_on_step_end: cancel check every iteration, events as diffusers counts steps."""
-        counter = itertools.count(1)
-        state = {"step": 0}
-
-        def callback(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
-            if job.cancel_requested:
-                raise _Interrupted
-            iters = pipe.num_timesteps
-            order = getattr(pipe.scheduler, "order", 1)
-            warmup = iters - denoise_steps * order
-            if i == iters - 1 or ((i + 1) > warmup and (i + 1) % order == 0):
-                state["step"] = min(next(counter), denoise_steps)
-                self._progress(job, state["step"], denoise_steps, kwargs.get("latents"))
-            return {}
-
-        return callback
-
-    def _progress(self, job: Job, step: int, total: int, latents: Any, *, pixel: bool = False):
-        preview = None
-        every = job.preview_every
-        if every and latents is not None and (step % every == 0 or step == total):
-            preview = latents_to_rgb(
-                latents,
-                self._preview_factors,
-                self._preview_bias,
-                scale=1 if pixel else self.vae_factor,
-                pixel_space=pixel,
-            )
-        elapsed = time.perf_counter() - (job.started_at or time.perf_counter())
-        event = ProgressEvent(job.id, step, total, elapsed, preview)
-        job.progress = event
-        self._emit("progress", job, event)
-
-    def _common_kwargs(self, job: Job, generators: list, denoise_steps: int) -> dict:
-        req = job.request
-        return {
-            "num_inference_steps": req.num_inference_steps,
-            "guidance_scale": req.guidance_scale,
-            "width": req.width,
-            "height": req.height,
-            "num_images_per_prompt": req.num_images,
-            "generator": generators,
-            "callback_on_step_end": self._step_callback(job, denoise_steps),
-            "output_type": "pil",
-        }
-
-    def _run_sd(self, job: Job, generators: list) -> list[Image.Image]:
-        req = job.request
-        if self.inpainting_unet:
-            return self._run_sd_with_inpainting_unet(job, generators)
-        pipe = self._scheduled(self.pipeline(req.mode), req.scheduler, job)
-        if req.mode == "img2img":
-            steps = denoise_steps(req.num_inference_steps, req.strength)
-            kwargs = self._common_kwargs(job, generators, steps)
-            del kwargs["width"], kwargs["height"]  # img2img pipelines take the image's size
-            image = fit_image(req.image, req.width, req.height, req.resize_mode)
-            return pipe(
-                prompt=req.prompt,
-                negative_prompt=req.negative_prompt or None,
-                image=image,
-                strength=req.strength,
-                **kwargs,
-            ).images
-        kwargs = self._common_kwargs(job, generators, req.num_inference_steps)
-        if req.mode == "unconditional":
-            return pipe(prompt="", **kwargs).images
-        return pipe(prompt=req.prompt, negative_prompt=req.negative_prompt or None, **kwargs).images
-
-    def _run_sd_with_inpainting_unet(self, job: Job, generators: list) -> list[Image.Image]:
-        """txt2img / img2img on a 9-channel UNet: its own pipeline with an all-white mask."""
-        req = job.request
-        pipe = self._scheduled(self.pipeline(req.mode), req.scheduler, job)
-        size = (req.width, req.height)
-        if req.mode == "img2img":
-            image, strength = (
-                fit_image(req.image, req.width, req.height, req.resize_mode),
-                req.strength,
-            )
-        else:
-            image, strength = Image.new("RGB", size, (127, 127, 127)), 1.0
-        kwargs = self._common_kwargs(
-            job, generators, denoise_steps(req.num_inference_steps, strength)
-        )
-        prompt = "" if req.mode == "unconditional" else req.prompt
-        negative = None if req.mode == "unconditional" else (req.negative_prompt or None)
-        return pipe(
-            prompt=prompt,
-            negative_prompt=negative,
-            image=image,
-            mask_image=Image.new("L", size, 255),
-            strength=strength,
-            **kwargs,
-        ).images
-
-    def _run_inpaint(self, job: Job, generators: list) -> list[Image.Image]:
-        req = job.request
-        work = inpaint_inputs(req)
-        pipe = self._scheduled(self.pipeline("inpaint"), req.scheduler, job)
-        kwargs = self._common_kwargs(
-            job, generators, denoise_steps(req.num_inference_steps, req.strength)
-        )
-        out = pipe(
-            prompt=req.prompt,
-            negative_prompt=req.negative_prompt or None,
-            image=work.image,
-            mask_image=work.mask,
-            strength=req.strength,
-            **kwargs,
-        ).images
-        return [inpaint_finish(req, work, im) for im in out]
-
-    def _run_pixel_unconditional(self, job: Job, generators: list) -> list[Image.Image]:
-        """UNet2DModel models: their own DDPM/DDIM pipeline; progress from a UNet hook."""
-        req = job.request
-        name = schedulers.canonical_name(req.scheduler)
-        pipe = self.pipeline(name)
-        self._scheduled(pipe, name, job)
-        count = itertools.count(1)
-
-        def hook(module: Any, args: tuple, output: Any) -> None:
-            if job.cancel_requested:
-                raise _Interrupted
-            total = len(pipe.scheduler.timesteps)
-            self._progress(job, min(next(count), total), total, args[0], pixel=True)
-
-        handle = pipe.unet.register_forward_hook(hook)
-        try:
-            return pipe(
-                batch_size=req.num_images,
-                generator=generators,
-                num_inference_steps=req.num_inference_steps,
-                output_type="pil",
-            ).images
-        finally:
-            handle.remove()
-
-
-_MODES = ("txt2img", "img2img", "inpaint", "unconditional")
-
-
-def make_request(mode: str, **fields: Any) -> Request:
-    """A Request from keyword arguments; an unknown keyword is a `RequestError` naming it."""
-    names = [f.name for f in dataclasses.fields(Request)]
-    for key in fields:
-        if key not in names or key == "mode":
-            raise RequestError(
-                key, f"unknown field; known fields: {', '.join(n for n in names if n != 'mode')}"
-            )
-    return Request(mode=mode, **fields)
-
-
-def seed_noise_sampler(scheduler: Any, seed: int, n: int) -> None:
-    """Seed the Brownian-tree noise of the DPM++ SDE scheduler from the request's seeds.
-
-    diffusers' DPMSolverSDEScheduler otherwise seeds it from torch's global RNG, so one
-    seed would not give one image; per-image seeds keep image i equal to a run at seed + i.
-    """
-    if hasattr(scheduler, "noise_sampler_seed") and scheduler.noise_sampler_seed is None:
-        scheduler.noise_sampler_seed = [seed + i for i in range(n)]
-
-
-def denoise_steps(num_inference_steps: int, strength: float) -> int:
-    """Steps diffusers actually runs for `strength` (its get_timesteps rule)."""
-    return min(int(num_inference_steps * strength), num_inference_steps)
-
-
-def fit_image(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
-    """An init image at the working size.
-
-    "resize": stretch to width x height; "crop": scale to cover, centre-crop the overflow;
-    "fill": scale to fit inside, pad the rest with the image's edge colours stretched out.
-    """
-    image = image.convert("RGB")
-    size = (width, height)
-    if image.size == size:
-        return image
-    lanczos = Image.Resampling.LANCZOS
-    if mode == "crop":
-        return ImageOps.fit(image, size, lanczos)
-    if mode == "fill":
-        inner = ImageOps.contain(image, size, lanczos)
-        canvas = image.resize(size, Image.Resampling.BILINEAR)  # stretched backdrop
-        canvas = canvas.filter(_blur(max(size) // 8))
-        canvas.paste(inner, ((width - inner.width) // 2, (height - inner.height) // 2))
-        return canvas
-    return image.resize(size, lanczos)
-
-
-def _blur(radius: int) -> Any:
-    from PIL import ImageFilter
-
-    return ImageFilter.GaussianBlur(max(1, radius))
-
-
-@dataclass
-class InpaintWork:
-    """What the inpaint pipeline gets, and how its output goes back onto the original."""
-
-    image: Image.Image  # working image (crop or whole, at width x height), fill applied
-    mask: Image.Image  # working soft mask ("L") at width x height
-    soft_mask: Image.Image  # grown + feathered mask at the original's size
-    box: tuple[int, int, int, int] | None  # only_masked crop box in the original
-
-
-def inpaint_inputs(req: Request) -> InpaintWork:
-    """Mask prep (grow, blur), only-masked crop, resize to the working size, and fill."""
-    from sdkit import masks
-
-    original = req.image.convert("RGB")
-    soft = masks.prepare_mask(req.mask, req.grow, req.mask_blur)
-    size = (req.width, req.height)
-    box = None
-    if req.only_masked:
-        box = masks.crop_region(soft, req.padding, target_size=size).box
-        image = original.crop(box)
-        mask = soft.crop(box)
-    else:
-        image, mask = original, soft
-    if image.size != size:
-        image = image.resize(size, Image.Resampling.LANCZOS)
-        mask = mask.resize(size, Image.Resampling.BILINEAR)
-    image = masks.fill_masked(image, mask, req.fill, seed=req.seed)
-    return InpaintWork(image=image, mask=mask, soft_mask=soft, box=box)
-
-
-def inpaint_finish(req: Request, work: InpaintWork, generated: Image.Image) -> Image.Image:
-    """Paste back (only_masked) or resize to the original, then composite over it."""
-    from sdkit import masks
-
-    original = req.image.convert("RGB")
-    if work.box is not None:
-        full = masks.paste_back(original, generated, work.box)
-    elif generated.size != original.size:
-        full = generated.resize(original.size, Image.Resampling.LANCZOS)
-    else:
-        full = generated
-    return masks.composite(original, full, work.soft_mask)

@@ -6,12 +6,10 @@ converts to a JSON-safe dict (the bridge) and to A1111 "infotext" (the PNG `para
 text chunk), and parses infotext written by A1111 itself, keeping keys it does not know in
 `extra` so that writing it back loses nothing.
 
-Prompt rules (decided here, documented in `Request.validate`):
-- txt2img needs a non-empty prompt (generation without one is `mode="unconditional"`);
-- img2img and inpaint accept an empty prompt (the image carries the content; A1111 does
-  the same, e.g. inpainting "nothing" to remove an object);
-- unconditional takes no prompt (a non-empty one is an error, not silently dropped); its
-  negative prompt is ignored.
+Prompt rules follow the mode's spec (`sdkit.modes`): a mode that requires "prompt"
+(txt2img) needs a non-empty one; a mode that reads it without requiring it (img2img,
+inpaint: the image carries the content, as in A1111) accepts an empty one; a mode that does
+not read it (unconditional) refuses a non-empty one rather than silently dropping it.
 """
 
 from __future__ import annotations
@@ -31,34 +29,31 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-MODES = ("txt2img", "img2img", "inpaint", "unconditional")
 FILLS = ("original", "fill", "noise")
 RESIZE_MODES = ("resize", "crop", "fill")
 
-_PROMPTED = (
-    "prompt",
-    "negative_prompt",
-    "num_inference_steps",
-    "guidance_scale",
-    "width",
-    "height",
-    "seed",
-    "scheduler",
-    "num_images",
-)
-_IMG2IMG = (*_PROMPTED, "image", "strength", "resize_mode")
-# The fields each mode reads; the CLI's flags and the widget's tabs both follow this table.
-FIELDS_BY_MODE: dict[str, tuple[str, ...]] = {
-    "txt2img": _PROMPTED,
-    "img2img": _IMG2IMG,
-    "inpaint": (*_IMG2IMG, "mask", "mask_blur", "grow", "only_masked", "padding", "fill"),
-    "unconditional": ("num_inference_steps", "width", "height", "seed", "scheduler", "num_images"),
-}
-
+# Limits, one rule for the API, the CLI, the widget and the bridge (`Request.validate`).
 MAX_STEPS = 1000
 MAX_IMAGES = 16
 MAX_SIZE = 4096
 MAX_SEED = 2**32 - 1
+MAX_GUIDANCE = 100
+MAX_PIXELS = 4096 * 4096  # width x height x num_images of one job, as it will run
+MIN_STRENGTH = 0.001  # 1000 steps x 0.001 = one denoising step
+# [lo, hi] of every numeric field (inclusive); sizes also must be a multiple of the model's
+# size multiple, and the engine raises `lo` of width/height to it (`Engine.info()["ranges"]`).
+RANGES: dict[str, tuple[float, float]] = {
+    "num_inference_steps": (1, MAX_STEPS),
+    "guidance_scale": (0, MAX_GUIDANCE),
+    "width": (1, MAX_SIZE),
+    "height": (1, MAX_SIZE),
+    "seed": (0, MAX_SEED),
+    "num_images": (1, MAX_IMAGES),
+    "strength": (MIN_STRENGTH, 1),
+    "mask_blur": (0, 64),  # pixels of feathering
+    "grow": (0, 256),  # pixels of dilation
+    "padding": (0, 512),  # context pixels around the mask (only_masked)
+}
 
 _IMAGE_FIELDS = ("image", "mask")
 
@@ -200,32 +195,30 @@ class Request:
     ) -> None:
         """Raise one `RequestError` for the first bad field, else return None.
 
+        The mode must be registered (`sdkit.modes`); its spec says which fields it requires.
+        Every numeric field must lie in `RANGES` (inclusive): steps 1..1000, guidance 0..100,
+        width/height 1..4096 and a multiple of `vae_factor`, seed 0..2**32-1, num_images
+        1..16, strength 0.001..1, mask_blur 0..64, grow 0..256, padding 0..512; and when the
+        size is known, width x height x num_images <= MAX_PIXELS (16 Mpx). Huge integers
+        are refused like any other out-of-range value (never an OverflowError).
+
         Side effect, on purpose: `image` and `mask` given as a path, bytes, base64 text or
         array are loaded in place (image -> RGB, mask -> "L") so the engine only sees PIL.
         `None` in the model-default fields (steps, guidance, size, seed, scheduler) is valid.
         """
-        if self.mode not in MODES:
-            raise RequestError("mode", f"unknown mode {self.mode!r}; allowed: {', '.join(MODES)}")
-        self._validate_prompts()
-        _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS, optional=True)
-        g = self.guidance_scale
-        if g is not None:
-            if not _is_number(g) or not math.isfinite(g):
-                raise RequestError("guidance_scale", f"must be a number >= 0, got {g!r}")
-            if g < 0:
-                raise RequestError(
-                    "guidance_scale", f"must be >= 0 (0 turns guidance off), got {g!r}"
-                )
+        from sdkit import modes
+
+        spec = modes.get(self.mode)
+        self._validate_prompts(spec)
+        _check_range("num_inference_steps", self.num_inference_steps, integer=True)
+        _check_range("guidance_scale", self.guidance_scale, integer=False)
         for name in ("width", "height"):
             _check_size(name, getattr(self, name), vae_factor)
-        if self.seed is not None:
-            _check_int("seed", self.seed, 0, MAX_SEED)
-        _check_int("num_images", self.num_images, 1, MAX_IMAGES)
-        s = self.strength
-        if not _is_number(s) or not math.isfinite(s) or not 0 < s <= 1:
-            raise RequestError("strength", f"must be a number in (0, 1], got {s!r}")
+        _check_range("seed", self.seed, integer=True)
+        _check_range("num_images", self.num_images, integer=True, optional=False)
+        _check_range("strength", self.strength, integer=False, optional=False)
         for name in ("mask_blur", "grow", "padding"):
-            _check_int(name, getattr(self, name), 0, None)
+            _check_range(name, getattr(self, name), integer=True, optional=False)
         if not isinstance(self.only_masked, bool | np.bool_):
             raise RequestError("only_masked", f"must be True or False, got {self.only_masked!r}")
         if self.fill not in FILLS:
@@ -245,49 +238,48 @@ class Request:
             raise RequestError("extra", "must be a dict of str to str (unknown infotext keys)")
         if self.scheduler is not None:
             _check_scheduler(self.scheduler, scheduler_names)
-        self._validate_images()
+        self._validate_images(spec)
+        check_pixels(self)
 
-    def _validate_prompts(self) -> None:
+    def _validate_prompts(self, spec: Any) -> None:
         if not isinstance(self.negative_prompt, str):
             raise RequestError(
                 "negative_prompt", f"must be a string, got {type(self.negative_prompt).__name__}"
             )
+        takes_prompt = "prompt" in spec.fields
         if self.prompt is None:
-            if self.mode == "unconditional":
+            if not takes_prompt:
                 return
             raise RequestError("prompt", f"missing: {self.mode} needs a prompt string")
         if not isinstance(self.prompt, str):
             raise RequestError("prompt", f"must be a string, got {type(self.prompt).__name__}")
-        if self.mode == "txt2img" and not self.prompt.strip():
+        if "prompt" in spec.required and not self.prompt.strip():
+            hint = " (for no prompt use mode='unconditional')" if self.mode == "txt2img" else ""
+            raise RequestError("prompt", f"missing: {self.mode} needs a non-empty prompt{hint}")
+        if not takes_prompt and self.prompt.strip():
             raise RequestError(
                 "prompt",
-                "missing: txt2img needs a non-empty prompt (for no prompt use mode='unconditional')",
-            )
-        if self.mode == "unconditional" and self.prompt.strip():
-            raise RequestError(
-                "prompt", "must be empty for unconditional generation (use txt2img for a prompt)"
+                f"must be empty for {self.mode} generation (use txt2img for a prompt)",
             )
 
-    def _validate_images(self) -> None:
-        if self.mode not in ("img2img", "inpaint"):
-            return
-        if self.image is None:
+    def _validate_images(self, spec: Any) -> None:
+        if "image" in spec.required and self.image is None:
             raise RequestError("image", f"missing: {self.mode} needs an input image")
-        image = load_image(self.image, "image")
-        self.image = image if image.mode == "RGB" else image.convert("RGB")
-        if self.mode != "inpaint":
-            return
-        if self.mask is None:
+        if "mask" in spec.required and self.mask is None:
             raise RequestError(
-                "mask", "missing: inpaint needs a mask (white = repaint, black = keep)"
+                "mask", f"missing: {self.mode} needs a mask (white = repaint, black = keep)"
             )
-        self.mask = load_mask(self.mask, "mask")
-        if self.mask.size != self.image.size:
-            raise RequestError(
-                "mask",
-                f"size {self.mask.size[0]}x{self.mask.size[1]} differs from the image's "
-                f"{self.image.size[0]}x{self.image.size[1]}; they must be equal",
-            )
+        if "image" in spec.inputs and self.image is not None:
+            image = load_image(self.image, "image")
+            self.image = image if image.mode == "RGB" else image.convert("RGB")
+        if "mask" in spec.inputs and self.mask is not None:
+            self.mask = load_mask(self.mask, "mask")
+            if self.image is not None and self.mask.size != self.image.size:
+                raise RequestError(
+                    "mask",
+                    f"size {self.mask.size[0]}x{self.mask.size[1]} differs from the image's "
+                    f"{self.image.size[0]}x{self.image.size[1]}; they must be equal",
+                )
 
     # ------------------------------------------------------------------ defaults, dicts
 
@@ -377,6 +369,29 @@ class Request:
         return cls.from_infotext(text)
 
 
+def make_request(mode: str, **fields: Any) -> Request:
+    """A Request from keyword arguments; an unknown keyword is a `RequestError` naming it."""
+    names = [f.name for f in dataclasses.fields(Request)]
+    for key in fields:
+        if key not in names or key == "mode":
+            raise RequestError(
+                key, f"unknown field; known fields: {', '.join(n for n in names if n != 'mode')}"
+            )
+    return Request(mode=mode, **fields)
+
+
+def __getattr__(name: str) -> Any:
+    """`MODES` and `FIELDS_BY_MODE`: views of the mode registry (`sdkit.modes`), read live."""
+    if name in ("MODES", "FIELDS_BY_MODE"):
+        from sdkit import modes
+
+        specs = modes.registered()
+        if name == "MODES":
+            return tuple(str(s.name) for s in specs)
+        return {str(s.name): s.fields for s in specs}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ---------------------------------------------------------------------------- checks
 
 
@@ -388,14 +403,39 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_)
 
 
-def _check_int(name: str, v: Any, lo: int, hi: int | None, *, optional: bool = False) -> None:
+def _check_range(name: str, v: Any, *, integer: bool, optional: bool = True) -> None:
+    """`v` within `RANGES[name]` (None allowed when `optional`); compares without float()."""
     if v is None and optional:
         return
-    allowed = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
-    if not _is_int(v):
-        raise RequestError(name, f"must be {allowed}, got {v!r}")
-    if v < lo or (hi is not None and v > hi):
-        raise RequestError(name, f"must be {allowed}, got {v}")
+    lo, hi = RANGES[name]
+    kind = "an integer" if integer else "a number"
+    allowed = f"{kind} in {lo}..{hi}"
+    ok_type = _is_int(v) if integer else _is_number(v)
+    if not ok_type:
+        raise RequestError(name, f"must be {allowed}, got {_shown(v)}")
+    if not integer and not _is_int(v):
+        try:
+            finite = math.isfinite(v)
+        except (OverflowError, ValueError):
+            finite = False
+        if not finite:
+            raise RequestError(name, f"must be {allowed}, got {_shown(v)}")
+    if not lo <= v <= hi:  # exact for ints of any size (no float conversion)
+        raise RequestError(name, f"must be {allowed}, got {_shown(v)}")
+
+
+def check_pixels(req: Request) -> None:
+    """width x height x num_images <= MAX_PIXELS once the size is known (the job as it runs)."""
+    w, h, n = req.width, req.height, req.num_images
+    if not (_is_int(w) and _is_int(h) and _is_int(n)):
+        return
+    if w * h * n > MAX_PIXELS:
+        field = "num_images" if n > 1 and w * h <= MAX_PIXELS else "width"
+        raise RequestError(
+            field,
+            f"{w}x{h} x {n} image(s) = {w * h * n} pixels; one job may make at most "
+            f"{MAX_PIXELS} pixels (width x height x num_images)",
+        )
 
 
 def _check_size(name: str, v: Any, vae_factor: int) -> None:
@@ -409,7 +449,13 @@ def _check_size(name: str, v: Any, vae_factor: int) -> None:
         if _is_int(v) and 0 < v <= MAX_SIZE and v % vae_factor:
             lower = v - v % vae_factor
             hint = f"; try {lower or vae_factor} or {lower + vae_factor}"
-        raise RequestError(name, f"must be {allowed}, got {v!r}{hint}")
+        raise RequestError(name, f"must be {allowed}, got {_shown(v)}{hint}")
+
+
+def _shown(v: Any) -> str:
+    """A value for an error message; a huge integer is cut short, not printed in full."""
+    text = repr(v)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def _check_scheduler(name: Any, scheduler_names: Iterable[str] | None) -> None:

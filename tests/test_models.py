@@ -149,4 +149,5 @@ def test_embedded_model_is_the_default_and_brings_its_preview_fit():
         callback=lambda kind, job, ev: events.append(ev) if kind == "progress" else None,
     )
     assert job.result(timeout=600)[0].size == (64, 64)
+    assert job.wait_delivered(30)
     assert events[-1].preview.size == (64, 64)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdkit import masks
-from sdkit.engine import fit_image
+from sdkit.fitting import fit_image
 from sdkit.request import Request
 from sdkit.schedulers import make_scheduler
 
@@ -279,8 +279,9 @@ def test_unconditional_only_model_uses_its_own_pipeline(ddpm_engine, scheduler):
         callback=lambda kind, job, ev: events.append(ev) if kind == "progress" else None,
     )
     ours = job.result(timeout=120)
+    assert job.wait_delivered(30)
     cls = DDPMPipeline if scheduler == "DDPM" else DDIMPipeline
-    pipe = ddpm_engine.pipeline(scheduler)
+    pipe = ddpm_engine.pipeline(cls.__name__)
     assert isinstance(pipe, cls) and pipe.unet is ddpm_engine.model.pipe.unet
     pipe.scheduler = make_scheduler(scheduler, ddpm_engine._scheduler_config)
     ref = pipe(batch_size=2, generator=gens(8, 2), num_inference_steps=4).images

@@ -1,0 +1,241 @@
+"""The built-in modes' runners, and the `RunContext` every runner gets.
+
+A runner is `run(ctx) -> list[PIL.Image]` (see `sdkit.modes.ModeSpec.run`). The context
+gives it the job's request, its per-image CPU generators, the engine's pipelines with a
+fresh scheduler, progress reporting and the cancel check. Runners call diffusers exactly
+as a diffusers user would, so outputs stay bit-identical to plain diffusers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+
+from sdkit import fast, schedulers
+from sdkit.fitting import fit_image, inpaint_finish, inpaint_inputs
+from sdkit.jobs import EventKind, Interrupted, Job, ProgressEvent
+from sdkit.modes import Mode
+
+if TYPE_CHECKING:
+    from sdkit.engine import Engine
+    from sdkit.request import Request
+
+
+def denoise_steps(num_inference_steps: int, strength: float) -> int:
+    """Steps diffusers actually runs for `strength` (its get_timesteps rule)."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+
+def seed_noise_sampler(scheduler: Any, seed: int, n: int) -> None:
+    """Seed the Brownian-tree noise of the DPM++ SDE scheduler from the request's seeds.
+
+    diffusers' DPMSolverSDEScheduler otherwise seeds it from torch's global RNG, so one
+    seed would not give one image; per-image seeds keep image i equal to a run at seed + i.
+    """
+    if hasattr(scheduler, "noise_sampler_seed") and scheduler.noise_sampler_seed is None:
+        scheduler.noise_sampler_seed = [seed + i for i in range(n)]
+
+
+@dataclass
+class RunContext:
+    """One job's run on one engine (what a runner needs, nothing more)."""
+
+    engine: Engine
+    job: Job
+    generators: list[torch.Generator]
+
+    @property
+    def request(self) -> Request:
+        return self.job.request
+
+    def check_cancel(self) -> None:
+        """Stop here if the job was cancelled (raises; the engine reports `cancelled`)."""
+        if self.job.cancel_requested:
+            raise Interrupted
+
+    def pipeline(self, name: str | None = None, scheduler: str | None = None) -> Any:
+        """The engine's pipeline for mode or class `name` (default: the job's mode), with a
+        fresh scheduler (default: the request's) seeded and sized for this job."""
+        req = self.request
+        pipe = self.engine.pipeline(name or req.mode)
+        sched = schedulers.make_scheduler(scheduler or req.scheduler, self.engine.scheduler_config)
+        seed_noise_sampler(sched, req.seed, req.num_images)
+        pipe.scheduler = sched
+        fast.prepare_job(pipe, req.width, req.height, req.num_images)
+        return pipe
+
+    def progress(self, step: int, total: int, latents: Any = None, *, pixel: bool = False) -> None:
+        """Report step `step` of `total`; `latents` (optional) make the preview."""
+        job, engine = self.job, self.engine
+        preview = None
+        every = job.preview_every
+        if every and latents is not None and (step % every == 0 or step == total):
+            preview = engine.preview(latents, pixel=pixel)
+        elapsed = time.perf_counter() - (job.started_at or time.perf_counter())
+        event = ProgressEvent(job.id, step, total, elapsed, preview)
+        job.progress = event
+        engine._post(EventKind.PROGRESS, job, event)
+
+    def step_callback(self, denoise_steps: int) -> Callable:
+        """callback_on_step_end: cancel check every iteration, events as diffusers counts."""
+        counter = itertools.count(1)
+
+        def callback(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
+            self.check_cancel()
+            iters = pipe.num_timesteps
+            order = getattr(pipe.scheduler, "order", 1)
+            warmup = iters - denoise_steps * order
+            if i == iters - 1 or ((i + 1) > warmup and (i + 1) % order == 0):
+                step = min(next(counter), denoise_steps)
+                self.progress(step, denoise_steps, kwargs.get("latents"))
+            return {}
+
+        return callback
+
+    def common_kwargs(self, denoise_steps: int) -> dict:
+        req = self.request
+        return {
+            "num_inference_steps": req.num_inference_steps,
+            "guidance_scale": req.guidance_scale,
+            "width": req.width,
+            "height": req.height,
+            "num_images_per_prompt": req.num_images,
+            "generator": self.generators,
+            "callback_on_step_end": self.step_callback(denoise_steps),
+            "output_type": "pil",
+        }
+
+
+@contextlib.contextmanager
+def cancel_points(ctx: RunContext, *modules: Any) -> Iterator[None]:
+    """Check cancel before every block of `modules` (UNet and VAE-decoder blocks), so a
+    cancelled job stops within one block even when one step or the decode takes minutes.
+    Hooks only raise, so outputs are unchanged; a UNet compiled whole is left alone."""
+
+    def check(module: Any, args: Any) -> None:
+        ctx.check_cancel()
+
+    handles = []
+    for module in modules:
+        if module is None or "forward" in vars(module):  # compiled as one graph
+            continue
+        blocks = [*getattr(module, "down_blocks", ()), *getattr(module, "up_blocks", ())]
+        if getattr(module, "mid_block", None) is not None:
+            blocks.append(module.mid_block)
+        handles += [b.register_forward_pre_hook(check) for b in blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ------------------------------------------------------------------------ the runners
+
+
+def run_txt2img(ctx: RunContext) -> list[Image.Image]:
+    req = ctx.request
+    if ctx.engine.inpainting_unet:
+        return _with_inpainting_unet(ctx)
+    pipe = ctx.pipeline()
+    kwargs = ctx.common_kwargs(req.num_inference_steps)
+    return pipe(prompt=req.prompt, negative_prompt=req.negative_prompt or None, **kwargs).images
+
+
+def run_img2img(ctx: RunContext) -> list[Image.Image]:
+    req = ctx.request
+    if ctx.engine.inpainting_unet:
+        return _with_inpainting_unet(ctx)
+    pipe = ctx.pipeline()
+    kwargs = ctx.common_kwargs(denoise_steps(req.num_inference_steps, req.strength))
+    del kwargs["width"], kwargs["height"]  # img2img pipelines take the image's size
+    return pipe(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt or None,
+        image=fit_image(req.image, req.width, req.height, req.resize_mode),
+        strength=req.strength,
+        **kwargs,
+    ).images
+
+
+def run_inpaint(ctx: RunContext) -> list[Image.Image]:
+    req = ctx.request
+    work = inpaint_inputs(req)
+    pipe = ctx.pipeline(Mode.INPAINT)
+    kwargs = ctx.common_kwargs(denoise_steps(req.num_inference_steps, req.strength))
+    out = pipe(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt or None,
+        image=work.image,
+        mask_image=work.mask,
+        strength=req.strength,
+        **kwargs,
+    ).images
+    done = []
+    for image in out:  # compositing a large batch takes a while: cancel between items
+        ctx.check_cancel()
+        done.append(inpaint_finish(req, work, image))
+    return done
+
+
+def run_unconditional(ctx: RunContext) -> list[Image.Image]:
+    """Text models: an empty prompt with guidance off; UNet2DModel models: their own pipeline."""
+    if ctx.engine.family == "unconditional":
+        return _pixel_unconditional(ctx)
+    if ctx.engine.inpainting_unet:
+        return _with_inpainting_unet(ctx)
+    pipe = ctx.pipeline()
+    return pipe(prompt="", **ctx.common_kwargs(ctx.request.num_inference_steps)).images
+
+
+def _with_inpainting_unet(ctx: RunContext) -> list[Image.Image]:
+    """txt2img / img2img / unconditional on a 9-channel UNet: its own pipeline, all-white mask."""
+    req = ctx.request
+    pipe = ctx.pipeline()
+    size = (req.width, req.height)
+    if req.mode == Mode.IMG2IMG:
+        image = fit_image(req.image, req.width, req.height, req.resize_mode)
+        strength = req.strength
+    else:
+        image, strength = Image.new("RGB", size, (127, 127, 127)), 1.0
+    kwargs = ctx.common_kwargs(denoise_steps(req.num_inference_steps, strength))
+    unconditional = req.mode == Mode.UNCONDITIONAL
+    return pipe(
+        prompt="" if unconditional else req.prompt,
+        negative_prompt=None if unconditional else (req.negative_prompt or None),
+        image=image,
+        mask_image=Image.new("L", size, 255),
+        strength=strength,
+        **kwargs,
+    ).images
+
+
+def _pixel_unconditional(ctx: RunContext) -> list[Image.Image]:
+    """UNet2DModel models: their own DDPM/DDIM pipeline; progress from a UNet hook."""
+    req = ctx.request
+    name = schedulers.canonical_name(req.scheduler)
+    pipe = ctx.pipeline("DDPMPipeline" if name == "DDPM" else None, name)
+    count = itertools.count(1)
+
+    def hook(module: Any, args: tuple, output: Any) -> None:
+        ctx.check_cancel()
+        total = len(pipe.scheduler.timesteps)
+        ctx.progress(min(next(count), total), total, args[0], pixel=True)
+
+    handle = pipe.unet.register_forward_hook(hook)
+    try:
+        return pipe(
+            batch_size=req.num_images,
+            generator=ctx.generators,
+            num_inference_steps=req.num_inference_steps,
+            output_type="pil",
+        ).images
+    finally:
+        handle.remove()
