@@ -222,9 +222,36 @@ def encode_dataset(args, vae, work: Path):
     return data
 
 
-def train_unet(args, work: Path, tokenizer, data):
+def noise_schedule():
+    """The training scheduler and its min-SNR-5 loss weight per timestep."""
     from diffusers import DDPMScheduler
 
+    sched = DDPMScheduler(
+        **{
+            k: v
+            for k, v in SCHEDULER_CONFIG.items()
+            if k not in ("skip_prk_steps", "set_alpha_to_one")
+        }
+    )
+    alphas = sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    return sched, torch.clamp(snr, max=5.0) / snr
+
+
+def denoising_loss(unet, cond, x0, sched, weight, g: torch.Generator, offset_noise: float):
+    """Epsilon-prediction loss with offset noise and min-SNR weighting (shared with the
+    adapter trainers in `train_adapters.py`)."""
+    noise = torch.randn(x0.shape, generator=g) + offset_noise * torch.randn(
+        (x0.shape[0], x0.shape[1], 1, 1), generator=g
+    )
+    t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
+    xt = sched.add_noise(x0, noise, t)
+    pred = unet(xt, t, encoder_hidden_states=cond).sample
+    per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+    return (per * weight[t]).mean()
+
+
+def train_unet(args, work: Path, tokenizer, data):
     unet = make_unet()
     te = make_text_encoder(len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
     ema_unet, ema_te = (
@@ -246,16 +273,7 @@ def train_unet(args, work: Path, tokenizer, data):
         opt.load_state_dict(state["opt"])
         step = state["step"]
         log(f"unet: resumed at step {step}")
-    sched = DDPMScheduler(
-        **{
-            k: v
-            for k, v in SCHEDULER_CONFIG.items()
-            if k not in ("skip_prk_steps", "set_alpha_to_one")
-        }
-    )
-    alphas = sched.alphas_cumprod
-    snr = alphas / (1 - alphas)
-    weight = torch.clamp(snr, max=5.0) / snr
+    sched, weight = noise_schedule()
     latents = data["latents"] * data["scaling_factor"]
     scenes = data["scenes"]
     token_cache: dict[str, torch.Tensor] = {}
@@ -281,17 +299,10 @@ def train_unet(args, work: Path, tokenizer, data):
         ids = torch.stack([tokens(shapes.caption(scenes[i], rng)) for i in idx])
         x0 = latents[torch.from_numpy(idx)]
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        noise = torch.randn(x0.shape, generator=g) + args.offset_noise * torch.randn(
-            (x0.shape[0], x0.shape[1], 1, 1), generator=g
-        )
-        t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
-        xt = sched.add_noise(x0, noise, t)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.unet_steps, args.lr)
         cond = te(ids).last_hidden_state
-        pred = unet(xt, t, encoder_hidden_states=cond).sample
-        per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (per * weight[t]).mean()
+        loss = denoising_loss(unet, cond, x0, sched, weight, g, args.offset_noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
