@@ -17,7 +17,7 @@ DEFAULT_BIND = "tcp://127.0.0.1:5555"  # = sdkit.bridge.server.DEFAULT_BIND, wit
 
 
 def _log_setup(level: str) -> None:
-    from sdkit.bridge.server import json_log_handler
+    from sdkit.bridge.logs import json_log_handler
 
     logger = logging.getLogger("sdkit.bridge")
     logger.setLevel(getattr(logging, level.upper()))

@@ -27,7 +27,9 @@ from typing import Any
 import zmq
 from sdkit.bridge import protocol as P
 from sdkit.bridge import security
-from sdkit.bridge.server import DEFAULT_BIND, _client_label, _log
+from sdkit.bridge.logs import client_label as _client_label
+from sdkit.bridge.logs import log_event as _log
+from sdkit.bridge.server import DEFAULT_BIND
 
 log = logging.getLogger("sdkit.bridge")
 

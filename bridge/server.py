@@ -14,7 +14,6 @@ its jobs reach the front of the queue.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import queue
@@ -22,81 +21,17 @@ import socket as pysocket
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 from PIL import Image
 from sdkit.bridge import protocol as P
 from sdkit.bridge import security
-
-log = logging.getLogger("sdkit.bridge")
+from sdkit.bridge.clients import Clients, Entry
+from sdkit.bridge.logs import client_label, log, log_event
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 SERVER_NAME = "sdkit-bridge"
-
-
-# ---------------------------------------------------------------------------- logging
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, event, then the event's fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        out.update(getattr(record, "bridge", {}) or {})
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-def json_log_handler(stream: Any = None, level: int = logging.INFO) -> logging.Handler:
-    """A handler writing JSON lines (the CLI installs it on the ``sdkit.bridge`` logger)."""
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    handler.setLevel(level)
-    return handler
-
-
-def _log(level: int, event: str, **fields: Any) -> None:
-    if log.isEnabledFor(level):
-        log.log(level, event, extra={"bridge": fields})
-
-
-def _client_label(client: bytes) -> str:
-    return client.hex()[:16]
-
-
-# ---------------------------------------------------------------------------- state
-
-
-@dataclass
-class _Entry:
-    """One generate request in flight: which client, which id, which job."""
-
-    client: bytes
-    rid: str
-    job: Any
-    engine: Any
-    preview: int
-    result_format: str
-    seq: int
-    started: bool = False
-    finished: bool = False
-    gone: bool = False
-    cancel_reason: str = "cancelled by the client"
-    last_position: int | None = None
-
-
-@dataclass
-class _Client:
-    entries: dict[str, _Entry] = field(default_factory=dict)
-    last_seen: float = 0.0
 
 
 def _image_from_picture(pic: P.Picture, name: str, max_pixels: int) -> Image.Image:
@@ -190,9 +125,7 @@ class Server:
         self._wake_r, self._wake_w = pysocket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._clients: dict[bytes, _Client] = {}
-        self._by_job: dict[str, _Entry] = {}
-        self._deferred: list[tuple[bytes, list[Any]]] = []
+        self._clients = Clients()
         self._seq = 0
         self._stop = threading.Event()
         self._notify_on_stop = True
@@ -242,7 +175,7 @@ class Server:
             where = self.connect_address or self.bind_address
             raise OSError(f"cannot {'connect to' if self.worker else 'bind'} {where}: {e}") from e
         self._sock = sock
-        _log(
+        log_event(
             logging.INFO,
             "serving",
             address=self.address,
@@ -291,7 +224,7 @@ class Server:
         try:
             while not self._stop.is_set():
                 timeout = max(0.0, next_probe - time.monotonic())
-                if self._deferred:
+                if self._clients.has_deferred:
                     timeout = min(timeout, 0.01)
                 ready = dict(poller.poll(int(timeout * 1000) + 1))
                 if self._wake_r.fileno() in ready or self._wake_r in ready:
@@ -308,19 +241,19 @@ class Server:
                             break
                         self._on_message([f.buffer for f in frames])
                 self._drain_events()
-                if self._deferred:
-                    self._retry_deferred()
+                if self._clients.has_deferred:
+                    self._clients.retry_deferred(self._send_again)
                 if time.monotonic() >= next_probe:
                     self._probe()
                     next_probe = time.monotonic() + self.probe_interval
         except Exception:  # noqa: BLE001 - the loop itself must not die silently
-            _log(logging.ERROR, "server_loop_crashed", address=self.address)
+            log_event(logging.ERROR, "server_loop_crashed", address=self.address)
             log.exception("bridge server loop crashed")
         finally:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        for entry in list(self._by_job.values()):
+        for entry in self._clients.entries():
             entry.cancel_reason = "the server is stopping"
             try:
                 entry.job.cancel()
@@ -333,7 +266,6 @@ class Server:
                         entry.rid, "shutdown", "the server stopped before this finished"
                     ),
                 )
-        self._by_job.clear()
         self._clients.clear()
         if self._sock is not None:
             self._sock.close(0)
@@ -343,7 +275,7 @@ class Server:
         self._wake_w.close()
         if self._own_context:
             self.context.term()
-        _log(logging.INFO, "stopped", address=self.address, **self.stats)
+        log_event(logging.INFO, "stopped", address=self.address, **self.stats)
 
     # ------------------------------------------------------------------ sending
 
@@ -357,7 +289,7 @@ class Server:
             return True
         except zmq.Again:
             if essential:
-                self._deferred.append((client, frames))
+                self._clients.defer(client, frames)
             return False
         except zmq.ZMQError as e:
             if e.errno == zmq.EHOSTUNREACH:
@@ -365,13 +297,8 @@ class Server:
                 return False
             raise
 
-    def _retry_deferred(self) -> None:
-        pending, self._deferred = self._deferred, []
-        for i, (client, frames) in enumerate(pending):
-            if not self._send(client, frames, essential=False):
-                if self._sock is not None and client in self._clients:
-                    self._deferred.extend(pending[i:])
-                    return
+    def _send_again(self, client: bytes, frames: list[Any]) -> bool:
+        return self._send(client, frames, essential=False)
 
     def _error(self, client: bytes, rid: str | None, code: str, message: str, field=None) -> None:
         self.stats["errors"] += 1
@@ -382,10 +309,10 @@ class Server:
         if state is None:
             return
         self.stats["clients_gone"] += 1
-        _log(
+        log_event(
             logging.WARNING,
             "client_gone",
-            client=_client_label(client),
+            client=client_label(client),
             cancelled=[e.rid for e in state.entries.values()],
         )
         for entry in state.entries.values():
@@ -403,10 +330,10 @@ class Server:
         try:
             msg = P.decode_request(body, self.limits)
         except P.ProtocolError as e:
-            _log(
+            log_event(
                 logging.INFO,
                 "bad_message",
-                client=_client_label(client),
+                client=client_label(client),
                 id=e.request_id,
                 code=e.code,
                 field=e.field,
@@ -414,15 +341,12 @@ class Server:
             )
             self._error(client, e.request_id, e.code, e.message, e.field)
             return
-        state = self._clients.get(client)
-        if state is None and msg.op != "bye":
-            state = self._clients[client] = _Client()
-        if state is not None:
-            state.last_seen = time.monotonic()
+        if msg.op != "bye":
+            self._clients.touch(client, time.monotonic())
         try:
             getattr(self, f"_op_{msg.op}")(client, msg)
         except P.ProtocolError as e:
-            _log(
+            log_event(
                 logging.INFO,
                 "bad_request",
                 id=msg.id,
@@ -490,7 +414,7 @@ class Server:
             return
         was = entry.job.state
         entry.job.cancel()
-        _log(logging.INFO, "cancel", client=_client_label(client), id=target, was=was)
+        log_event(logging.INFO, "cancel", client=client_label(client), id=target, was=was)
         self._send(client, P.event_frames("cancel", msg.id, target=target, found=True, state=was))
 
     def _op_bye(self, client: bytes, msg: P.Message) -> None:
@@ -504,7 +428,7 @@ class Server:
     def _op_generate(self, client: bytes, msg: P.Message) -> None:
         from sdkit.request import Request, RequestError
 
-        state = self._clients[client]
+        state = self._clients.touch(client, time.monotonic())
         rid = msg.id
         if rid in state.entries:
             raise P.ProtocolError(
@@ -551,17 +475,16 @@ class Server:
         except RequestError as e:
             raise P.ProtocolError("bad_field", e.message, f"request.{e.field}", rid) from None
         self._seq += 1
-        entry = _Entry(
+        entry = Entry(
             client, rid, job, engine, preview, msg.header.get("result_format", "rgba8"), self._seq
         )
-        state.entries[rid] = entry
-        self._by_job[job.id] = entry
+        self._clients.add(state, entry)
         position = self._position(entry)
         entry.last_position = position
-        _log(
+        log_event(
             logging.INFO,
             "accepted",
-            client=_client_label(client),
+            client=client_label(client),
             id=rid,
             job=job.id,
             mode=request.mode,
@@ -603,18 +526,18 @@ class Server:
             if model not in self._engines:
                 import sdkit
 
-                _log(logging.INFO, "loading_model", model=model)
+                log_event(logging.INFO, "loading_model", model=model)
                 self._engines[model] = sdkit.load(target)
             return self._engines[model]
         return target
 
-    def _position(self, entry: _Entry) -> int:
+    def _position(self, entry: Entry) -> int:
         """Jobs ahead of this one that the bridge knows of (0: running or next)."""
         if entry.job.state != "queued":
             return 0
         return sum(
             1
-            for e in self._by_job.values()
+            for e in self._clients.entries()
             if e.engine is entry.engine and e.seq < entry.seq and not e.finished
         )
 
@@ -626,7 +549,7 @@ class Server:
                 job_id, kind, event = self._events.get_nowait()
             except queue.Empty:
                 return
-            entry = self._by_job.get(job_id)
+            entry = self._clients.by_job(job_id)
             if entry is None or entry.finished:
                 continue
             try:
@@ -634,14 +557,10 @@ class Server:
             except Exception:  # noqa: BLE001
                 log.exception("bridge failed to forward %s for %s", kind, entry.rid)
 
-    def _finish(self, entry: _Entry) -> None:
-        entry.finished = True
-        self._by_job.pop(entry.job.id, None)
-        state = self._clients.get(entry.client)
-        if state is not None and state.entries.get(entry.rid) is entry:
-            del state.entries[entry.rid]
+    def _finish(self, entry: Entry) -> None:
+        self._clients.finish(entry)
 
-    def _on_engine_event(self, entry: _Entry, kind: str, event: Any) -> None:
+    def _on_engine_event(self, entry: Entry, kind: str, event: Any) -> None:
         client, rid = entry.client, entry.rid
         if kind == "started":
             entry.started = True
@@ -676,7 +595,9 @@ class Server:
                 ("image", picture_from_image(im, entry.result_format)) for im in result.images
             ]
             self.stats["results"] += 1
-            _log(logging.INFO, "result", client=_client_label(client), id=rid, images=len(pictures))
+            log_event(
+                logging.INFO, "result", client=client_label(client), id=rid, images=len(pictures)
+            )
             self._send(
                 client,
                 P.event_frames(
@@ -692,10 +613,10 @@ class Server:
             )
         elif kind == "cancelled":
             self._finish(entry)
-            _log(
+            log_event(
                 logging.INFO,
                 "cancelled",
-                client=_client_label(client),
+                client=client_label(client),
                 id=rid,
                 reason=entry.cancel_reason,
             )
@@ -710,13 +631,15 @@ class Server:
                 code, message, fld = "bad_field", err.message, f"request.{err.field}"
             else:
                 code, message, fld = "failed", f"{type(err).__name__}: {err}", None
-            _log(logging.WARNING, "failed", client=_client_label(client), id=rid, message=message)
+            log_event(
+                logging.WARNING, "failed", client=client_label(client), id=rid, message=message
+            )
             if not entry.gone:
                 self._error(client, rid, code, message, fld)
 
     def _probe(self) -> None:
         """``queued`` updates: tell waiting clients where they stand, and find vanished ones."""
-        for entry in list(self._by_job.values()):
+        for entry in self._clients.entries():
             if entry.finished or entry.gone or entry.job.state != "queued":
                 continue
             position = self._position(entry)

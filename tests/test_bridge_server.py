@@ -242,7 +242,7 @@ def test_queue_limit_per_client(bridge_engine):
 
 
 def test_structured_json_logs(server):
-    from sdkit.bridge.server import json_log_handler
+    from sdkit.bridge.logs import json_log_handler
 
     stream = io.StringIO()
     handler = json_log_handler(stream, logging.INFO)
