@@ -53,7 +53,7 @@ def load_folder(path: Path) -> tuple[Any, int]:
         path, dtype=torch.float32, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
-    size = pipe.unet.config.sample_size * fast.vae_factor(pipe)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     return pipe, size
 
 
@@ -97,7 +97,7 @@ def time_one_image(pipe: Any, ctx: Any, steps: int, size: int) -> tuple[float, f
 def time_unet(pipe: Any, ctx: Any, steps: int, size: int) -> tuple[float, float]:
     """(wall, CPU seconds) of `steps` UNet calls as one CFG step makes them (batch 2)."""
     g = torch.Generator().manual_seed(0)
-    side = size // fast.vae_factor(pipe)
+    side = size // pipe.vae_scale_factor
     sample = torch.randn(2, pipe.unet.config.in_channels, side, side, generator=g)
     cond = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
     c0, t0 = time.process_time(), time.perf_counter()

@@ -6,11 +6,9 @@ that are free are on by default; the ones that cost start-up time are opt-in.
 
 What is applied, and why:
 
-* **Precision.** The dtype is the engine's choice; `half_dtype()` / `default_dtype()`
-  say what we recommend: fp16 on CUDA (bf16 for SDXL where the GPU has it, because
-  SDXL's VAE overflows in fp16 and diffusers then upcasts the whole VAE to fp32 on
-  every decode), fp16 on MPS, fp32 on CPU (this project's CPU benchmark: bf16
-  autocast is slower on AVX2-only CPUs, see benchmarks/RESULTS.md).
+* **Precision.** The dtype is the engine's choice (`sdkit.models.resolve_dtype`: fp16 on
+  accelerators, fp32 on CPU, where this project's benchmark found bf16 autocast slower on
+  AVX2-only CPUs, benchmarks/RESULTS.md).
 * **Attention.** diffusers 0.42 already installs `AttnProcessor2_0`
   (`torch.nn.functional.scaled_dot_product_attention`) on torch >= 2.0 (checked in
   tests/test_fast.py); we replace any classic `AttnProcessor` that something set,
@@ -55,8 +53,12 @@ What is applied, and why:
   2: one image without and with classifier-free guidance). The first job at each
   shape of the set compiles it (once); after that, switching between sizes of the
   set never recompiles (dynamo's recompile limit is raised to cover the set). A
-  shape outside the set runs eagerly (`torch.compiler.set_stance("force_eager")`)
-  rather than stalling for a surprise compile; `info()` lists the set.
+  shape outside the set runs the eager forward rather than stalling for a surprise
+  compile; `info["compile"]["shapes"]` lists the set.
+  Nothing here is process-wide: sdkit never calls `torch.compiler.set_stance`, and the
+  raised recompile limits are a `torch._dynamo.config.patch` (thread-local in torch)
+  held only while sdkit's UNet forward runs (`compile_scope`). Two engines in one
+  process, or user code compiling its own models, see torch's settings, not ours.
 
 Tolerance: on CPU in fp32, channels-last and fused QKV stay within 1e-4 (absolute,
 on UNet outputs of unit scale) of the plain path; tests/test_fast.py checks it.
@@ -67,10 +69,12 @@ design (it only switches on where the plain path would run out of memory).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -79,25 +83,6 @@ COMPILE_MODES = ("regional", "full", "cudagraphs")
 DEFAULT_COMPILE_BATCHES = (1, 2)
 TOLERANCE = 1e-4  # fp32, absolute, channels-last + fused QKV vs the plain path
 _STATE = "_sdkit_fast"  # attribute on the UNet (shared by `from_pipe` pipelines): hooks, settings
-
-
-# ----------------------------------------------------------------------------- dtype
-
-
-def half_dtype(device: torch.device | str, family: str | None = None) -> torch.dtype:
-    """The half precision we recommend on `device`: fp16, or bf16 for SDXL on GPUs that have it."""
-    device = torch.device(device)
-    if device.type == "cuda" and family == "sdxl" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
-def default_dtype(device: torch.device | str, family: str | None = None) -> torch.dtype:
-    """Half precision on accelerators, fp32 on CPU (bf16 is slower there without AMX/AVX-512)."""
-    device = torch.device(device)
-    if device.type in ("cuda", "mps", "xpu"):
-        return half_dtype(device, family)
-    return torch.float32
 
 
 # ------------------------------------------------------------------------- attention
@@ -146,14 +131,6 @@ def fuse_qkv(model: torch.nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------- VAE
-
-
-def vae_factor(pipe: Any) -> int:
-    """Pixels per latent cell of the pipeline's VAE (8 for SD, 4 for the embedded model)."""
-    vae = getattr(pipe, "vae", None)
-    if vae is None:
-        return 8
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def vae_decode_bytes(pipe: Any, width: int, height: int, batch: int = 1) -> int:
@@ -268,23 +245,71 @@ def _latent_shapes(
     return shapes
 
 
-def _compile_unet(unet: torch.nn.Module, mode: str, device: torch.device, n_shapes: int) -> dict:
+# True while sdkit's UNet forward runs a shape of the compiled set (this thread/context only).
+_USE_COMPILED: ContextVar[bool] = ContextVar("sdkit_fast_use_compiled", default=False)
+
+
+@contextlib.contextmanager
+def compile_scope(n_shapes: int, use_compiled: bool) -> Iterator[None]:
+    """What a compiled UNet call needs, for this call in this thread only: dynamo's recompile
+    limits raised to cover the shape set (a thread-local `config.patch`), and the choice
+    between compiled and eager code (a context variable, instead of a global stance)."""
     cfg = torch._dynamo.config
-    # Each shape of the set (and, regionally, each block width) is one graph of the same code.
-    cfg.recompile_limit = max(cfg.recompile_limit, 8 * n_shapes)
-    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 64 * n_shapes)
-    if mode == "regional":
-        unet.compile_repeated_blocks(fullgraph=True, dynamic=False)
-        return {"inductor_mode": "default", "compiled": list(unet._repeated_blocks)}
-    if mode == "cudagraphs":
-        inductor_mode = "reduce-overhead"
-    else:
-        inductor_mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
+    limits = {
+        # each shape of the set (and, regionally, each block width) is one graph of the same code
+        "recompile_limit": max(cfg.recompile_limit, 8 * n_shapes),
+        "accumulated_recompile_limit": max(cfg.accumulated_recompile_limit, 64 * n_shapes),
+    }
+    token = _USE_COMPILED.set(use_compiled)
+    try:
+        with cfg.patch(limits):
+            yield
+    finally:
+        _USE_COMPILED.reset(token)
+
+
+def _either(eager: Callable[..., Any], compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """A forward that runs `compiled` inside a compile scope for a shape of the set, else `eager`."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return (compiled if _USE_COMPILED.get() else eager)(*args, **kwargs)
+
+    return forward
+
+
+def _compile_unet(unet: torch.nn.Module, mode: str, device: torch.device, shapes: set) -> dict:
+    """Compile in place; `unet.forward` becomes a scoped wrapper that picks compiled or eager."""
     original = unet.forward
-    compiled = torch.compile(original, fullgraph=True, dynamic=False, mode=inductor_mode)
-    unet.forward = _graph_safe(compiled) if mode == "cudagraphs" else compiled
-    unet._sdkit_eager_forward = original
-    return {"inductor_mode": inductor_mode, "compiled": ["UNet2DConditionModel.forward"]}
+    if mode == "regional":
+        # what diffusers' `compile_repeated_blocks` picks, compiled per block by us so that a
+        # shape outside the set can take the eager path without a process-wide stance
+        names = tuple(getattr(unet, "_repeated_blocks", ()))
+        blocks = [m for m in unet.modules() if type(m).__name__ in names]
+        if not blocks:
+            raise ValueError(
+                f"compile: 'regional' found no repeated blocks in {type(unet).__name__}"
+            )
+        for block in blocks:
+            eager = block.forward
+            block.forward = _either(eager, torch.compile(eager, fullgraph=True, dynamic=False))
+        inner, inductor_mode, compiled_names = original, "default", list(names)
+    else:
+        if mode == "cudagraphs":
+            inductor_mode = "reduce-overhead"
+        else:
+            inductor_mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
+        compiled = torch.compile(original, fullgraph=True, dynamic=False, mode=inductor_mode)
+        inner = _either(original, _graph_safe(compiled) if mode == "cudagraphs" else compiled)
+        compiled_names = [f"{type(unet).__name__}.forward"]
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        sample = args[0] if args else kwargs["sample"]
+        b, _, h, w = sample.shape
+        with compile_scope(len(shapes), (b, h, w) in shapes):
+            return inner(*args, **kwargs)
+
+    unet.forward = forward
+    return {"inductor_mode": inductor_mode, "compiled": compiled_names}
 
 
 def _graph_safe(compiled: Any) -> Any:
@@ -373,20 +398,21 @@ def apply_speed_options(
         "info": info,
     }
     if compile is not None and unet is not None:
-        factor = vae_factor(pipe)
+        factor = getattr(pipe, "vae_scale_factor", 1)  # diffusers' own; pixel-space pipelines: 1
         if compile_sizes is None:
             side = unet.config.sample_size * factor
             compile_sizes = [(side, side)]
         compile_sizes = [tuple(int(v) for v in s) for s in compile_sizes]
         compile_batches = [int(b) for b in compile_batches]
         state["shapes"] = _latent_shapes(compile_sizes, compile_batches, factor)
-        details = _compile_unet(unet, compile, device, len(state["shapes"]))
+        details = _compile_unet(unet, compile, device, state["shapes"])
         info["compile"] = {
             "mode": compile,
             **details,
             "dynamic": False,
             "sizes": [list(s) for s in compile_sizes],
             "batches": compile_batches,
+            "shapes": [list(s) for s in sorted(state["shapes"])],  # (batch, latent h, latent w)
             "outside_set": "eager",
         }
     else:
@@ -396,8 +422,6 @@ def apply_speed_options(
         state["hooks"].append(
             unet.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True)
         )
-        if state["shapes"] is not None:
-            state["hooks"].append(unet.register_forward_hook(_restore_stance))
         setattr(unet, _STATE, state)
     return dict(info)
 
@@ -416,22 +440,13 @@ def _needs_move(pipe: Any, device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
-def _make_pre_hook(state: dict):
-    def pre_hook(unet: torch.nn.Module, args: tuple, kwargs: dict):
+def _make_pre_hook(state: dict) -> Callable[..., tuple[tuple, dict]]:
+    def pre_hook(unet: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if state["sync_free"]:
             args, kwargs = _timestep_to_device(unet, args, kwargs)
-        if state["shapes"] is not None:
-            sample = args[0] if args else kwargs["sample"]
-            b, _, h, w = sample.shape
-            inside = (b, h, w) in state["shapes"]
-            torch.compiler.set_stance("default" if inside else "force_eager")
         return args, kwargs
 
     return pre_hook
-
-
-def _restore_stance(module: torch.nn.Module, args: tuple, output: Any) -> None:
-    torch.compiler.set_stance("default")
 
 
 def prepare_job(
@@ -443,9 +458,3 @@ def prepare_job(
     if state is not None and state["sync_free"]:
         out["sync_free"] = make_scheduler_sync_free(pipe.scheduler)
     return out
-
-
-def compile_shapes(pipe: Any) -> list[tuple[int, int, int]]:
-    """The (batch, latent height, latent width) UNet shapes compiled for this pipeline."""
-    state = _state(pipe)
-    return sorted(state["shapes"]) if state and state["shapes"] else []

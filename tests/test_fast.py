@@ -215,10 +215,67 @@ def test_cpu_defaults(parts, tokenizer_dir):
     assert info["attention"] == "sdpa" and info["sync_free"] is True
 
 
-def test_dtype_helpers():
-    assert fast.default_dtype("cpu") == torch.float32
-    assert fast.half_dtype("cpu") == torch.float16
-    assert fast.default_dtype("mps") == torch.float16
+# ------------------------------------------------- what sdkit.fast relies on, pinned
+
+
+def test_pipeline_calls_the_unet_with_sample_and_timestep_first(parts, tokenizer_dir):
+    # sync-free moves args[1] (the timestep); compile picks the graph from args[0]'s shape
+    pipe = make_pipe(parts, tokenizer_dir)
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append((len(args), tuple(args[0].shape), torch.is_tensor(args[1])))
+
+    handle = pipe.unet.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        run(pipe, size=32, steps=2)
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {(2, (2, 4, 16, 16), True)}  # CFG doubles the batch; 2 px/cell
+
+
+def test_every_scheduler_takes_device_second_in_set_timesteps():
+    # make_scheduler_sync_free rewrites `device` by keyword or as the second positional argument
+    import inspect
+
+    import diffusers
+
+    from sdkit import schedulers
+
+    for name in schedulers._CLASSES:
+        params = list(inspect.signature(getattr(diffusers, name).set_timesteps).parameters)
+        assert params[1:3] == ["num_inference_steps", "device"], name
+
+
+def test_vae_scale_factor_is_pixels_per_latent_cell(parts, tokenizer_dir):
+    pipe = make_pipe(parts, tokenizer_dir)
+    assert pipe.vae_scale_factor == 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 2
+
+
+def test_regional_compile_finds_diffusers_repeated_blocks(parts):
+    names = parts[0]._repeated_blocks
+    assert names and any(type(m).__name__ in names for m in parts[0].modules())
+
+
+def test_dynamo_config_patches_are_thread_local():
+    # compile_scope raises recompile limits with config.patch; other threads must not see it
+    import threading
+
+    cfg = torch._dynamo.config
+    before = cfg.recompile_limit
+    inside, other = threading.Event(), []
+
+    def look():
+        inside.wait(10)
+        other.append(cfg.recompile_limit)
+
+    t = threading.Thread(target=look)
+    t.start()
+    with fast.compile_scope(1000, True):
+        assert cfg.recompile_limit == 8000
+        inside.set()
+        t.join(10)
+    assert other == [before] and cfg.recompile_limit == before
 
 
 @pytest.mark.slow
@@ -239,7 +296,8 @@ def test_regional_compile_fixed_sizes_do_not_recompile(parts, tokenizer_dir):
     )
     assert info["compile"]["mode"] == "regional" and info["compile"]["dynamic"] is False
     # the tiny VAE has two blocks: 2 pixels per latent cell
-    assert fast.compile_shapes(pipe) == [(1, 16, 16), (1, 24, 24), (2, 16, 16), (2, 24, 24)]
+    shapes = [[1, 16, 16], [1, 24, 24], [2, 16, 16], [2, 24, 24]]
+    assert info["compile"]["shapes"] == shapes
     for s in (32, 48):
         out = run(pipe, size=s, steps=2, output_type="latent")
         assert (out - expected[s]).abs().max().item() < 1e-3
@@ -248,3 +306,50 @@ def test_regional_compile_fixed_sizes_do_not_recompile(parts, tokenizer_dir):
     for s in (48, 32, 40):  # 40: outside the set, runs eagerly
         run(pipe, size=s, steps=2, output_type="latent")
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+@pytest.mark.slow
+def test_compiled_engine_leaves_torch_settings_alone():
+    """Issue 12.6: compile settings live inside sdkit's UNet calls, not in the process."""
+    import threading
+
+    from torch._dynamo import eval_frame
+
+    from sdkit.engine import Engine
+
+    cfg = torch._dynamo.config
+    limits = ("recompile_limit", "accumulated_recompile_limit")
+    before = {k: getattr(cfg, k) for k in limits}
+    inside: list[tuple] = []
+    engine = Engine(None, "cpu", torch.float32, compile="regional")
+    try:
+        assert {k: getattr(cfg, k) for k in limits} == before  # loading changed nothing
+        unet = engine.model.pipe.unet
+
+        def probe(module, args, output):  # runs inside sdkit's UNet call, on the worker thread
+            seen = (eval_frame._stance.stance, *(getattr(cfg, k) for k in limits))
+            inside.append((threading.current_thread() is threading.main_thread(), *seen))
+
+        handle = unet.conv_in.register_forward_hook(probe)
+        try:
+            native = engine.defaults["width"]
+            for size in (native, native - 16):  # in the compiled set, then outside it (eager)
+                engine.txt2img(
+                    "a red circle",
+                    width=size,
+                    height=size,
+                    num_inference_steps=2,
+                    seed=1,
+                    progress=False,
+                )
+        finally:
+            handle.remove()
+    finally:
+        engine.close()
+    assert inside, "the probe never ran"
+    for on_main, stance, *raised in inside:
+        assert not on_main and stance == "default"  # never a process-wide stance
+        assert all(r >= b for r, b in zip(raised, before.values(), strict=True))
+    assert inside[0][2] > before["recompile_limit"]  # raised for the set, inside the call
+    assert {k: getattr(cfg, k) for k in limits} == before
+    assert eval_frame._stance.stance == "default"
