@@ -1,4 +1,10 @@
-"""The `sdkit` console script: the four modes, `info`, and subcommands other parts register.
+"""The `sdkit` console script: one subcommand per registered mode, `info`, and subcommands
+other parts register.
+
+Mode subcommands are derived from `sdkit.modes.registered()`: a mode's picture inputs and
+its prompt are positional, its other fields are flags. A request is checked before the
+model loads (everything but what only the loaded model knows), then by `Engine.check`
+before the progress bar starts.
 
 Other parts add subcommands without the core importing them: each module named in
 `EXTENSIONS` may define `register(subparsers)`, which adds parsers and sets
@@ -15,9 +21,11 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from sdkit.request import FIELDS_BY_MODE, FILLS, RESIZE_MODES, Request, RequestError
+from sdkit import modes
+from sdkit.request import FILLS, RANGES, RESIZE_MODES, Request, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +34,7 @@ EXTENSIONS = (
     "sdkit.bridge.plugins",
 )  # modules with register(subparsers), imported in main()
 
-# Flags per mode: the mode's fields less the positional prompt, image and mask.
-_POSITIONAL = ("prompt", "image", "mask")
-_FIELDS = {
-    mode: tuple(f for f in fields if f not in _POSITIONAL)
-    for mode, fields in FIELDS_BY_MODE.items()
-}
+_POSITIONAL = ("image", "mask", "prompt")  # in this order on the command line
 _HELP = {
     "negative_prompt": "what to steer away from",
     "num_inference_steps": "denoising steps (1..1000; default: the model's)",
@@ -49,6 +52,15 @@ _HELP = {
     "padding": "context pixels around the mask for --only-masked",
     "fill": f"what the masked area starts from: {' | '.join(FILLS)}",
 }
+_INPUT_HELP = {
+    "image": "input image file",
+    "mask": "mask image file: white repaint, black keep, grey soft",
+}
+
+
+def _flags(spec: modes.ModeSpec) -> tuple[str, ...]:
+    """The mode's fields less the positional prompt, image and mask."""
+    return tuple(f for f in spec.fields if f not in _POSITIONAL)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,17 +79,26 @@ def _field_type(name: str) -> Any:
     return str
 
 
-def _add_fields(parser: argparse.ArgumentParser, mode: str) -> None:
-    for name in _FIELDS[mode]:
+def _add_fields(parser: argparse.ArgumentParser, spec: modes.ModeSpec) -> None:
+    for name in spec.inputs:
+        parser.add_argument(name, help=_INPUT_HELP[name])
+    if "prompt" in spec.fields:
+        if "prompt" in spec.required:
+            parser.add_argument("prompt")
+        else:
+            parser.add_argument("prompt", nargs="?", default="")
+    for name in _flags(spec):
         flag = "--" + name.replace("_", "-")
+        help = _HELP.get(name, name.replace("_", " "))
+        if name in RANGES and name not in ("width", "height"):
+            lo, hi = RANGES[name]
+            help = f"{help} [{lo}..{hi}]"
         if name == "only_masked":
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=_HELP[name]
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help
             )
         else:
-            parser.add_argument(
-                flag, dest=name, type=_field_type(name), default=None, help=_HELP[name]
-            )
+            parser.add_argument(flag, dest=name, type=_field_type(name), default=None, help=help)
     parser.add_argument(
         "--model",
         default=None,
@@ -97,28 +118,19 @@ def _add_fields(parser: argparse.ArgumentParser, mode: str) -> None:
     parser.add_argument(
         "--out", default="outputs", help="folder (or .png path) to write to (default: ./outputs)"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    parser.add_argument(
+        "--verbose", action="store_true", help="show diffusers' and transformers' loading output"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdkit", description="Stable Diffusion where people already work.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    p = sub.add_parser("txt2img", help="text to image")
-    p.add_argument("prompt")
-    _add_fields(p, "txt2img")
-    p = sub.add_parser("img2img", help="image to image")
-    p.add_argument("image", help="input image file")
-    p.add_argument("prompt", nargs="?", default="")
-    _add_fields(p, "img2img")
-    p = sub.add_parser("inpaint", help="repaint where the mask is white")
-    p.add_argument("image", help="input image file")
-    p.add_argument("mask", help="mask image file: white repaint, black keep, grey soft")
-    p.add_argument("prompt", nargs="?", default="")
-    _add_fields(p, "inpaint")
-    p = sub.add_parser("unconditional", help="images with no prompt")
-    _add_fields(p, "unconditional")
-    for name in ("txt2img", "img2img", "inpaint", "unconditional"):
-        sub.choices[name].set_defaults(func=_generate, mode=name)
+    for spec in modes.registered():
+        p = sub.add_parser(spec.name, help=spec.title.lower())
+        _add_fields(p, spec)
+        p.set_defaults(func=_generate, mode=str(spec.name))
     p = sub.add_parser(
         "info", help="print the generation parameters stored in a PNG (sdkit or A1111)"
     )
@@ -142,32 +154,69 @@ def _register_extensions(parser: argparse.ArgumentParser) -> None:
 
 
 def _request_from_args(args: argparse.Namespace) -> Request:
+    spec = modes.get(args.mode)
     fields: dict[str, Any] = {}
-    for name in _FIELDS[args.mode]:
-        value = getattr(args, name)
+    for name in (*_flags(spec), *spec.inputs, "prompt"):
+        value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
-    if args.mode != "unconditional":
-        fields["prompt"] = args.prompt
-    if args.mode in ("img2img", "inpaint"):
-        fields["image"] = args.image
-    if args.mode == "inpaint":
-        fields["mask"] = args.mask
     return Request(mode=args.mode, **fields)
+
+
+def size_multiple_before_loading(spec: str | None) -> int | None:
+    """The size multiple of model `spec` without loading it, or None when only the loaded
+    model can tell (an unconditional-only model draws one fixed size). Text models work
+    in multiples of max(8, VAE factor), and every SD 1.x/2.x/XL VAE has factor 8 or less
+    (the embedded model's is 4), so 8."""
+    from sdkit.models import EMBEDDED_DIR, normalise_spec
+
+    key = normalise_spec(spec)
+    folder = EMBEDDED_DIR if key == "embedded" else Path(key)
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = {}
+    if index.get("_class_name") in ("DDPMPipeline", "DDIMPipeline"):
+        return None
+    return 8
+
+
+def _quiet_loading() -> None:
+    """No import warnings or "Loading pipeline components" bars from diffusers and
+    transformers in the console script; sdkit's own generation bar stays."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
+def _summary(result: Any, engine: Any) -> str:
+    req = result.request
+    return (
+        f"{req.mode}: {len(result)} image(s) {req.width}x{req.height}, seed {result.seeds[0]}, "
+        f"{req.num_inference_steps} steps {req.scheduler}, {result.timings['total']:.1f} s "
+        f"on {engine.device} ({engine.model.name})"
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
     request = _request_from_args(args)
-    request.validate(vae_factor=1)  # cheap checks before loading a model; sizes after
+    multiple = size_multiple_before_loading(args.model)
+    request.validate(vae_factor=multiple or 1)  # cheap checks before loading the model
     from sdkit.api import load
 
+    if not args.verbose:
+        _quiet_loading()
     options = {"config": args.config} if args.config else {}
     engine = load(args.model, device=args.device, dtype=args.dtype, **options)
+    request = engine.check(request)  # what only the loaded model knows, before the bar
     result = engine.generate(request, progress=not args.quiet)
     for path in result.save(args.out):
         print(path)
-    if request.seed is None:
-        print(f"seed: {result.seeds[0]}", file=sys.stderr)
+    if not args.quiet:
+        print(_summary(result, engine), file=sys.stderr)
     return 0
 
 

@@ -106,6 +106,9 @@ class Request:
     ) -> None:
         """Raise one `RequestError` for the first bad field, else return None.
 
+        `vae_factor`: the model's size multiple (`Engine.size_multiple`: max(8, VAE factor)
+        for text models, since diffusers' pipelines need multiples of 8).
+
         The mode must be registered (`sdkit.modes`); its spec says which fields it requires.
         Every numeric field must lie in `RANGES` (inclusive): steps 1..1000, guidance 0..100,
         width/height 1..4096 and a multiple of `vae_factor`, seed 0..2**32-1, num_images
@@ -352,9 +355,7 @@ def check_pixels(req: Request) -> None:
 def _check_size(name: str, v: Any, vae_factor: int) -> None:
     if v is None:
         return
-    allowed = (
-        f"a positive multiple of {vae_factor} up to {MAX_SIZE} (the VAE factor is {vae_factor})"
-    )
+    allowed = f"a positive multiple of {vae_factor} up to {MAX_SIZE} (this model's size step)"
     if not _is_int(v) or v <= 0 or v > MAX_SIZE or v % vae_factor:
         hint = ""
         if _is_int(v) and 0 < v <= MAX_SIZE and v % vae_factor:

@@ -265,3 +265,57 @@ def test_other_parts_register_subcommands(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "EXTENSIONS", ("sdkit_test_ext", "sdkit_missing_ext"))
     code, out, _ = run(["hello", "--name", "sdkit"], capsys)
     assert code == 7 and out.strip() == "hello sdkit"
+
+
+def test_size_is_refused_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    """`sdkit txt2img x --width 37` on the embedded model (VAE factor 4, sizes in steps of 8):
+    refused with the right multiple before any weights load or a progress bar starts."""
+    import sdkit.api
+
+    loads = []
+    monkeypatch.setattr(sdkit.api, "load", lambda *a, **k: loads.append(a) or 1 / 0)
+    code, out, err = run(["txt2img", "x", "--width", "37", "--out", str(tmp_path)], capsys)
+    assert code == 2 and loads == [] and out == ""
+    assert err.startswith("error: width: must be a positive multiple of 8 up to 4096"), err
+    assert "try 32 or 40" in err and "VAE factor is 8" not in err
+
+
+def test_engine_check_runs_before_the_progress_bar(files, capsys, tmp_path):
+    # 3 steps x strength 0.2 leaves no step: only the loaded model's defaults tell
+    argv = [*_argv(files, ["img2img", "{in}", "x"]), "--strength", "0.2", "--model"]
+    argv += [
+        files["model"],
+        "--device",
+        "cpu",
+        "--num-inference-steps",
+        "3",
+        "--out",
+        str(tmp_path),
+    ]
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: strength: "), err  # nothing (no bar) before the error
+
+
+def test_importing_modes_stays_light():
+    code = "import sys, sdkit.modes, sdkit.request; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_console_script_prints_paths_and_a_summary_without_loading_noise(tmp_path):
+    """What `bash scripts/demo.sh` shows a newcomer: the image path, a one-line summary and
+    the generation's own progress; no torchvision warnings or loading bars."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "sdkit.cli", "txt2img", "a red circle", "--seed", "7"]
+    argv += ["--num-inference-steps", "2", "--device", "cpu", "--out", str(tmp_path)]
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(".png") and len(done.stdout.split()) == 1
+    lines = [ln for ln in done.stderr.replace("\r", "\n").splitlines() if ln.strip()]
+    assert lines[-1].startswith("txt2img: 1 image(s) 64x64, seed 7, 2 steps"), lines
+    noise = [ln for ln in lines if "torchvision" in ln or "Loading" in ln or "[transformers]" in ln]
+    assert noise == [], noise
+    assert any("2/2" in ln for ln in lines)  # the generation's own bar stays
