@@ -1,7 +1,7 @@
 """`sdkit.bridge.Client`: generate on a bridge server from Python, as PIL images.
 
 It uses pyzmq when importable and the standard-library `zmtp.Dealer` otherwise (or when
-asked with ``transport="zmtp"``); both sit under the same `protocol.Session`, so both
+asked with ``transport="zmtp"``); both sit under the same `tracker.Session`, so both
 behave the same: progress callbacks, cancel, timeouts, and a clear `BridgeError` (code
 ``connection_lost``) for a request that was in flight when the server went away, after
 which the client reconnects by itself.
@@ -9,7 +9,6 @@ which the client reconnects by itself.
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 import uuid
@@ -19,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from sdkit.bridge import pictures, tracker, zmtp
 from sdkit.bridge import protocol as P
-from sdkit.bridge import zmtp
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
@@ -57,27 +56,11 @@ def _error(ev: P.Event) -> BridgeError:
     return cls(ev.code or "error", ev.message or "", ev.field, ev.id)
 
 
-def picture_to_image(pic: P.Picture) -> Image.Image:
-    if pic.format == "png":
-        with Image.open(io.BytesIO(bytes(pic.data))) as im:
-            im.load()
-            return im.convert("RGB") if im.mode not in ("RGB", "RGBA", "L") else im.copy()
-    mode = {"rgba8": "RGBA", "l8": "L"}[pic.format]
-    im = Image.frombytes(mode, (pic.width, pic.height), bytes(pic.data))
-    if mode == "RGBA" and im.getchannel("A").getextrema() == (255, 255):
-        im = im.convert("RGB")
-    return im
-
-
 def image_to_picture(value: Any, name: str) -> P.Picture:
+    """An image argument (PIL, array, path) as a frame: ``l8`` for the mask, else ``rgba8``."""
     from sdkit.request import load_image
 
-    im = load_image(value, name)
-    if name == "mask":
-        im = im if im.mode == "L" else im.convert("L")
-        return P.Picture(im.width, im.height, "l8", im.tobytes())
-    im = im if im.mode == "RGBA" else im.convert("RGBA")
-    return P.Picture(im.width, im.height, "rgba8", im.tobytes())
+    return pictures.from_image(load_image(value, name), "l8" if name == "mask" else "rgba8")
 
 
 # ---------------------------------------------------------------------------- transports
@@ -175,22 +158,34 @@ class ZmtpTransport(zmtp.Dealer):
 
 
 class RemoteJob:
-    """A request on the server: ``state``, ``position``, ``progress``, `cancel`, `result`."""
+    """A request on the server: ``state``, ``position``, ``progress``, `cancel`, `result`.
 
-    def __init__(self, client: Client, rid: str, progress: Callable | None, timeout: float | None):
+    Its state is the session's `tracker.TrackedJob` for the request; this adds PIL
+    images, the progress callback and waiting.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        track: tracker.TrackedJob,
+        progress: Callable | None,
+        timeout: float | None,
+    ):
         self.client = client
-        self.id = rid
-        self.state = "sent"  # queued | running | done | cancelled | failed
-        self.position: int | None = None
+        self.track = track
+        self.id = track.id
         self.progress: RemoteProgress | None = None
-        self.request: dict | None = None
-        self.job_id: str | None = None
-        self.worker: str | None = None  # which scale-out worker took it
         self.timeout = timeout
         self._callback = progress
         self._result: Any = None
         self._error: BridgeError | None = None
         self._done = threading.Event()
+
+    state = property(lambda self: self.track.state, doc="sent | queued | running | done | ...")
+    position = property(lambda self: self.track.position)
+    request = property(lambda self: self.track.request)
+    job_id = property(lambda self: self.track.job)
+    worker = property(lambda self: self.track.worker, doc="which scale-out worker took it")
 
     def __repr__(self) -> str:
         return f"<RemoteJob {self.id} {self.state}>"
@@ -214,37 +209,25 @@ class RemoteJob:
             raise self._error
         return self._result
 
-    # -- driven by Client.pump
+    # -- driven by Client.pump, after the session applied the event to ``track``
     def _on_event(self, ev: P.Event) -> None:
-        h = ev.header
-        if ev.event in ("accepted", "queued"):
-            self.state = "queued"
-            self.position = h.get("position")
-            self.job_id = h.get("job", self.job_id)
-            self.request = h.get("request", self.request)
-            self.worker = h.get("worker", self.worker)
-        elif ev.event == "started":
-            self.state = "running"
-            self.position = 0
-        elif ev.event == "progress":
-            self.state = "running"
-            previews = ev.pictures_named("preview")
+        t = self.track
+        if ev.event == "progress":
+            preview = ev.pictures_named("preview")
             self.progress = RemoteProgress(
-                self.job_id or self.id,
-                int(h.get("step", 0)),
-                int(h.get("total", 0)),
-                float(h.get("elapsed", 0.0)),
-                picture_to_image(previews[0]) if previews else None,
+                t.job or self.id,
+                t.step,
+                t.total,
+                t.elapsed,
+                pictures.to_image(preview[0]) if preview else None,
             )
             if self._callback is not None:
                 self._callback(self.progress)
         elif ev.event == "result":
             self._result = _make_result(ev)
-            self.state = "done"
             self._done.set()
         elif ev.event == "error":
             self._error = _error(ev)
-            self.state = "cancelled" if ev.code == "cancelled" else "failed"
             self._done.set()
 
 
@@ -253,7 +236,7 @@ def _make_result(ev: P.Event) -> Any:
     from sdkit.result import Result
 
     h = ev.header
-    images = [picture_to_image(p) for p in ev.pictures_named("image")]
+    images = [pictures.to_image(p) for p in ev.pictures_named("image")]
     req_fields = dict(h.get("request") or {})
     try:
         request = Request.from_dict(req_fields)
@@ -325,7 +308,7 @@ class Client:
         else:
             raise ValueError(f"transport must be 'auto', 'zmq' or 'zmtp', got {transport!r}")
         self.transport = transport
-        self._session = P.Session(self._transport, client="sdkit.bridge.Client")
+        self._session = tracker.Session(self._transport, client="sdkit.bridge.Client")
         self._lock = threading.RLock()
         self._jobs: dict[str, RemoteJob] = {}
         self._replies: dict[str, P.Event] = {}
@@ -412,23 +395,22 @@ class Client:
         img = image_to_picture(image, "image") if image is not None else None
         msk = image_to_picture(mask, "mask") if mask is not None else None
         timeout = self.timeout if timeout is None else timeout
+        if self._session.limits is None:
+            self.hello(timeout=timeout)  # the server's limits, checked before every send
         with self._lock:
-            rid = P.new_request_id()
-            job = RemoteJob(self, rid, progress, timeout)
-            self._jobs[rid] = job
             try:
-                self._session.generate(
+                rid = self._session.generate(
                     request,
                     image=img,
                     mask=msk,
                     preview=1 if preview is True else int(preview or 0),
                     result_format=result_format,
-                    request_id=rid,
                     timeout=timeout,
                 )
-            except Exception:
-                self._jobs.pop(rid, None)
-                raise
+            except P.ProtocolError as e:  # over a limit from hello: no need to ask
+                raise BridgeError(e.code, e.message, e.field, e.request_id) from None
+            job = RemoteJob(self, self._session.jobs[rid], progress, timeout)
+            self._jobs[rid] = job
         return job
 
     def generate(self, request: Any = None, **kwargs: Any) -> Any:

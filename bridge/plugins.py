@@ -1,8 +1,7 @@
 """`sdkit plugin install|path krita|gimp`: put the editor plug-ins where the editors look.
 
 A plug-in is copied together with the standard-library modules it needs
-(``protocol.py``, ``zmtp.py``, ``editor_common.py``), because the editors' own Pythons
-have neither sdkit nor pyzmq. The CLI calls :func:`register` to add the subcommand.
+(`SHARED_MODULES`), because the editors' own Pythons have neither sdkit nor pyzmq. The CLI calls :func:`register` to add the subcommand.
 """
 
 from __future__ import annotations
@@ -15,7 +14,15 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SHARED_MODULES = ("protocol.py", "zmtp.py", "editor_common.py")
+SHARED_MODULES = (
+    "protocol.py",
+    "zmtp.py",
+    "tracker.py",
+    "pictures.py",
+    "editor_geometry.py",
+    "editor_connection.py",
+    "editor_actions.py",
+)
 EDITORS = ("krita", "gimp")
 
 KRITA_PACKAGE = "sdkit_krita"

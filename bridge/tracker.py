@@ -96,14 +96,12 @@ class TrackedJob:
             if self.state == SENT or self.state == QUEUED:
                 self.state = QUEUED
                 self.position = _int(h.get("position", h.get("queue_position")), None)
-            self.job = h.get("job", self.job)
-            self.request = h.get("request", self.request)
-            self.worker = h.get("worker", self.worker)
+            self._note(h)
         elif ev.event == "started":
             self.state, self.position = RUNNING, 0
-            self.job = h.get("job", self.job)
+            self._note(h)
         elif ev.event == "progress":
-            self.state = RUNNING
+            self.state, self.position = RUNNING, 0
             self.step, self.total = _int(h.get("step"), 0), _int(h.get("total"), 0)
             elapsed = h.get("elapsed")
             self.elapsed = float(elapsed) if isinstance(elapsed, (int, float)) else 0.0
@@ -112,11 +110,21 @@ class TrackedJob:
                 self.preview = previews[0]
         elif ev.event == "result":
             self.state, self.result = DONE, ev
-            self.request = h.get("request", self.request)
+            self._note(h)
         elif ev.event == "error":
             self.state = CANCELLED if ev.code == "cancelled" else FAILED
             self.error = ev
         return True
+
+
+    def _note(self, h: Mapping[str, Any]) -> None:
+        """What the server says about the job, where it is well-typed."""
+        if isinstance(h.get("job"), str):
+            self.job = h["job"]
+        if isinstance(h.get("request"), dict):
+            self.request = h["request"]
+        if isinstance(h.get("worker"), str):
+            self.worker = h["worker"]
 
 
 def _int(value: Any, default: Any) -> Any:

@@ -1,13 +1,13 @@
-"""The plug-ins' shared geometry, mask and pixel code (bridge/editor_common.py)."""
+"""The plug-ins' geometry, mask and pixel code (bridge/editor_geometry.py)."""
 
 from __future__ import annotations
 
 import pytest
-from sdkit.bridge import editor_common as ec
-from sdkit.bridge.editor_common import Rect
+from sdkit.bridge import editor_geometry as geo
+from sdkit.bridge.editor_geometry import Rect
 
 
-def _check_region(region: ec.Region, canvas_w: int, canvas_h: int) -> None:
+def _check_region(region: geo.Region, canvas_w: int, canvas_h: int) -> None:
     r = region.rect
     assert region.width % 8 == 0 and region.height % 8 == 0
     assert Rect(0, 0, canvas_w, canvas_h).contains(r)
@@ -20,7 +20,7 @@ def _check_region(region: ec.Region, canvas_w: int, canvas_h: int) -> None:
 
 
 def test_region_in_the_middle_gets_the_margin_and_rounds_up():
-    region = ec.context_region(Rect(100, 90, 21, 13), 400, 300, margin=10)
+    region = geo.context_region(Rect(100, 90, 21, 13), 400, 300, margin=10)
     _check_region(region, 400, 300)
     r = region.rect
     assert r.x <= 90 and r.y <= 80 and r.right >= 131 and r.bottom >= 113
@@ -40,94 +40,93 @@ def test_region_in_the_middle_gets_the_margin_and_rounds_up():
     ],
 )
 def test_regions_at_the_canvas_edges_stay_inside(sel):
-    region = ec.context_region(sel, 201, 149, margin=16)
+    region = geo.context_region(sel, 201, 149, margin=16)
     _check_region(region, 201, 149)
     assert region.selection == sel.intersect(Rect(0, 0, 201, 149))
 
 
 def test_full_canvas_selection_of_an_odd_canvas_is_padded_not_cut():
-    region = ec.context_region(Rect(0, 0, 101, 77), 101, 77)
+    region = geo.context_region(Rect(0, 0, 101, 77), 101, 77)
     assert region.rect == Rect(0, 0, 101, 77)
     assert (region.width, region.height) == (104, 80)
     assert (region.pad_right, region.pad_bottom) == (3, 3)
 
 
 def test_full_canvas_selection_of_a_multiple_of_8_canvas_is_exact():
-    region = ec.context_region(Rect(0, 0, 64, 48), 64, 48)
+    region = geo.context_region(Rect(0, 0, 64, 48), 64, 48)
     assert region.rect == Rect(0, 0, 64, 48)
     assert (region.width, region.height) == (64, 48)
 
 
 def test_tiny_canvas():
-    region = ec.context_region(Rect(1, 1, 2, 2), 5, 3)
+    region = geo.context_region(Rect(1, 1, 2, 2), 5, 3)
     assert region.rect == Rect(0, 0, 5, 3)
     assert (region.width, region.height) == (8, 8)
 
 
 def test_empty_selection_is_a_clear_error():
-    with pytest.raises(ec.SelectionError, match="nothing is selected"):
-        ec.context_region(Rect(10, 10, 0, 5), 100, 100)
-    with pytest.raises(ec.SelectionError, match="outside the 100x100 canvas"):
-        ec.context_region(Rect(150, 10, 20, 20), 100, 100)
+    with pytest.raises(geo.SelectionError, match="nothing is selected"):
+        geo.context_region(Rect(10, 10, 0, 5), 100, 100)
+    with pytest.raises(geo.SelectionError, match="outside the 100x100 canvas"):
+        geo.context_region(Rect(150, 10, 20, 20), 100, 100)
 
 
 def test_fully_transparent_selection_mask_is_a_clear_error():
-    region = ec.context_region(Rect(8, 8, 8, 8), 64, 64, margin=0)
+    region = geo.context_region(Rect(8, 8, 8, 8), 64, 64, margin=0)
     rgba = bytes(4 * 64)
-    with pytest.raises(ec.SelectionError, match="empty"):
-        ec.prepare(region, rgba, bytes(64))
+    with pytest.raises(geo.SelectionError, match="empty"):
+        geo.prepare(region, rgba, bytes(64))
+
+
+def test_the_size_multiple_is_a_parameter():
+    region = geo.context_region(Rect(0, 0, 30, 30), 101, 77, margin=0, multiple=16)
+    assert (region.width, region.height) == (32, 32)
+    region = geo.context_region(Rect(0, 0, 101, 77), 101, 77, multiple=64)
+    assert (region.width, region.height) == (128, 128)  # padded where the canvas is short
 
 
 def test_check_size_names_the_limit():
-    region = ec.context_region(Rect(0, 0, 64, 64), 64, 64)
-    ec.check_size(region, 64 * 64)
-    with pytest.raises(ec.SelectionError, match="at most 1000 pixels"):
-        ec.check_size(region, 1000)
-
-
-def test_bgra_to_rgba_swaps_red_and_blue_and_is_its_own_inverse():
-    bgra = bytes([1, 2, 3, 4, 10, 20, 30, 40])
-    assert ec.bgra_to_rgba(bgra) == bytes([3, 2, 1, 4, 30, 20, 10, 40])
-    assert ec.rgba_to_bgra(ec.bgra_to_rgba(bgra)) == bgra
-    with pytest.raises(ValueError, match="4-byte pixels"):
-        ec.bgra_to_rgba(b"abc")
+    region = geo.context_region(Rect(0, 0, 64, 64), 64, 64)
+    geo.check_size(region, 64 * 64)
+    with pytest.raises(geo.SelectionError, match="at most 1000 pixels"):
+        geo.check_size(region, 1000)
 
 
 def test_crop_and_pad():
     # 3x2 image, 1 byte per pixel.
     img = bytes([1, 2, 3, 4, 5, 6])
-    assert ec.crop(img, 3, 2, Rect(1, 0, 2, 2), 1) == bytes([2, 3, 5, 6])
-    assert ec.pad(img, 3, 2, 4, 3, 1) == bytes([1, 2, 3, 3, 4, 5, 6, 6, 4, 5, 6, 6])
-    assert ec.pad(img, 3, 2, 4, 3, 1, fill=0) == bytes([1, 2, 3, 0, 4, 5, 6, 0, 0, 0, 0, 0])
+    assert geo.crop(img, 3, 2, Rect(1, 0, 2, 2), 1) == bytes([2, 3, 5, 6])
+    assert geo.pad(img, 3, 2, 4, 3, 1) == bytes([1, 2, 3, 3, 4, 5, 6, 6, 4, 5, 6, 6])
+    assert geo.pad(img, 3, 2, 4, 3, 1, fill=0) == bytes([1, 2, 3, 0, 4, 5, 6, 0, 0, 0, 0, 0])
     with pytest.raises(ValueError, match="outside"):
-        ec.crop(img, 3, 2, Rect(2, 0, 2, 2), 1)
+        geo.crop(img, 3, 2, Rect(2, 0, 2, 2), 1)
 
 
 def test_mask_bounds():
     w, h = 7, 5
     mask = bytearray(w * h)
-    assert ec.mask_bounds(bytes(mask), w, h) is None
+    assert geo.mask_bounds(bytes(mask), w, h) is None
     mask[1 * w + 2] = 3  # a faint soft edge pixel counts
     mask[3 * w + 5] = 255
-    assert ec.mask_bounds(bytes(mask), w, h) == Rect(2, 1, 4, 3)
+    assert geo.mask_bounds(bytes(mask), w, h) == Rect(2, 1, 4, 3)
 
 
 def test_soft_mask_becomes_the_layer_alpha():
     rgba = bytes([10, 20, 30, 255] * 4)
     mask = bytes([0, 64, 200, 255])
-    out = ec.apply_mask_alpha(rgba, mask)
+    out = geo.apply_mask_alpha(rgba, mask)
     assert out[3::4] == mask
     assert out[0::4] == bytes([10] * 4)  # colour untouched (straight alpha)
     # A translucent result multiplies: 128 * 128 / 255 ~ 64.
-    half = ec.apply_mask_alpha(bytes([1, 1, 1, 128] * 2), bytes([128, 255]))
+    half = geo.apply_mask_alpha(bytes([1, 1, 1, 128] * 2), bytes([128, 255]))
     assert half[3::4] == bytes([64, 128])
 
 
 def test_prepare_pads_image_with_edges_and_mask_with_keep():
-    region = ec.context_region(Rect(0, 0, 5, 3), 5, 3)
+    region = geo.context_region(Rect(0, 0, 5, 3), 5, 3)
     rgba = bytes(range(60))
     soft = bytes([0, 50, 100, 150, 255] * 3)
-    p = ec.prepare(region, rgba, soft)
+    p = geo.prepare(region, rgba, soft)
     assert len(p.image) == 8 * 8 * 4 and len(p.mask) == 8 * 8
     assert p.mask[:8] == bytes([0, 50, 100, 150, 255, 0, 0, 0])  # soft values kept
     assert p.mask[3 * 8 :] == bytes(5 * 8)  # padding rows are never repainted
@@ -135,13 +134,13 @@ def test_prepare_pads_image_with_edges_and_mask_with_keep():
 
 
 def test_prepare_without_a_mask_repaints_the_whole_region():
-    region = ec.context_region(Rect(0, 0, 8, 8), 8, 8)
-    p = ec.prepare(region, bytes(8 * 8 * 4), None)
+    region = geo.context_region(Rect(0, 0, 8, 8), 8, 8)
+    p = geo.prepare(region, bytes(8 * 8 * 4), None)
     assert p.mask == b"\xff" * 64
 
 
 def test_place_result_covers_the_selection_and_is_masked_by_it():
-    region = ec.context_region(Rect(2, 1, 3, 2), 5, 3, margin=0)
+    region = geo.context_region(Rect(2, 1, 3, 2), 5, 3, margin=0)
     assert region.rect == Rect(0, 0, 5, 3) and (region.width, region.height) == (8, 8)
     result = bytearray()
     for y in range(8):
@@ -150,148 +149,29 @@ def test_place_result_covers_the_selection_and_is_masked_by_it():
     sel = bytearray(15)
     sel[1 * 5 + 2] = 255
     sel[1 * 5 + 3] = 128
-    placed = ec.place_result(region, bytes(result), 8, 8, bytes(sel), prompt="a red circle", seed=7)
+    placed = geo.place_result(
+        region, bytes(result), 8, 8, bytes(sel), prompt="a red circle", seed=7
+    )
     assert (placed.x, placed.y, placed.width, placed.height) == (2, 1, 3, 2)
     assert len(placed.rgba) == 3 * 2 * 4
     assert placed.rgba[0::4] == bytes([2, 3, 4, 2, 3, 4])  # the pixels at the selection
     assert placed.rgba[1::4] == bytes([1, 1, 1, 2, 2, 2])
     assert placed.rgba[3::4] == bytes([255, 128, 0, 0, 0, 0])  # alpha from the soft mask
     assert placed.name == "[sdkit] a red circle (7)"
-    with pytest.raises(ec.EditorError, match="16x8 image for a 8x8 request"):
-        ec.place_result(region, bytes(16 * 8 * 4), 16, 8, None, prompt="x", seed=1)
+    with pytest.raises(geo.EditorError, match="16x8 image for a 8x8 request"):
+        geo.place_result(region, bytes(16 * 8 * 4), 16, 8, None, prompt="x", seed=1)
 
 
 def test_place_result_without_a_mask_keeps_the_region_opaque():
-    region = ec.context_region(Rect(0, 0, 6, 5), 6, 5)
-    placed = ec.place_result(region, b"\x09" * (8 * 8 * 4), 8, 8, None, prompt="", seed=None)
+    region = geo.context_region(Rect(0, 0, 6, 5), 6, 5)
+    placed = geo.place_result(region, b"\x09" * (8 * 8 * 4), 8, 8, None, prompt="", seed=None)
     assert (placed.x, placed.y, placed.width, placed.height) == (0, 0, 6, 5)
     assert placed.rgba == b"\x09" * (6 * 5 * 4)
 
 
 def test_layer_name_is_short_and_single_line():
-    name = ec.layer_name("a  very\nlong prompt " * 10, 123)
+    name = geo.layer_name("a  very\nlong prompt " * 10, 123)
     assert name.startswith("[sdkit] a very long prompt")
     assert name.endswith("… (123)")
     assert "\n" not in name and len(name) < 60
-    assert ec.layer_name("", None) == "[sdkit] (no prompt)"
-
-
-# --- the plug-ins' wire path against the real bridge server (tiny engine) -------------
-
-
-def test_default_address_is_the_servers_default_bind():
-    from sdkit.bridge import server
-
-    assert ec.DEFAULT_ADDRESS == server.DEFAULT_BIND
-
-
-@pytest.fixture(scope="module")
-def bridge(tmp_path_factory):
-    """The real server on a tiny random-weight SD pipeline (only that one is built)."""
-    from sdkit.bridge import serve
-
-    from sdkit.engine import Engine
-    from tests import tiny
-
-    folder = tmp_path_factory.mktemp("tiny-sd") / "sd"
-    engine = Engine(tiny.save(tiny.sd_pipeline(folder), folder, tiny.TINY_DEFAULTS), device="cpu")
-    handle = serve(engine, bind="tcp://127.0.0.1:0")
-    yield handle.address
-    handle.stop()
-    engine.close()
-
-
-def _canvas(width, height):
-    rgba = bytearray()
-    for y in range(height):
-        for x in range(width):
-            rgba += bytes([(x * 7) % 256, (y * 5) % 256, 90, 255])
-    return bytes(rgba)
-
-
-def test_inpaint_selection_round_trip(bridge):
-    w, h = 45, 37
-    rgba = _canvas(w, h)
-    sel = Rect(11, 9, 13, 11)
-    mask = bytearray(w * h)
-    for y in range(sel.y, sel.bottom):
-        for x in range(sel.x, sel.right):
-            mask[y * w + x] = 255
-    mask[sel.y * w + sel.x] = 100  # one soft pixel
-    conn = ec.Connection(bridge)
-    conn.wait_ready()
-    assert conn.state == "connected" and conn.default_size() == (32, 32)
-    action = ec.plan_action(
-        "inpaint",
-        ec.Params(prompt="a red circle", num_inference_steps=2, seed=42),
-        (w, h),
-        sel,
-        lambda r: ec.crop(rgba, w, h, r, 4),
-        lambda r: ec.crop(bytes(mask), w, h, r, 1),
-        margin=8,
-    )
-    region = action.prepared.region
-    assert region.width % 8 == 0 and region.height % 8 == 0
-    statuses = []
-    placement = ec.run_blocking(conn, action, on_progress=lambda a: statuses.append(a.state))
-    conn.close()
-    assert "running" in statuses and action.state == "done"
-    assert action.preview is not None  # previews were asked for and arrived
-    assert (placement.x, placement.y, placement.width, placement.height) == (11, 9, 13, 11)
-    assert placement.name == "[sdkit] a red circle (42)"
-    alpha = placement.rgba[3::4]
-    assert alpha[0] == 100 and set(alpha[1:]) == {255}
-
-
-def test_txt2img_uses_the_requested_size_and_the_origin(bridge):
-    conn = ec.Connection(bridge)
-    action = ec.plan_action(
-        "txt2img",
-        ec.Params(prompt="a blue square", num_inference_steps=2, seed=3, width=24, height=16),
-        (100, 100),
-        Rect(5, 6, 10, 10),
-        None,
-        None,
-    )
-    placement = ec.run_blocking(conn, action)
-    conn.close()
-    assert (placement.x, placement.y, placement.width, placement.height) == (5, 6, 24, 16)
-    assert len(placement.rgba) == 24 * 16 * 4
-
-
-def test_cancel_ends_the_action_as_cancelled(bridge):
-    conn = ec.Connection(bridge)
-    conn.wait_ready()
-    action = ec.Action(
-        "txt2img", ec.Params(prompt="x", num_inference_steps=500, width=32, height=32)
-    )
-    action.start(conn)
-    while action.state not in ("running",) and not action.done:
-        for ev in conn.poll(0.05):
-            action.handle(ev)
-    action.cancel(conn)
-    while not action.done:
-        for ev in conn.poll(0.05):
-            action.handle(ev)
-    conn.close()
-    assert action.state == "cancelled" and action.placement is None
-
-
-def test_server_errors_name_the_field(bridge):
-    conn = ec.Connection(bridge)
-    action = ec.Action("txt2img", ec.Params(prompt="x", width=30, height=32))
-    with pytest.raises(ec.EditorError, match="width"):
-        ec.run_blocking(conn, action)
-    conn.close()
-
-
-def test_dead_server_is_a_clear_error_not_a_hang():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conn = ec.Connection(f"tcp://127.0.0.1:{port}", hello_timeout=1.0)
-    with pytest.raises(ec.EditorError, match="no sdkit server answers .* `sdkit serve`"):
-        conn.wait_ready()
-    assert conn.state == "failed"
+    assert geo.layer_name("", None) == "[sdkit] (no prompt)"

@@ -107,7 +107,7 @@ def test_installer_makes_a_runnable_gimp_plugin(gimp_run):
     script = installed / "sdkit-gimp.py"
     assert installed.name == "sdkit-gimp" and script.is_file()
     assert os.access(script, os.X_OK)
-    for name in ("protocol.py", "zmtp.py", "editor_common.py"):
+    for name in plugins.SHARED_MODULES:
         assert (installed / name).is_file()
 
 

@@ -71,7 +71,7 @@ def krita_run(tmp_path_factory):
 
 def test_installer_puts_the_plugin_and_its_modules_together(krita_run):
     installed, _, _ = krita_run
-    for name in ("__init__.py", "controller.py", "protocol.py", "zmtp.py", "editor_common.py"):
+    for name in ("__init__.py", "controller.py", *plugins.SHARED_MODULES):
         assert (installed / name).is_file()
     assert (installed.parent / "sdkit_krita.desktop").is_file()
 

@@ -37,7 +37,7 @@ def test_install_krita_layout(tmp_path):
     package = plugins.install("krita", tmp_path)
     assert package == tmp_path / "sdkit_krita"
     assert (tmp_path / "sdkit_krita.desktop").read_text().count("X-KDE-Library=sdkit_krita") == 1
-    for name in ("__init__.py", "docker.py", "protocol.py", "zmtp.py", "editor_common.py"):
+    for name in ("__init__.py", "docker.py", *plugins.SHARED_MODULES):
         assert (package / name).is_file(), name
     assert not list(package.rglob("__pycache__"))
     plugins.install("krita", tmp_path)  # re-installing over itself is fine
@@ -49,23 +49,65 @@ def test_install_gimp_layout_is_executable(tmp_path):
     assert package.name == script.stem  # GIMP wants plug-ins/NAME/NAME.py
     assert os.access(script, os.X_OK)
     assert script.read_text().startswith("#!/usr/bin/env python3")
-    for name in ("protocol.py", "zmtp.py", "editor_common.py"):
+    for name in plugins.SHARED_MODULES:
         assert (package / name).is_file(), name
+
+
+BLOCK = "import sys; sys.path.insert(0, '.'); sys.modules.update(sdkit=None, zmq=None, PIL=None)\n"
 
 
 def test_shared_modules_import_without_sdkit(tmp_path):
     """The copies next to the GIMP script work as plain top-level modules (stdlib only)."""
     package = plugins.install("gimp", tmp_path)
-    code = (
-        "import sys; sys.path.insert(0, '.'); sys.modules['sdkit'] = None; sys.modules['zmq'] = None\n"
-        "import editor_common as ec\n"
-        "r = ec.context_region(ec.Rect(1, 2, 3, 4), 20, 20)\n"
-        "print(r.width, r.height, ec.protocol.VERSION, ec._import_zmtp().__name__)\n"
+    code = BLOCK + (
+        "import editor_actions as ea, editor_connection as conn, editor_geometry as geo\n"
+        "import pictures, protocol, tracker\n"
+        "r = geo.context_region(geo.Rect(1, 2, 3, 4), 20, 20)\n"
+        "print(r.width, r.height, protocol.Session is tracker.Session, conn.zmtp.__name__)\n"
     )
     out = subprocess.run(
         [sys.executable, "-I", "-c", code], cwd=package, capture_output=True, text=True, check=True
     )
-    assert out.stdout.split() == ["24", "24", "1", "zmtp"]  # 20 px canvas, padded
+    assert out.stdout.split() == ["24", "24", "True", "zmtp"]  # 20 px canvas, padded
+
+
+def test_shared_modules_import_inside_the_krita_package(tmp_path):
+    """In Krita they are modules of the plug-in's package (relative imports), still stdlib."""
+    plugins.install("krita", tmp_path)
+    code = BLOCK.replace("'.'", repr(str(tmp_path))) + (
+        "from sdkit_krita import editor_actions, editor_connection, pictures, tracker\n"
+        "print(editor_connection.zmtp.__name__, editor_actions.tracker is tracker)\n"
+    )
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["sdkit_krita.zmtp", "True"], out.stderr
+
+
+def test_editor_side_modules_import_only_the_standard_library():
+    """What runs inside the editors imports the stdlib, each other, and the editor's API."""
+    import ast
+
+    editor_api = {"krita", "gi", "PyQt5", "PyQt6"}
+    siblings = {name.removesuffix(".py") for name in plugins.SHARED_MODULES}
+    files = [plugins.HERE / name for name in plugins.SHARED_MODULES]
+    files += list((plugins.HERE / "krita").rglob("*.py")) + list(
+        (plugins.HERE / "gimp").rglob("*.py")
+    )
+    allowed = sys.stdlib_module_names | siblings | editor_api | {"__future__"}
+    for path in files:
+        tree = ast.parse(path.read_text())
+        # PIL is optional: imported inside the functions that need it (pictures.to_image).
+        lazy = {
+            id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) for n in ast.walk(f)
+        }
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                assert top in allowed or (top == "PIL" and id(node) in lazy), (path.name, name)
 
 
 def test_cli_install_and_path(tmp_path, capsys):

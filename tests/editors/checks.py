@@ -9,7 +9,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from sdkit.bridge import editor_common as ec
+from sdkit.bridge import editor_geometry as geo
 
 
 def free_port() -> int:
@@ -52,7 +52,7 @@ def load_report(out: Path) -> dict:
     return report
 
 
-def judge_inpaint(out: Path, width: int, height: int) -> ec.Rect:
+def judge_inpaint(out: Path, width: int, height: int) -> geo.Rect:
     """Outside the selection the merged image is unchanged; inside it changed.
 
     Returns the tight bounds of the selection mask, for the layer-bounds checks.
@@ -76,6 +76,6 @@ def judge_inpaint(out: Path, width: int, height: int) -> ec.Rect:
     assert outside_changed == 0, f"{outside_changed} pixels outside the selection changed"
     assert inside > 100
     assert inside_changed > 0.5 * inside, f"only {inside_changed}/{inside} selected pixels changed"
-    bounds = ec.mask_bounds(mask, width, height)
+    bounds = geo.mask_bounds(mask, width, height)
     assert bounds is not None
     return bounds

@@ -3,9 +3,14 @@
 
 A GIMP plug-in runs as a process of its own, so it may block while the server works;
 it talks to a running ``sdkit serve`` over the bridge with the bundled standard-library
-modules (``protocol``, ``zmtp``, ``editor_common``, copied here by
+modules (``protocol``, ``zmtp``, ``tracker``, ``editor_*``, copied here by
 ``sdkit plugin install gimp``). Pixels go through GEGL buffers as "R'G'B'A u8" (babl has
 no BGRA u8), the selection as "Y u8".
+
+GIMP registers procedures when it starts, before any server answers, so there is one
+procedure per kind of dialog (a new layer, or the selection redrawn or repainted), each
+with a ``mode`` argument: the server's mode to run, checked against the modes its
+``hello`` offers.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ gi.require_version("Gegl", "0.4")
 from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import editor_common as ec  # noqa: E402
+import editor_actions as ea  # noqa: E402
+import editor_geometry as geo  # noqa: E402
+from editor_connection import DEFAULT_ADDRESS, Connection  # noqa: E402
 
+# procedure: (default mode, takes a size (new layer) or a strength, menu label, blurb)
 PROCEDURES = {
-    "sdkit-generate": ("txt2img", "_Generate…", "Generate a new layer from a prompt"),
-    "sdkit-img2img": ("img2img", "_Img2img selection…", "Redraw the selection from a prompt"),
-    "sdkit-inpaint": ("inpaint", "I_npaint selection…", "Repaint the selection from a prompt"),
+    "sdkit-generate": ("txt2img", "size", "_Generate…", "Generate a new layer from a prompt"),
+    "sdkit-img2img": ("img2img", "strength", "_Img2img selection…", "Redraw the selection"),
+    "sdkit-inpaint": ("inpaint", "strength", "I_npaint selection…", "Repaint the selection"),
 }
 RGBA = "R'G'B'A u8"
 MASK = "Y u8"
@@ -36,39 +44,39 @@ MASK = "Y u8"
 
 def check_image(image) -> None:
     if image.get_base_type() != Gimp.ImageBaseType.RGB:
-        raise ec.EditorError(
+        raise geo.EditorError(
             "sdkit works on RGB images; convert this one with Image > Mode > RGB first"
         )
 
 
-def selection_rect(image) -> ec.Rect | None:
+def selection_rect(image) -> geo.Rect | None:
     """The selection's bounds, or None when nothing is selected."""
     result = Gimp.Selection.bounds(image)
     # (success, non_empty, x1, y1, x2, y2); older bindings leave out success.
     non_empty, x1, y1, x2, y2 = result[-5:]
     if not non_empty:
         return None
-    return ec.Rect.from_corners(x1, y1, x2, y2)
+    return geo.Rect.from_corners(x1, y1, x2, y2)
 
 
-def _rect(rect: ec.Rect):
+def _rect(rect: geo.Rect):
     return Gegl.Rectangle.new(rect.x, rect.y, rect.width, rect.height)
 
 
-def read_rgba(image, rect: ec.Rect) -> bytes:
+def read_rgba(image, rect: geo.Rect) -> bytes:
     """The visible (merged) image under ``rect``, from a throw-away flattened copy."""
     copy = image.duplicate()
     try:
         layer = copy.merge_visible_layers(Gimp.MergeType.CLIP_TO_IMAGE)
         ox, oy = layer.get_offsets()[-2:]
         buffer = layer.get_buffer()
-        local = ec.Rect(rect.x - ox, rect.y - oy, rect.width, rect.height)
+        local = geo.Rect(rect.x - ox, rect.y - oy, rect.width, rect.height)
         return bytes(buffer.get(_rect(local), 1.0, RGBA, Gegl.AbyssPolicy.NONE))
     finally:
         copy.delete()
 
 
-def read_mask(image, rect: ec.Rect) -> bytes | None:
+def read_mask(image, rect: geo.Rect) -> bytes | None:
     """The selection's 8-bit soft mask under ``rect``, or None when nothing is selected."""
     if Gimp.Selection.is_empty(image):
         return None
@@ -76,7 +84,7 @@ def read_mask(image, rect: ec.Rect) -> bytes | None:
     return bytes(buffer.get(_rect(rect), 1.0, MASK, Gegl.AbyssPolicy.NONE))
 
 
-def add_layer(image, placement: ec.Placement):
+def add_layer(image, placement: geo.Placement):
     """A new layer at the placement's position, above the selected layer; one undo step."""
     image.undo_group_start()
     try:
@@ -114,40 +122,41 @@ def add_layer(image, placement: ec.Placement):
 def run_action(
     image,
     mode: str,
-    params: ec.Params,
+    params: ea.Params,
     *,
-    address: str = ec.DEFAULT_ADDRESS,
-    margin: int = ec.DEFAULT_MARGIN,
+    address: str = DEFAULT_ADDRESS,
+    margin: int = geo.DEFAULT_MARGIN,
     timeout: float | None = None,
     progress: bool = True,
 ):
     """Everything a procedure does after its dialog: read, send, wait, add the layer."""
     check_image(image)
-    conn = ec.Connection(address, client="sdkit-gimp")
+    conn = Connection(address, client="sdkit-gimp")
     try:
         conn.wait_ready()
         if params.width is None or params.height is None:
             w, h = conn.default_size()
             params.width = params.width or w
             params.height = params.height or h
-        action = ec.plan_action(
-            mode,
+        action = ea.plan_action(
+            conn.mode(mode),
             params,
             (image.get_width(), image.get_height()),
             selection_rect(image),
             lambda rect: read_rgba(image, rect),
             lambda rect: read_mask(image, rect),
             margin=margin,
+            multiple=conn.size_multiple,
         )
 
-        def on_progress(a: ec.Action) -> None:
+        def on_progress(a: ea.Action) -> None:
             if progress:
                 Gimp.progress_set_text(f"sdkit: {a.status}")
                 Gimp.progress_update(a.fraction)
 
         if progress:
             Gimp.progress_init(f"sdkit: {mode}")
-        placement = ec.run_blocking(conn, action, on_progress=on_progress, timeout=timeout)
+        placement = ea.run_blocking(conn, action, on_progress=on_progress, timeout=timeout)
     finally:
         conn.close()
     return add_layer(image, placement)
@@ -156,24 +165,27 @@ def run_action(
 # --- the plug-in ----------------------------------------------------------------------
 
 
-def _config_params(config, mode: str) -> tuple[ec.Params, str]:
+def _config_params(config, dialog: str) -> tuple[ea.Params, str, str]:
+    """(params, mode, server address) from a procedure's arguments."""
     steps = config.get_property("steps")
     seed = config.get_property("seed")
-    params = ec.Params(
+    params = ea.Params(
         prompt=config.get_property("prompt").strip(),
         negative_prompt=config.get_property("negative-prompt").strip(),
-        strength=config.get_property("strength") if mode != "txt2img" else 0.75,
         num_inference_steps=steps or None,
         seed=None if seed < 0 else seed,
     )
-    if mode == "txt2img":
+    if dialog == "size":
         params.width = config.get_property("width") or None
         params.height = config.get_property("height") or None
-    return params, config.get_property("server")
+    else:
+        params.strength = config.get_property("strength")
+    mode = config.get_property("mode").strip()
+    return params, mode, config.get_property("server")
 
 
 def _run(procedure, run_mode, image, drawables, config, data):
-    mode = PROCEDURES[procedure.get_name()][0]
+    dialog = PROCEDURES[procedure.get_name()][1]
     if run_mode == Gimp.RunMode.INTERACTIVE:
         gi.require_version("GimpUi", "3.0")
         from gi.repository import GimpUi
@@ -185,10 +197,10 @@ def _run(procedure, run_mode, image, drawables, config, data):
         dialog.destroy()
         if not ok:
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
-    params, address = _config_params(config, mode)
+    params, mode, address = _config_params(config, dialog)
     try:
         run_action(image, mode, params, address=address)
-    except ec.EditorError as e:
+    except geo.EditorError as e:
         return procedure.new_return_values(Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(str(e)))
     return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
 
@@ -201,7 +213,7 @@ class SdkitPlugIn(Gimp.PlugIn):
         return False
 
     def do_create_procedure(self, name):
-        mode, label, blurb = PROCEDURES[name]
+        mode, dialog, label, blurb = PROCEDURES[name]
         procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, _run, None)
         procedure.set_image_types("RGB*")
         procedure.set_sensitivity_mask(
@@ -223,7 +235,7 @@ class SdkitPlugIn(Gimp.PlugIn):
         procedure.add_string_argument(
             "negative-prompt", "_Negative prompt", "What to avoid", "", rw
         )
-        if mode != "txt2img":
+        if dialog == "strength":
             procedure.add_double_argument(
                 "strength", "_Strength", "How much to change (0..1)", 0.01, 1.0, 0.75, rw
             )
@@ -235,7 +247,10 @@ class SdkitPlugIn(Gimp.PlugIn):
         procedure.add_int_argument("steps", "S_teps", "0: the model's default", 0, 200, 0, rw)
         procedure.add_int_argument("seed", "S_eed", "-1: random", -1, 2**31 - 1, -1, rw)
         procedure.add_string_argument(
-            "server", "Ser_ver", "Address of `sdkit serve`", ec.DEFAULT_ADDRESS, rw
+            "mode", "_Mode", "The server's mode to run (see its hello)", mode, rw
+        )
+        procedure.add_string_argument(
+            "server", "Ser_ver", "Address of `sdkit serve`", DEFAULT_ADDRESS, rw
         )
         return procedure
 

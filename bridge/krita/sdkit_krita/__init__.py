@@ -1,7 +1,7 @@
 """sdkit for Krita: Stable Diffusion into new layers over the sdkit bridge.
 
 Only the standard library, Krita's API and the bundled ``protocol``, ``zmtp`` and
-``editor_common`` modules (copied here by ``sdkit plugin install krita``).
+``editor_*`` modules (copied here by ``sdkit plugin install krita``).
 """
 
 from __future__ import annotations

@@ -1,42 +1,43 @@
 """Krita's side of the pixels: read the merged image and selection, add the result layer.
 
 Kept to the few libkis calls that exist in Krita 5.1 and 6; everything else is in
-``editor_common``.
+``editor_geometry`` and ``pictures``.
 """
 
 from __future__ import annotations
 
-from . import editor_common as ec
+from . import editor_geometry as geo
+from .pictures import bgra_to_rgba, rgba_to_bgra
 
 
 def check_document(doc) -> None:
     """Refuse what the byte-level code cannot read: anything but 8-bit RGBA."""
     if doc is None:
-        raise ec.EditorError("no document is open")
+        raise geo.EditorError("no document is open")
     model, depth = doc.colorModel(), doc.colorDepth()
     if (model, depth) != ("RGBA", "U8"):
-        raise ec.EditorError(
+        raise geo.EditorError(
             f"sdkit works on 8-bit RGBA documents; this one is {model}/{depth}. "
             "Convert it with Image > Convert Image Color Space (RGB/Alpha, 8-bit integer)."
         )
 
 
-def selection_rect(doc) -> ec.Rect | None:
+def selection_rect(doc) -> geo.Rect | None:
     """The selection's bounds, or None when there is no selection at all."""
     sel = doc.selection()
     if sel is None:
         return None
-    return ec.Rect(sel.x(), sel.y(), sel.width(), sel.height())
+    return geo.Rect(sel.x(), sel.y(), sel.width(), sel.height())
 
 
-def read_rgba(doc, rect: ec.Rect) -> bytes:
+def read_rgba(doc, rect: geo.Rect) -> bytes:
     """The merged image under ``rect`` as straight RGBA8 (Krita stores BGRA)."""
     doc.waitForDone()
     data = bytes(doc.pixelData(rect.x, rect.y, rect.width, rect.height))
-    return ec.bgra_to_rgba(data)
+    return bgra_to_rgba(data)
 
 
-def read_mask(doc, rect: ec.Rect) -> bytes | None:
+def read_mask(doc, rect: geo.Rect) -> bytes | None:
     """The selection's 8-bit soft mask under ``rect``, or None without a selection."""
     sel = doc.selection()
     if sel is None:
@@ -44,7 +45,7 @@ def read_mask(doc, rect: ec.Rect) -> bytes | None:
     return bytes(sel.pixelData(rect.x, rect.y, rect.width, rect.height))
 
 
-def add_layer(doc, placement: ec.Placement):
+def add_layer(doc, placement: geo.Placement):
     """Add ``placement`` as a new paint layer above the active one, as one undo step.
 
     The layer is filled before it is added, so adding it is the only change to the
@@ -52,7 +53,7 @@ def add_layer(doc, placement: ec.Placement):
     """
     node = doc.createNode(placement.name, "paintlayer")
     node.setPixelData(
-        ec.rgba_to_bgra(placement.rgba), placement.x, placement.y, placement.width, placement.height
+        rgba_to_bgra(placement.rgba), placement.x, placement.y, placement.width, placement.height
     )
     active = doc.activeNode()
     parent = active.parentNode() if active is not None else None

@@ -7,17 +7,23 @@ blocks), so Krita stays responsive while the server works and Cancel always reac
 from __future__ import annotations
 
 from . import canvas
-from . import editor_common as ec
+from . import editor_actions as ea
+from . import editor_geometry as geo
+from .editor_connection import DEFAULT_ADDRESS, Connection
+from .pictures import rgba8
 from .qt import QObject, QtGui, QTimer, Signal
 
 POLL_MS = 30
 
 
 def picture_to_qimage(pic) -> QtGui.QImage | None:
-    """A preview or result picture (rgba8) as a QImage that owns its bytes."""
-    if pic is None or pic.format != "rgba8":
+    """A preview picture as a QImage that owns its bytes (None for what it cannot show)."""
+    try:
+        data = rgba8(pic) if pic is not None else None
+    except ValueError:  # a PNG preview: the plug-in asks for rgba8, so never in practice
         return None
-    data = bytes(pic.data)
+    if data is None:
+        return None
     image = QtGui.QImage(
         data, pic.width, pic.height, pic.width * 4, QtGui.QImage.Format.Format_RGBA8888
     )
@@ -33,10 +39,10 @@ class Controller(QObject):
     failed = Signal(str)  # what went wrong, for a message box / status line
     busy_changed = Signal(bool)
 
-    def __init__(self, address: str = ec.DEFAULT_ADDRESS, parent=None):
+    def __init__(self, address: str = DEFAULT_ADDRESS, parent=None):
         super().__init__(parent)
-        self.conn = ec.Connection(address, client="sdkit-krita")
-        self.action: ec.Action | None = None
+        self.conn = Connection(address, client="sdkit-krita")
+        self.action: ea.Action | None = None
         self.document = None
         self.last_layer = None
         self._last_status: tuple[str, bool] | None = None
@@ -54,7 +60,7 @@ class Controller(QObject):
         """(Re)connect; the hello reply or the failure arrives through ``poll``."""
         if address and address != self.conn.address:
             self.conn.close()
-            self.conn = ec.Connection(address, client="sdkit-krita")
+            self.conn = Connection(address, client="sdkit-krita")
         self.conn.open()
         self._emit_status()
         self.timer.start()
@@ -69,7 +75,7 @@ class Controller(QObject):
             self.status_changed.emit(*status)
 
     # -- actions
-    def run(self, mode: str, params: ec.Params, doc=None, *, margin: int = ec.DEFAULT_MARGIN):
+    def run(self, mode: str, params: ea.Params, doc=None, *, margin: int = geo.DEFAULT_MARGIN):
         """Start ``mode`` on ``doc`` (default: the active document). False if refused.
 
         Without a connection the action waits (without blocking Krita) until the server
@@ -84,7 +90,7 @@ class Controller(QObject):
 
                 doc = Krita.instance().activeDocument()
             canvas.check_document(doc)
-        except ec.EditorError as e:
+        except geo.EditorError as e:
             self.failed.emit(str(e))
             return False
         self.document = doc
@@ -98,23 +104,24 @@ class Controller(QObject):
             return True
         return self._start(mode, params, doc, margin)
 
-    def _start(self, mode: str, params: ec.Params, doc, margin: int) -> bool:
+    def _start(self, mode: str, params: ea.Params, doc, margin: int) -> bool:
         try:
             if params.width is None or params.height is None:
                 w, h = self.conn.default_size()
                 params.width = params.width or w
                 params.height = params.height or h
-            action = ec.plan_action(
-                mode,
+            action = ea.plan_action(
+                self.conn.mode(mode),
                 params,
                 (doc.width(), doc.height()),
                 canvas.selection_rect(doc),
                 lambda rect: canvas.read_rgba(doc, rect),
                 lambda rect: canvas.read_mask(doc, rect),
                 margin=margin,
+                multiple=self.conn.size_multiple,
             )
             action.start(self.conn)
-        except ec.EditorError as e:
+        except geo.EditorError as e:
             self.busy_changed.emit(False)
             self.failed.emit(str(e))
             return False
@@ -151,7 +158,7 @@ class Controller(QObject):
             for ev in events:
                 changed |= action.handle(ev)
             if not action.done and self.conn.state == "failed":
-                action.state, action.error = "failed", self.conn.error
+                action.fail(self.conn.error or "lost the connection")
             if changed and not action.done:
                 self.progress_changed.emit(
                     action.fraction, action.status, picture_to_qimage(action.preview)
@@ -162,7 +169,7 @@ class Controller(QObject):
         if self.conn.state == "failed" and not self.busy:
             self.timer.stop()
 
-    def _finish(self, action: ec.Action) -> None:
+    def _finish(self, action: ea.Action) -> None:
         self.busy_changed.emit(False)
         if action.state == "done":
             try:

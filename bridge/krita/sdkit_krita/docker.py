@@ -1,10 +1,14 @@
-"""The sdkit docker: prompt, parameters, the three actions, progress with a live preview."""
+"""The sdkit docker: prompt, parameters, one button per server mode, progress with a preview.
+
+The buttons are the modes the server's ``hello`` describes (their titles), rebuilt when
+the docker connects to another server; before any server answers, today's three modes.
+"""
 
 from __future__ import annotations
 
 from krita import DockWidget
 
-from . import editor_common as ec
+from . import editor_actions as ea
 from .controller import shared
 from .qt import Qt, QtGui, QtWidgets
 
@@ -82,17 +86,9 @@ class SdkitDocker(DockWidget):
         self.seed.setValue(-1)
         form.addRow("Seed", self.seed)
 
-        buttons = W.QHBoxLayout()
-        self.buttons = {}
-        for mode, label in (
-            ("txt2img", "Generate"),
-            ("img2img", "Img2img selection"),
-            ("inpaint", "Inpaint selection"),
-        ):
-            b = W.QPushButton(label)
-            b.clicked.connect(lambda _=False, m=mode: self.run(m))
-            buttons.addWidget(b)
-            self.buttons[mode] = b
+        self.button_grid = W.QGridLayout()
+        self.buttons: dict[str, QtWidgets.QPushButton] = {}
+        self._show_modes()
 
         self.progress = W.QProgressBar()
         self.progress.setRange(0, 1000)
@@ -111,15 +107,35 @@ class SdkitDocker(DockWidget):
 
         layout = W.QVBoxLayout(root)
         layout.addLayout(form)
-        layout.addLayout(buttons)
+        layout.addLayout(self.button_grid)
         layout.addLayout(prog_row)
         layout.addWidget(self.preview)
         layout.addStretch(1)
         self.setWidget(root)
 
-    def params(self) -> ec.Params:
+    def _show_modes(self) -> None:
+        """One button per mode the server offers; rebuilt only when the modes change."""
+        modes = self.controller.conn.modes
+        if tuple(m.name for m in modes) == tuple(self.buttons):
+            return
+        for b in self.buttons.values():
+            self.button_grid.removeWidget(b)
+            b.deleteLater()
+        self.buttons = {}
+        for i, mode in enumerate(modes):
+            b = QtWidgets.QPushButton(mode.title)
+            b.setToolTip(f"{mode.name}: " + (", ".join(mode.inputs) or "a new layer"))
+            b.clicked.connect(lambda _=False, name=mode.name: self.run(name))
+            b.setEnabled(not self.controller.busy)
+            self.button_grid.addWidget(b, i // 2, i % 2)
+            self.buttons[mode.name] = b
+        steps = self.controller.conn.field_range("num_inference_steps")
+        if steps is not None:
+            self.steps.setMaximum(int(steps[1]))
+
+    def params(self) -> ea.Params:
         steps, seed = self.steps.value(), self.seed.value()
-        return ec.Params(
+        return ea.Params(
             prompt=self.prompt.toPlainText().strip(),
             negative_prompt=self.negative.toPlainText().strip(),
             strength=self.strength.value(),
@@ -135,6 +151,8 @@ class SdkitDocker(DockWidget):
         self.status.setText(text)
         self.status.setStyleSheet("" if ok else "color: #c0392b;")
         self.model.setText(self.controller.model_text())
+        if ok:
+            self._show_modes()
 
     def _on_progress(self, fraction: float, status: str, preview) -> None:
         self.progress.setValue(int(fraction * 1000))

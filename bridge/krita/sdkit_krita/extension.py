@@ -1,10 +1,15 @@
-"""Menu actions (Tools > Scripts > sdkit …) that run with the docker's fields."""
+"""Menu actions (Tools > Scripts > sdkit …) that run with the docker's fields.
+
+Krita creates menu actions at start-up, before any server answers, so these are
+shortcuts for the standard modes by name; a server that does not offer one says so.
+The docker's buttons follow the server's own list.
+"""
 
 from __future__ import annotations
 
 from krita import Extension
 
-from . import editor_common as ec
+from . import editor_actions as ea
 from .controller import shared
 from .docker import current_docker
 from .qt import QtWidgets
@@ -40,4 +45,4 @@ class SdkitExtension(Extension):
                 None, "sdkit", "Open Settings > Dockers > sdkit and type a prompt first."
             )
             return
-        controller.run(mode, docker.params() if docker else ec.Params())
+        controller.run(mode, docker.params() if docker else ea.Params())
