@@ -262,9 +262,12 @@ def _paint_and_inpaint(url, root, page, page_errors):
     page.locator(".sdkit-generate").click()
     page.locator(".sdkit-thumb").first.wait_for(timeout=300_000)
     page.locator(".sdkit-status", has_text="done").wait_for()
-    _step("result in the gallery: screenshot, check cell")
+    _step("result in the gallery: screenshot, layout checks, check cell")
     ARTIFACTS.mkdir(exist_ok=True)
     studio.screenshot(path=str(ARTIFACTS / "widget-browser.png"))
+    info = page.locator(".sdkit-infotext")
+    info.screenshot(path=str(ARTIFACTS / "widget-infotext.png"))
+    _check_layout(page)
 
     _run_cell(page, 1)
     page.locator(".jp-OutputArea-output", has_text="CHECK").wait_for(timeout=300_000)
@@ -287,3 +290,43 @@ def _paint_and_inpaint(url, root, page, page_errors):
     assert not changed[~painted].any(), "pixels outside the mask changed"
     np.testing.assert_array_equal(data["before"], np.asarray(uploaded))
     shutil.copy(root / "check.npz", ARTIFACTS / "widget-browser-check.npz")
+    # the result was kept as A1111 keeps it: a PNG with its infotext in ./outputs
+    saved = list((root / "outputs").glob("*.png"))
+    assert len(saved) == 1 and "Seed: 3" in Image.open(saved[0]).info["parameters"]
+
+
+def _check_layout(page) -> None:
+    """What the eye checks, measured: the infotext wraps between its "Key: value" pairs and
+    never inside one or inside a word; upload buttons show their label without "(0)"."""
+    layout = page.evaluate(
+        """() => {
+        const info = document.querySelector('.sdkit-infotext');
+        const style = getComputedStyle(info);
+        const pairs = [...info.querySelectorAll('.sdkit-kv')];
+        const tops = new Set(pairs.map(p => Math.round(p.getBoundingClientRect().top)));
+        const uploads = [...document.querySelectorAll('.sdkit-upload')].map(b => ({
+            fontSize: getComputedStyle(b).fontSize,
+            after: getComputedStyle(b, '::after').content,
+            text: b.textContent,
+            width: b.getBoundingClientRect().width,
+        }));
+        const tabs = [...document.querySelectorAll('.sdkit-studio .lm-TabBar-tabLabel')];
+        const cut = tabs.filter(t => t.scrollWidth > t.clientWidth).map(t => t.textContent);
+        return {
+            wordBreak: style.wordBreak, overflowWrap: style.overflowWrap,
+            pairs: pairs.length, splitPairs: pairs.filter(p => p.getClientRects().length !== 1)
+                .map(p => p.textContent),
+            lines: tops.size, uploads, tabs: tabs.map(t => t.textContent), cut,
+        };
+    }"""
+    )
+    _step(f"layout: {layout}")
+    assert layout["wordBreak"] == "normal" and layout["overflowWrap"] == "normal", layout
+    assert layout["pairs"] >= 5 and layout["splitPairs"] == [], layout
+    assert layout["lines"] > 1, "the parameters did not wrap at all"
+    assert len(layout["uploads"]) == 2
+    for upload in layout["uploads"]:
+        assert upload["fontSize"] == "0px" and "(0)" in upload["text"], upload
+        assert upload["after"] in ('"Upload image"', '"Load PNG settings"'), upload
+        assert upload["width"] > 80, upload  # the label fits
+    assert "Image to image" in layout["tabs"] and layout["cut"] == [], layout

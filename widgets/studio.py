@@ -43,11 +43,13 @@ _CSS = """
 .sdkit-studio .widget-textarea textarea { font-family: inherit; }
 .sdkit-studio img { image-rendering: pixelated; }
 /* FileUpload writes "label (count)" as its text; show the label alone (kept in the title) */
-.sdkit-studio .sdkit-upload { font-size: 0; }
-.sdkit-studio .sdkit-upload > i { font-size: var(--jp-widgets-font-size, 13px); margin-right: 4px; }
+.sdkit-studio .jupyter-button.sdkit-upload { font-size: 0; width: auto; }
+.sdkit-studio .sdkit-upload > i { font-size: var(--jp-widgets-font-size, 13px); margin-right: 6px; }
 .sdkit-studio .sdkit-upload::after {
   content: attr(title); font-size: var(--jp-widgets-font-size, 13px);
 }
+/* mode tabs as wide as their titles (the registry's), not a fixed 144px cut short */
+.sdkit-studio .jupyter-widgets.jupyter-widget-tab > .lm-TabBar .lm-TabBar-tab { flex: 0 1 auto; }
 </style>
 """
 
@@ -129,7 +131,6 @@ class SDWidget(w.VBox):
             description="Load PNG settings",
             tooltip="Load PNG settings",  # the label shown (see _CSS: no "(0)" counter)
             icon="file-image-o",
-            layout=w.Layout(width="14em"),
         )
         self.settings_upload.observe(self._on_settings_upload, "value")
 
@@ -140,7 +141,6 @@ class SDWidget(w.VBox):
             description="Upload image",
             tooltip="Upload image",  # the label shown (see _CSS: no "(0)" counter)
             icon="upload",
-            layout=w.Layout(width="12em"),
         )
         self.image_upload.observe(self._on_image_upload, "value")
         e = self.controls.errors
