@@ -9,8 +9,10 @@ whose message says how to get it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,29 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
 
 
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Silence diffusers' and transformers' loading chatter ("Loading pipeline components"
+    bars, the torchvision fallback warnings) for the duration of a load, then put both
+    libraries' verbosity and progress-bar settings back as they were: a user who turned
+    them on, or off, keeps that. Errors still print. Generation progress is not affected
+    (pipelines have their own bar, and the engine its own)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    try:
+        for lib, _, _ in saved:
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+        yield
+    finally:
+        for lib, level, bars in saved:
+            lib.set_verbosity(level)
+            if bars:
+                lib.enable_progress_bar()
+
+
 def load_model(
     spec: str | Path | None = None,
     device: str | torch.device | None = None,
@@ -105,7 +130,7 @@ def load_model(
     *,
     config: str | Path | None = None,
 ) -> LoadedModel:
-    """Load the base pipeline for `spec` from local files only.
+    """Load the base pipeline for `spec` from local files only, quietly (`quiet_loading`).
 
     `config` is a local diffusers folder whose configuration a single-file checkpoint
     uses (found next to the checkpoint when not given).
@@ -113,40 +138,8 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     key = normalise_spec(spec)
-    if key == "embedded":
-        folder = EMBEDDED_DIR
-        if not (folder / "model_index.json").is_file():
-            raise ModelNotFoundError(
-                f"the embedded default model is missing ({folder} has no model_index.json). "
-                "Train and export it with `python -m sdkit.embedded.train`, "
-                "or pass model=<a local diffusers folder, checkpoint file or hub id>."
-            )
-        pipe = _load_folder(folder, dt)
-        name = "sdkit-embedded"
-        meta_dir: Path | None = folder
-    else:
-        path = Path(key)
-        if path.is_dir():
-            if not (path / "model_index.json").is_file():
-                raise ModelNotFoundError(
-                    f"{path} is a folder but not a diffusers pipeline (no model_index.json)"
-                )
-            pipe = _load_folder(path, dt)
-            name, meta_dir = path.name, path
-        elif path.is_file():
-            if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
-                raise ModelNotFoundError(
-                    f"{path}: not a checkpoint; expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
-                )
-            pipe, meta_dir = _load_single_file(path, dt, config)
-            name = path.stem
-        elif _HUB_ID.match(key):
-            pipe = _load_hub(key, dt)
-            name, meta_dir = key, None
-        else:
-            raise ModelNotFoundError(
-                f"model {key!r}: no such file or folder, and not a hub id (owner/name)"
-            )
+    with quiet_loading():
+        pipe, name, meta_dir = _load_pipeline(key, dt, config)
     pipe = pipe.to(dev)
     family = detect_family(pipe)
     meta = _read_sdkit_json(meta_dir)
@@ -175,6 +168,48 @@ def load_model(
         latent_rgb_bias=preview.get("latent_rgb_bias"),
         extra={k: v for k, v in meta.items() if k != "defaults"},
     )
+
+
+def _load_pipeline(
+    key: str, dt: torch.dtype, config: str | Path | None
+) -> tuple[Any, str, Path | None]:
+    """(pipeline, short name, folder holding its sdkit.json) for a normalised spec."""
+    meta_dir: Path | None
+    if key == "embedded":
+        folder = EMBEDDED_DIR
+        if not (folder / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"the embedded default model is missing ({folder} has no model_index.json). "
+                "Train and export it with `python -m sdkit.embedded.train`, "
+                "or pass model=<a local diffusers folder, checkpoint file or hub id>."
+            )
+        pipe = _load_folder(folder, dt)
+        name = "sdkit-embedded"
+        meta_dir = folder
+    else:
+        path = Path(key)
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise ModelNotFoundError(
+                    f"{path} is a folder but not a diffusers pipeline (no model_index.json)"
+                )
+            pipe = _load_folder(path, dt)
+            name, meta_dir = path.name, path
+        elif path.is_file():
+            if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+                raise ModelNotFoundError(
+                    f"{path}: not a checkpoint; expected one of {', '.join(CHECKPOINT_SUFFIXES)}"
+                )
+            pipe, meta_dir = _load_single_file(path, dt, config)
+            name = path.stem
+        elif _HUB_ID.match(key):
+            pipe = _load_hub(key, dt)
+            name, meta_dir = key, None
+        else:
+            raise ModelNotFoundError(
+                f"model {key!r}: no such file or folder, and not a hub id (owner/name)"
+            )
+    return pipe, name, meta_dir
 
 
 def detect_family(pipe: Any) -> str:
