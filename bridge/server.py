@@ -305,7 +305,7 @@ class Server:
         self._send(client, P.error_frames(rid, code, message, field))
 
     def _client_gone(self, client: bytes) -> None:
-        state = self._clients.pop(client, None)
+        state = self._clients.pop(client)
         if state is None:
             return
         self.stats["clients_gone"] += 1
@@ -418,7 +418,7 @@ class Server:
         self._send(client, P.event_frames("cancel", msg.id, target=target, found=True, state=was))
 
     def _op_bye(self, client: bytes, msg: P.Message) -> None:
-        state = self._clients.pop(client, None)
+        state = self._clients.pop(client)
         for entry in state.entries.values() if state else []:
             entry.gone = True
             entry.cancel_reason = "the client said bye"
