@@ -24,16 +24,8 @@ from sdkit.bridge import protocol as P
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
 
-class BridgeError(RuntimeError):
+class BridgeError(P.CodedError, RuntimeError):
     """An ``error`` event from the server, or a client-side one (timeout, connection_lost)."""
-
-    def __init__(self, code: str, message: str, field: str | None = None, request_id=None):
-        self.code = code
-        self.message = message
-        self.field = field
-        self.request_id = request_id
-        where = f" [{field}]" if field else ""
-        super().__init__(f"{code}{where}: {message}")
 
 
 class BridgeTimeout(BridgeError, TimeoutError):

@@ -80,8 +80,8 @@ MAX_ID_LENGTH = 128
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-class ProtocolError(ValueError):
-    """A message that breaks the protocol; the server answers it with an ``error`` event."""
+class CodedError(Exception):
+    """An error as the protocol reports it: a code, a message, the field at fault, the id."""
 
     def __init__(
         self, code: str, message: str, field: str | None = None, request_id: str | None = None
@@ -92,6 +92,10 @@ class ProtocolError(ValueError):
         self.request_id = request_id
         where = f" [{field}]" if field else ""
         super().__init__(f"{code}{where}: {message}")
+
+
+class ProtocolError(CodedError, ValueError):
+    """A message that breaks the protocol; the server answers it with an ``error`` event."""
 
 
 @dataclass(frozen=True)
