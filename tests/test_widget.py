@@ -857,7 +857,7 @@ def test_upload_buttons_show_their_label_without_a_counter(studio):
         assert "sdkit-upload" in upload._dom_classes
         assert upload.tooltip == upload.description  # the CSS shows the title, not "(0)"
     css = studio.children[0].value
-    assert ".sdkit-upload { font-size: 0; }" in css and "content: attr(title)" in css
+    assert ".sdkit-upload { font-size: 0;" in css and "content: attr(title)" in css
 
 
 def test_brush_slider_range_follows_the_image_size():
