@@ -720,7 +720,7 @@ def test_the_widget_never_holds_up_the_engine(studio, engine, monkeypatch):
 
     monkeypatch.setattr(studio.gallery, "add_result", stuck_add)
     monkeypatch.setattr(gallery, "png_bytes", recording_png)
-    monkeypatch.setattr("sdkit.widgets.studio.png_bytes", recording_png)
+    monkeypatch.setattr("sdkit.widgets.runpanel.png_bytes", recording_png)
     second_done = threading.Event()
     first = studio.generate()
     assert entered.wait(120), "the first result never reached the gallery"

@@ -6,13 +6,16 @@ show up here too. The engine's listener only queues the event (`follow.JobFollow
 the widget's own thread updates widget values (ipywidgets sends them from any thread),
 encodes pictures and saves results. Every result of ours is saved with its infotext to
 `outputs_dir`, as A1111 does, so a kernel restart loses nothing.
+
+Over 400 lines because it is the composition root: the layout and the wiring between the
+parts, which live in their own modules (controls, painter, gallery, runpanel, modelrow,
+follow), read best in one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import html
 import logging
 import os
 import threading
@@ -24,34 +27,19 @@ from typing import Any
 import ipywidgets as w
 from PIL import Image
 
-import sdkit
-from sdkit.jobs import EventKind
+from sdkit.jobs import TERMINAL_EVENTS, EventKind
 from sdkit.request import Request, RequestError, load_image
 
 from .controls import RequestControls
 from .follow import JobFollower
-from .gallery import Gallery, GalleryItem, png_bytes
+from .gallery import Gallery, GalleryItem
+from .modelrow import ModelRow
 from .painter import MaskPainter
+from .runpanel import CSS, RunPanel
 
 OUTPUTS_ENV = "SDKIT_OUTPUTS"  # default folder for auto-saved results ("outputs" if unset)
 
 log = logging.getLogger("sdkit.widgets")
-
-_CSS = """
-<style>
-.sdkit-studio { border: 1px solid #ddd; border-radius: 6px; padding: 8px; max-width: 960px; }
-.sdkit-studio .widget-textarea textarea { font-family: inherit; }
-.sdkit-studio img { image-rendering: pixelated; }
-/* FileUpload writes "label (count)" as its text; show the label alone (kept in the title) */
-.sdkit-studio .jupyter-button.sdkit-upload { font-size: 0; width: auto; }
-.sdkit-studio .sdkit-upload > i { font-size: var(--jp-widgets-font-size, 13px); margin-right: 6px; }
-.sdkit-studio .sdkit-upload::after {
-  content: attr(title); font-size: var(--jp-widgets-font-size, 13px);
-}
-/* mode tabs as wide as their titles (the registry's), not a fixed 144px cut short */
-.sdkit-studio .jupyter-widgets.jupyter-widget-tab > .lm-TabBar .lm-TabBar-tab { flex: 0 1 auto; }
-</style>
-"""
 
 
 def _guard(method: Callable) -> Callable:
@@ -96,35 +84,29 @@ class SDWidget(w.VBox):
         self.outputs_dir = resolve_outputs_dir(outputs_dir)
         self._unsubscribe: Callable[[], None] | None = None
         self._lock = threading.RLock()
-        self._idle = threading.Condition(self._lock)
-        self._loading = 0  # model loads in flight
         self._deferred: list[Request] = []  # Generate pressed while the model loads
         self.follower = JobFollower(self._handle_event)
         self.last_job: Any = None
         self.last_seed: int | None = None
         self.saved: list[Path] = []  # every file auto-saved to outputs_dir
-        self.errors: list[str] = []  # every error shown in the status line
-        self._status_error: RequestError | None = None  # the field error the status shows
 
         self.controls = RequestControls()
         self.painter = MaskPainter(display_size=display_size)
         self.gallery = Gallery()
+        self.panel = RunPanel()
+        self.generate_button = self.panel.generate_button
+        self.cancel_button = self.panel.cancel_button
+        self.progress, self.status, self.preview = (
+            self.panel.progress,
+            self.panel.status,
+            self.panel.preview,
+        )
+        self.errors = self.panel.errors  # every error shown in the status line
 
-        # ----- model row -----
-        self.model_spec = w.Combobox(
-            value=model or "embedded",
-            options=["embedded"],
-            placeholder="embedded, folder, file or hub id",
-            description="Model",
-            ensure_option=False,
-            style={"description_width": "3.5em"},
-            layout=w.Layout(width="22em"),
-        )
-        self.load_button = w.Button(
-            description="Load", icon="download", layout=w.Layout(width="6em")
-        )
-        self.model_status = w.HTML()
-        self.load_button.on_click(lambda _: self.load_model(self.model_spec.value))
+        self.model_row = ModelRow(model or "embedded", self._loaded, self._load_failed)
+        self.model_spec = self.model_row.spec
+        self.load_button = self.model_row.load_button
+        self.model_status = self.model_row.status
         self.settings_upload = w.FileUpload(
             accept=".png,image/png",
             multiple=False,
@@ -152,24 +134,6 @@ class SDWidget(w.VBox):
             ]
         )
 
-        # ----- generate row -----
-        self.generate_button = w.Button(
-            description="Generate",
-            button_style="primary",
-            icon="play",
-            layout=w.Layout(width="8em"),
-        )
-        self.cancel_button = w.Button(
-            description="Cancel", icon="stop", disabled=True, layout=w.Layout(width="7em")
-        )
-        self.progress = w.IntProgress(0, min=0, max=1, layout=w.Layout(width="14em"))
-        self.status = w.HTML()
-        self.preview = w.Image(
-            format="png",
-            layout=w.Layout(
-                width="128px", height="128px", object_fit="contain", border="1px solid #eee"
-            ),
-        )
         self.generate_button.on_click(lambda _: self.generate())
         self.cancel_button.on_click(lambda _: self.cancel())
         self.controls.reuse_seed.on_click(lambda _: self._reuse_seed())
@@ -181,23 +145,10 @@ class SDWidget(w.VBox):
         self.gallery.on("inpaint", self._send_to_inpaint)
         self.gallery.on("rerun", self.rerun)
 
-        header = w.HBox(
-            [
-                w.HTML("<b style='font-size:15px;margin-right:8px'>sdkit studio</b>"),
-                self.model_spec,
-                self.load_button,
-                self.model_status,
-            ],
-            layout=w.Layout(align_items="center", flex_flow="row wrap"),
-        )
         left = w.VBox([self.controls.mode_tabs], layout=w.Layout(width="52%", min_width="420px"))
         right = w.VBox(
             [self.input_box, w.HBox([self.preview], layout=w.Layout(margin="6px 0"))],
             layout=w.Layout(margin="0 0 0 10px"),
-        )
-        run_row = w.HBox(
-            [self.generate_button, self.cancel_button, self.progress, self.status],
-            layout=w.Layout(align_items="center", flex_flow="row wrap"),
         )
         footer = w.HBox(
             [
@@ -212,10 +163,10 @@ class SDWidget(w.VBox):
         )
         super().__init__(
             [
-                w.HTML(_CSS),
-                header,
+                w.HTML(CSS),
+                self.model_row.widget,
                 w.HBox([left, right], layout=w.Layout(flex_flow="row wrap")),
-                run_row,
+                self.panel.row,
                 w.HTML("<b style='font-size:12px;color:#666'>GALLERY</b>"),
                 self.gallery.widget,
                 footer,
@@ -227,12 +178,8 @@ class SDWidget(w.VBox):
         for upload in (self.image_upload, self.settings_upload):
             upload.add_class("sdkit-upload")
         for widget, name in (
-            (self.model_status, "sdkit-model-status"),
             (self.image_upload, "sdkit-image-upload"),
             (self.settings_upload, "sdkit-settings-upload"),
-            (self.generate_button, "sdkit-generate"),
-            (self.cancel_button, "sdkit-cancel"),
-            (self.status, "sdkit-status"),
             (self.painter.canvas, "sdkit-canvas"),
         ):
             widget.add_class(name)  # stable hooks for styling and the browser test
@@ -254,69 +201,26 @@ class SDWidget(w.VBox):
             self.engine = engine
             self._unsubscribe = engine.subscribe(self.follower.listener)
         self.controls.apply_model(engine.info(), engine.check)
-        spec = str(getattr(engine, "spec", "engine"))
-        if spec not in self.model_spec.options:
-            self.model_spec.options = [*self.model_spec.options, spec]
-        self.model_spec.value = spec
-        self.model_status.value = _ok(
-            f"{html.escape(spec)} · {engine.family} · "
-            f"{engine.device} · {str(engine.dtype).replace('torch.', '')}"
-        )
+        self.model_row.show_engine(engine)
         self._on_control_change("mode")
 
     def load_model(self, spec: str | None) -> threading.Thread:
         """Load a model in the background; progress and errors show in the widget."""
-        spec = (spec or "embedded").strip() or "embedded"
+        return self.model_row.load(spec)
+
+    def _loaded(self, engine: Any) -> None:
+        self.use_engine(engine)
         with self._lock:
-            self._loading += 1
-        self.load_button.disabled = True
-        self.model_status.value = _info(f"loading {spec}…")
+            deferred, self._deferred = self._deferred, []
+        for request in deferred:
+            self._submit(request)
 
-        def run() -> None:
-            try:
-                box: dict[str, Any] = {}
-
-                def load() -> None:
-                    try:
-                        box["engine"] = sdkit.load(spec)
-                    except BaseException as e:  # shown in the widget, not in a cell
-                        box["error"] = e
-
-                t = threading.Thread(target=load, name="sdkit-widget-load", daemon=True)
-                start = time.perf_counter()
-                t.start()
-                while t.is_alive():
-                    t.join(0.25)
-                    self.model_status.value = _info(
-                        f"loading {spec}… {time.perf_counter() - start:.1f} s"
-                    )
-                if "error" in box:
-                    err = box["error"]
-                    self.model_status.value = _err(f"could not load {spec}: {err}")
-                    self.errors.append(f"model: {err}")
-                    deferred, self._deferred = self._deferred, []
-                    if deferred:
-                        self._set_status("not generated: no model loaded", error=True)
-                    return
-                self.use_engine(box["engine"])
-                took = time.perf_counter() - start
-                self.model_status.value += _info(f" · loaded in {took:.1f} s")
-                deferred, self._deferred = self._deferred, []
-                for request in deferred:
-                    self._submit(request)
-            except Exception as e:
-                log.exception("SDWidget: loading %s failed", spec)
-                self.model_status.value = _err(f"could not load {spec}: {e}")
-                self.errors.append(f"model: {e}")
-            finally:
-                self.load_button.disabled = False
-                with self._idle:
-                    self._loading -= 1
-                    self._idle.notify_all()
-
-        thread = threading.Thread(target=run, name="sdkit-widget-loader", daemon=True)
-        thread.start()
-        return thread
+    def _load_failed(self, error: BaseException) -> None:
+        self.errors.append(f"model: {error}")
+        with self._lock:
+            deferred, self._deferred = self._deferred, []
+        if deferred:
+            self._set_status("not generated: no model loaded", error=True)
 
     # ----- requests ----------------------------------------------------------------------
     def request(self) -> Request:
@@ -347,10 +251,11 @@ class SDWidget(w.VBox):
                 child.layout.display = None if "mask" in inputs else "none"
         # Live check: show a fresh error for the field just changed; clear a fixed one.
         shown = self.controls.shown_error
-        if shown is None and field == "mode" and self._status_error is None:
+        if shown is None and field == "mode" and self.panel.status_error is None:
             return
         err = self.controls.validate(self.request())
-        if self._status_error is not None and (err is None or str(err) != str(self._status_error)):
+        named = self.panel.status_error
+        if named is not None and (err is None or str(err) != str(named)):
             self._set_status("")  # the error the status line named is fixed
         if err is not None and err.field in (shown, field):
             self.controls.show_error(err)
@@ -368,7 +273,7 @@ class SDWidget(w.VBox):
             return None
         with self._lock:
             if self.engine is None:
-                if self._loading:  # a model is loading: submit when it is there
+                if self.model_row.loading:  # a model is loading: submit when it is there
                     self._deferred.append(request)
                     self._set_status("waiting for the model to load…")
                     return None
@@ -404,94 +309,44 @@ class SDWidget(w.VBox):
         """Block until model loading and every job seen on the engine are over, their
         results in the gallery (scripts and tests)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._idle:
-            while self._loading:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"SDWidget still loading a model after {timeout} s")
-                self._idle.wait(left)
+        if not self.model_row.wait_loaded(deadline):
+            raise TimeoutError(f"SDWidget still loading a model after {timeout} s")
         if not self.follower.wait_idle(deadline):
             raise TimeoutError(f"SDWidget still busy after {timeout} s")
 
     # ----- engine events (the follower's thread, never the engine's) ---------------------
     def _handle_event(self, kind: EventKind, job: Any, event: Any, ours: bool) -> None:
-        who = "" if ours else " (submitted elsewhere)"
-        if kind == EventKind.QUEUED:
-            if not ours:
-                self._set_status(f"job queued{who}")
-        elif kind == EventKind.STARTED:
-            self._reset_progress(job)
-            self.progress.bar_style = "info"
-            self._set_status(f"{job.request.mode} started{who}")
-        elif kind == EventKind.PROGRESS and event is not None:
-            self.progress.max = max(1, event.total)
-            self.progress.value = event.step
-            per_step = event.elapsed / max(1, event.step)
-            self._set_status(
-                f"step {event.step}/{event.total} · {per_step:.3f} s/step · "
-                f"{event.elapsed:.1f} s{who}"
-            )
-            if event.preview is not None:
-                self.preview.value = png_bytes(event.preview)
-        elif kind == EventKind.DONE:
-            self._finished(job.result(timeout=0), ours, who)
-        elif kind == EventKind.CANCELLED:
-            self.progress.bar_style = "warning"
-            step = job.progress.step if job.progress is not None else 0
-            self._set_status(f"cancelled at step {step}/{self.progress.max}{who}")
-        elif kind == EventKind.FAILED:
-            self.progress.bar_style = "danger"
-            err = job.error
-            if isinstance(err, RequestError) and ours:
-                self.controls.show_error(err)
-            self._set_status(
-                f"failed{who}: {err}",
-                error=err if isinstance(err, RequestError) and ours else True,
-            )
-        if kind in (EventKind.DONE, EventKind.CANCELLED, EventKind.FAILED):
+        if kind == EventKind.DONE:
+            self._finished(job.result(timeout=0), ours)
+        else:
+            self.panel.show(kind, job, event, ours)
+        if kind == EventKind.FAILED and ours and isinstance(job.error, RequestError):
+            self.controls.show_error(job.error)
+        if kind in TERMINAL_EVENTS:
             self.cancel_button.disabled = not [j for j in self.follower.ours() if j is not job]
 
-    def _finished(self, result: Any, ours: bool, who: str) -> None:
-        self.progress.value = self.progress.max
-        self.progress.bar_style = "success"
-        saved = ""
+    def _finished(self, result: Any, ours: bool) -> None:
+        """Keep the result: saved with its infotext (ours), then in the gallery."""
         paths: list[Path] = []
+        note = failure = ""
         if ours and self.outputs_dir is not None:
             try:
                 paths = [Path(p) for p in result.save(self.outputs_dir)]
             except OSError as e:  # a bad folder is the user's to fix; the result stays here
-                self._set_status(f"could not save to {self.outputs_dir}: {e}", error=True)
-                return self._show_result(result, ours, [])
-            self.saved.extend(paths)
-            saved = f" · saved to {self.outputs_dir}"
-        self._show_result(result, ours, paths)
-        t = result.timings
-        self._set_status(
-            f"done: {len(result.images)} image(s) · "
-            f"{t.get('per_step', 0.0):.3f} s/step · "
-            f"{t.get('total', 0.0):.2f} s total{saved}{who}"
-        )
-
-    def _show_result(self, result: Any, ours: bool, paths: list[Path]) -> None:
+                failure = f"could not save to {self.outputs_dir}: {e}"
+            else:
+                self.saved.extend(paths)
+                note = f" · saved to {self.outputs_dir}"
         self.gallery.add_result(result, source="widget" if ours else "engine", paths=paths)
         if result.seeds:
             self.last_seed = int(result.seeds[0])
             self.controls.reuse_seed.disabled = False
-        if result.images:
-            self.preview.value = png_bytes(result.images[0])
-
-    def _reset_progress(self, job: Any) -> None:
-        """A job starts: an empty bar sized by its steps (progress events correct the total)."""
-        self.progress.value = 0
-        self.progress.max = max(1, int(job.request.num_inference_steps or 1))
-        self.progress.bar_style = ""
+        self.panel.done(result, note, ours)
+        if failure:
+            self._set_status(failure, error=True)
 
     def _set_status(self, text: str, *, error: bool | RequestError = False) -> None:
-        """Show `text`; `error` a RequestError: the line clears once that field is fixed."""
-        if error:
-            self.errors.append(text)
-        self._status_error = error if isinstance(error, RequestError) else None
-        self.status.value = _err(text) if error else _info(text) if text else ""
+        self.panel.set_status(text, error=error)
 
     # ----- gallery actions ---------------------------------------------------------------
     @_guard
@@ -596,17 +451,3 @@ def resolve_outputs_dir(value: str | os.PathLike | None | bool) -> Path | None:
     if value is True:
         value = os.environ.get(OUTPUTS_ENV) or "outputs"
     return Path(value).expanduser()
-
-
-def _info(text: str) -> str:
-    return f"<span style='font-size:12px;color:#444'>{html.escape(text)}</span>"
-
-
-def _ok(text: str) -> str:
-    return f"<span style='font-size:12px;color:#2e7d32'>{text}</span>"
-
-
-def _err(text: str) -> str:
-    return (
-        f"<span class='sdkit-error' style='font-size:12px;color:#c62828'>{html.escape(text)}</span>"
-    )
