@@ -2,7 +2,7 @@
 
 Called on the widget's own event thread (`follow.JobFollower`), never the engine's. The
 status line remembers the field error it names, so the studio can clear it once that
-field is fixed. Also the studio's CSS and its small HTML helpers.
+field is fixed. Also the studio's CSS, its upload buttons and its small HTML helpers.
 """
 
 from __future__ import annotations
@@ -32,6 +32,16 @@ CSS = """
 .sdkit-studio .jupyter-widgets.jupyter-widget-tab > .lm-TabBar .lm-TabBar-tab { flex: 0 1 auto; }
 </style>
 """
+
+
+def upload_button(label: str, accept: str, icon: str) -> w.FileUpload:
+    """A FileUpload showing `label` alone: ipywidgets writes "label (count)" as the button's
+    text, which the CSS hides, showing the title (= `label`) instead."""
+    button = w.FileUpload(
+        accept=accept, multiple=False, description=label, tooltip=label, icon=icon
+    )
+    button.add_class("sdkit-upload")
+    return button
 
 
 class RunPanel:

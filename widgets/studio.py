@@ -35,7 +35,7 @@ from .follow import JobFollower
 from .gallery import Gallery, GalleryItem
 from .modelrow import ModelRow
 from .painter import MaskPainter
-from .runpanel import CSS, RunPanel
+from .runpanel import CSS, RunPanel, upload_button
 
 OUTPUTS_ENV = "SDKIT_OUTPUTS"  # default folder for auto-saved results ("outputs" if unset)
 
@@ -107,23 +107,11 @@ class SDWidget(w.VBox):
         self.model_spec = self.model_row.spec
         self.load_button = self.model_row.load_button
         self.model_status = self.model_row.status
-        self.settings_upload = w.FileUpload(
-            accept=".png,image/png",
-            multiple=False,
-            description="Load PNG settings",
-            tooltip="Load PNG settings",  # the label shown (see _CSS: no "(0)" counter)
-            icon="file-image-o",
-        )
+        self.settings_upload = upload_button("Load PNG settings", ".png,image/png", "file-image-o")
         self.settings_upload.observe(self._on_settings_upload, "value")
 
         # ----- input image -----
-        self.image_upload = w.FileUpload(
-            accept="image/*",
-            multiple=False,
-            description="Upload image",
-            tooltip="Upload image",  # the label shown (see _CSS: no "(0)" counter)
-            icon="upload",
-        )
+        self.image_upload = upload_button("Upload image", "image/*", "upload")
         self.image_upload.observe(self._on_image_upload, "value")
         e = self.controls.errors
         self.input_box = w.VBox(
@@ -175,8 +163,6 @@ class SDWidget(w.VBox):
         self.add_class("sdkit-studio")
         if self.outputs_dir is not None:
             self.gallery.save_dir.value = str(self.outputs_dir)
-        for upload in (self.image_upload, self.settings_upload):
-            upload.add_class("sdkit-upload")
         for widget, name in (
             (self.image_upload, "sdkit-image-upload"),
             (self.settings_upload, "sdkit-settings-upload"),
