@@ -80,8 +80,11 @@ def _field_type(name: str) -> Any:
 
 
 def _add_fields(parser: argparse.ArgumentParser, spec: modes.ModeSpec) -> None:
-    for name in spec.inputs:
-        parser.add_argument(name, help=_INPUT_HELP[name])
+    for name in spec.inputs:  # required pictures are positional, optional ones flags
+        if name in spec.required:
+            parser.add_argument(name, help=_INPUT_HELP[name])
+        else:
+            parser.add_argument("--" + name, default=None, help=_INPUT_HELP[name])
     if "prompt" in spec.fields:
         if "prompt" in spec.required:
             parser.add_argument("prompt")

@@ -175,7 +175,8 @@ class Engine:
                 f"{self.model.name} ({self.family}) cannot run {request.mode}; allowed: {allowed}",
             )
         req = dataclasses.replace(request, extra=dict(request.extra))
-        if "image" in spec.inputs and not ("only_masked" in spec.fields and req.only_masked):
+        from_image = "image" in spec.inputs and req.image is not None
+        if from_image and not ("only_masked" in spec.fields and req.only_masked):
             # diffusers' own rule: work at the input's size, rounded down to the size multiple.
             w, h = req.image.size
             f = self.size_multiple
@@ -240,6 +241,7 @@ class Engine:
 
     def generate(self, request: Request, *, progress: bool = True) -> Result:
         """Run one request to the end with a tqdm bar; Ctrl-C cancels the job."""
+        request = self.check(request)  # a bad request fails before the bar appears
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -321,3 +321,115 @@ def test_progress_bar_shows_steps_and_can_be_turned_off(sd_engine, capsys):
     assert "3/3" in capsys.readouterr().err
     sd_engine.txt2img(PROMPT, seed=1, num_inference_steps=3, progress=False)
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------- threads and cancel bounds
+
+
+def test_listeners_never_run_on_the_worker_thread(sd_engine):
+    threads = set()
+    unsubscribe = sd_engine.subscribe(lambda k, j, e: threads.add(threading.current_thread()))
+    try:
+        job = sd_engine.submit(
+            Request(prompt=PROMPT, num_inference_steps=2),
+            callback=lambda k, j, e: threads.add(threading.current_thread()),
+        )
+        job.result(timeout=120)
+        assert job.wait_delivered(30)
+    finally:
+        unsubscribe()
+    assert threads and sd_engine._worker not in threads
+    assert threading.current_thread() not in threads
+
+
+def test_a_stuck_listener_does_not_stall_generation(sd_engine):
+    gate, stuck = threading.Event(), threading.Event()
+
+    def slow(kind, job, ev):
+        stuck.set()
+        gate.wait(120)
+
+    unsubscribe = sd_engine.subscribe(slow)
+    try:
+        job = sd_engine.submit(Request(prompt=PROMPT, num_inference_steps=3))
+        assert stuck.wait(60)
+        result = job.result(timeout=120)  # finishes while the listener is still stuck
+        assert len(result) == 1 and not job.wait_delivered(0)
+    finally:
+        gate.set()
+        unsubscribe()
+    assert job.wait_delivered(30)
+
+
+def test_events_reach_listeners_only_after_submit_returned(sd_engine):
+    """A listener that needs the caller's bookkeeping of the job (done under the caller's
+    lock right after submit) always finds it: events never arrive inside submit."""
+    lock, known, seen = threading.Lock(), set(), []
+
+    def listener(kind, job, ev):
+        if lock.acquire(timeout=10):  # inside submit on the caller's thread this times out
+            seen.append((kind, job.id in known))
+            lock.release()
+        else:
+            seen.append((kind, False))
+
+    unsubscribe = sd_engine.subscribe(listener)
+    try:
+        with lock:
+            job = sd_engine.submit(Request(prompt=PROMPT, num_inference_steps=2))
+            known.add(job.id)
+        job.result(timeout=120)
+        assert job.wait_delivered(30)
+    finally:
+        unsubscribe()
+    assert seen[0] == ("queued", True) and all(ok for _, ok in seen)
+    assert [k for k, _ in seen] == ["queued", "started", "progress", "progress", "done"]
+
+
+def _cancel_inside(engine, module, size: int, watched) -> tuple[list, object]:
+    """Cancel the job from a hook when `module` starts; count calls of `watched` after."""
+    after, job_box = [], []
+
+    def cancel(mod, args):
+        job_box[0].cancel()
+
+    def count(mod, args):
+        if job_box[0].cancel_requested:
+            after.append(mod)
+
+    hooks = [module.register_forward_pre_hook(cancel), watched.register_forward_pre_hook(count)]
+    gate = threading.Event()
+    try:
+        # the job must exist before the hook can fire: hold the worker until it does
+        holder = engine.pipeline("txt2img").unet.register_forward_pre_hook(
+            lambda m, a: gate.wait(60) and None
+        )
+        job_box.append(
+            engine.submit(
+                Request(prompt=PROMPT, num_inference_steps=2, width=size, height=size),
+                preview_every=0,
+            )
+        )
+        gate.set()
+        holder.remove()
+        with pytest.raises(JobCancelled):
+            job_box[0].result(timeout=300)
+    finally:
+        gate.set()
+        for h in hooks:
+            h.remove()
+    return after, job_box[0]
+
+
+def test_cancel_inside_a_unet_step_stops_within_one_block(sd_engine):
+    unet = sd_engine.pipeline("txt2img").unet
+    after, job = _cancel_inside(sd_engine, unet.down_blocks[0], 256, unet.up_blocks[-1])
+    assert job.state == "cancelled" and after == []  # the step never reached its last block
+    assert job.progress is None  # not even one step finished
+
+
+def test_cancel_inside_the_vae_decode_stops_within_one_block(sd_engine):
+    decoder = sd_engine.pipeline("txt2img").vae.decoder
+    after, job = _cancel_inside(sd_engine, decoder.mid_block, 256, decoder.up_blocks[-1])
+    assert job.state == "cancelled" and after == []
+    assert job.progress is not None and job.progress.step == 2  # denoising had finished
