@@ -34,7 +34,18 @@ _DECODER = json.JSONDecoder()
 _AREA = {"Only masked": True, "Whole picture": False}
 _FILL_OUT = {"original": "original", "fill": "fill", "noise": "latent noise"}
 _FILL_IN = {"original": "original", "fill": "fill", "latent noise": "noise", "noise": "noise"}
-_IMAGE_MODES = ("img2img", "inpaint")
+
+
+def _mode_fields(mode: Any) -> tuple[str, ...]:
+    """The Request fields `mode` reads (its spec in `sdkit.modes`); none when unknown."""
+    from sdkit import modes
+    from sdkit.request import RequestError
+
+    try:
+        return modes.get(mode).fields
+    except RequestError:
+        return ()
+
 
 # Keys sdkit reads into fields (everything else goes to `extra`).
 KNOWN_KEYS = (
@@ -94,16 +105,20 @@ def format_infotext(req: Request, *, seed: int | None = None) -> str:
     add("Model", req.model)
     if req.mode != "txt2img":
         add("Mode", req.mode)
-    if req.mode in _IMAGE_MODES:
+    reads = _mode_fields(req.mode)  # mode-specific keys follow the fields the mode reads
+    if "strength" in reads:
         add("Denoising strength", _num(req.strength))
-        if req.resize_mode != "resize":
-            add("Resize mode", req.resize_mode)
-    if req.mode == "inpaint":
+    if "resize_mode" in reads and req.resize_mode != "resize":
+        add("Resize mode", req.resize_mode)
+    if "mask_blur" in reads:
         add("Mask blur", req.mask_blur)
+    if "grow" in reads:
         add("Mask grow", req.grow)
+    if "only_masked" in reads:
         add("Inpaint area", "Only masked" if req.only_masked else "Whole picture")
-        if req.only_masked:
+        if req.only_masked and "padding" in reads:
             add("Masked area padding", req.padding)
+    if "fill" in reads:
         add("Masked content", _FILL_OUT.get(req.fill, req.fill))
     if req.num_images != 1:
         add("Batch size", req.num_images)
@@ -183,7 +198,8 @@ def split_infotext(text: str) -> tuple[str, str, list[tuple[str, str]]]:
 
 def parse_infotext(text: str, cls: type[Request]) -> Request:
     """A `Request` (of class `cls`) from infotext written by sdkit or A1111."""
-    from sdkit.request import FILLS, MODES, RESIZE_MODES, RequestError
+    from sdkit import modes
+    from sdkit.request import FILLS, RESIZE_MODES, RequestError
     from sdkit.schedulers import canonical_name
 
     if not isinstance(text, str):
@@ -197,17 +213,19 @@ def parse_infotext(text: str, cls: type[Request]) -> Request:
 
     mode = values.pop("Mode", None)
     if mode is not None:
-        if mode in MODES:
+        if mode in {str(spec.name) for spec in modes.registered()}:
             fields["mode"] = mode
         else:
             extra["Mode"] = mode
     mode = fields.get("mode", "txt2img")
+    reads = _mode_fields(mode)
+    always = ("num_inference_steps", "scheduler", "guidance_scale", "seed", "model", "num_images")
 
-    def take(key: str, name: str, convert, modes=MODES) -> None:
+    def take(key: str, name: str, convert) -> None:
         if key not in values:
             return
         raw = values.pop(key)
-        if mode in modes:
+        if name in reads or name in always:
             try:
                 fields[name] = convert(raw)
                 return
@@ -247,13 +265,13 @@ def parse_infotext(text: str, cls: type[Request]) -> Request:
             values.pop("Size")
             fields["width"], fields["height"] = int(m.group(1)), int(m.group(2))
     take("Model", "model", str)
-    take("Denoising strength", "strength", float, _IMAGE_MODES)
-    take("Resize mode", "resize_mode", choice(RESIZE_MODES), _IMAGE_MODES)
-    take("Mask blur", "mask_blur", int, ("inpaint",))
-    take("Mask grow", "grow", int, ("inpaint",))
-    take("Inpaint area", "only_masked", lambda raw: _AREA[raw], ("inpaint",))
-    take("Masked area padding", "padding", int, ("inpaint",))
-    take("Masked content", "fill", lambda raw: choice(FILLS)(_FILL_IN[raw]), ("inpaint",))
+    take("Denoising strength", "strength", float)
+    take("Resize mode", "resize_mode", choice(RESIZE_MODES))
+    take("Mask blur", "mask_blur", int)
+    take("Mask grow", "grow", int)
+    take("Inpaint area", "only_masked", lambda raw: _AREA[raw])
+    take("Masked area padding", "padding", int)
+    take("Masked content", "fill", lambda raw: choice(FILLS)(_FILL_IN[raw]))
     take("Batch size", "num_images", int)
 
     # Unknown keys and known ones that did not apply, in their original order.
