@@ -88,7 +88,7 @@ _STATE = "_sdkit_fast"  # attribute on the UNet (shared by `from_pipe` pipelines
 # ------------------------------------------------------------------------- attention
 
 
-def ensure_sdpa(model: torch.nn.Module) -> int:
+def ensure_sdpa(model: Any) -> int:  # a diffusers ModelMixin (set_attn_processor)
     """Swap classic (non-SDPA) attention processors for SDPA ones; returns how many.
 
     Only diffusers' plain `AttnProcessor` is replaced: special processors (IP-Adapter,
@@ -206,7 +206,7 @@ def make_scheduler_sync_free(scheduler: Any) -> bool:
     return True
 
 
-def _timestep_to_device(unet: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _timestep_to_device(unet: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Move a host timestep to the UNet's device without waiting for queued GPU work."""
     device = unet.device
     if device.type == "cpu":
