@@ -107,8 +107,8 @@ class MaskPainter:
         c.on_mouse_move(self._on_move)
         c.on_mouse_up(self._on_up)
         c.on_mouse_out(self._on_out)
-        c.on_touch_start(lambda pts: pts and self._on_down(*pts[0]))
-        c.on_touch_move(lambda pts: pts and self._on_move(*pts[0]))
+        c.on_touch_start(lambda pts: self._on_down(*pts[0]) if pts else None)
+        c.on_touch_move(lambda pts: self._on_move(*pts[0]) if pts else None)
         c.on_touch_end(lambda pts: self._on_up(*pts[0]) if pts else self._end_stroke())
         c.on_touch_cancel(lambda pts: self._end_stroke())
 
@@ -179,7 +179,7 @@ class MaskPainter:
     def set_mask(self, mask: Image.Image | np.ndarray) -> None:
         """Replace the mask (resized to the image with nearest neighbour; >127 is painted)."""
         if isinstance(mask, Image.Image):
-            mask = np.asarray(mask.convert("L").resize(self.size, Image.NEAREST))
+            mask = np.asarray(mask.convert("L").resize(self.size, Image.Resampling.NEAREST))
         mask = np.asarray(mask)
         if mask.shape != self.mask.shape:
             raise ValueError(f"mask: shape {mask.shape} does not match the image {self.mask.shape}")
@@ -285,7 +285,9 @@ class MaskPainter:
                 layer.text_align = "center"
                 layer.fill_text("no input image", cw / 2, ch / 2)
             else:
-                resample = Image.NEAREST if cw >= self.image.width else Image.LANCZOS
+                resample = (
+                    Image.Resampling.NEAREST if cw >= self.image.width else Image.Resampling.LANCZOS
+                )
                 shown = np.asarray(self.image.resize((cw, ch), resample))
                 layer.put_image_data(_rgba(shown), 0, 0)
             self.canvas[self.CURSOR].clear()
