@@ -326,6 +326,20 @@ def test_tabs_and_field_groups_come_from_the_mode_descriptions():
         c.mode = "inpaint"
 
 
+def test_tabs_follow_the_modes_the_engine_serves(ddpm_engine):
+    """An unconditional-only model serves one built-in mode: the widget offers only that."""
+    wd = SDWidget(engine=ddpm_engine, outputs_dir=None)
+    try:
+        served = [m["name"] for m in ddpm_engine.info()["modes"]]
+        assert [m["name"] for m in wd.controls.modes] == served
+        assert "txt2img" not in served and wd.controls.mode == "unconditional"
+        assert wd.input_box.layout.display == "none"
+        with pytest.raises(RequestError):
+            wd.controls.mode = "txt2img"
+    finally:
+        wd.close()
+
+
 def test_controls_build_the_request_for_each_mode():
     c = RequestControls()
     c.prompt.value = "a green star on a white background"
