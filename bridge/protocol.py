@@ -15,6 +15,7 @@ The transport-neutral client core, `Session`, lives in ``tracker.py`` (re-export
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ ERROR_CODES = {
     "bad_field": "a header field or a Request field has a wrong type or value",
     "bad_frames": "the binary frames do not match the header's frame descriptors",
     "too_large": "a size limit was exceeded (message bytes, pixels, header bytes, frames)",
-    "queue_full": "this client already has the maximum number of unfinished requests",
+    "queue_full": "this client, or the server as a whole, holds the most unfinished requests allowed",
     "duplicate_id": "this client already has an unfinished request with this id",
     "model_not_allowed": "the requested model is not on the server's allow-list",
     "cancelled": "the request was cancelled before it finished",
@@ -107,6 +108,9 @@ class Limits:
     max_frames: int = 8
     max_pixels: int = 4096 * 4096
     max_queued_per_client: int = 8
+    max_queued: int = 256  # unfinished requests of all clients together
+    max_images: int = 16  # per request (sdkit.request.MAX_IMAGES)
+    max_steps: int = 1000  # per request (sdkit.request.MAX_STEPS)
 
     def to_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -256,13 +260,40 @@ def error_frames(
 # ---------------------------------------------------------------------------- decoding
 
 
+_ID_IN_RAW = re.compile(rb'"id"\s*:\s*"([^"\\]{1,%d})"' % MAX_ID_LENGTH)
+_PEEK_BYTES = 2**20  # an oversized header up to this size is parsed for its id only
+
+
+def peek_id(frames: Sequence[Any]) -> str | None:
+    """The request id of a message that failed to decode, if it can be read; never raises.
+
+    Headers up to 1 MiB are parsed as JSON; of a larger one, the first 4 KiB are searched
+    for ``"id": "..."`` (clients put ``v``, ``op`` and ``id`` first).
+    """
+    try:
+        raw = bytes(frames[0][:_PEEK_BYTES]) if len(frames[0]) <= _PEEK_BYTES else b""
+        if raw:
+            try:
+                header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+                return _request_id(header) if isinstance(header, dict) else None
+            except (ValueError, RecursionError):
+                pass
+        found = _ID_IN_RAW.search(bytes(frames[0][:4096]))
+        return found.group(1).decode("utf-8") if found else None
+    except Exception:  # noqa: BLE001 - best effort, for an error reply
+        return None
+
+
 def _header(frames: Sequence[Any], max_header_bytes: int) -> dict[str, Any]:
     if not frames:
         raise ProtocolError("bad_message", "empty message: frame 0 must be a JSON header")
     raw = frames[0]
     if len(raw) > max_header_bytes:
         raise ProtocolError(
-            "too_large", f"header is {len(raw)} bytes; the limit is {max_header_bytes}"
+            "too_large",
+            f"header is {len(raw)} bytes; the limit is {max_header_bytes}",
+            None,
+            peek_id(frames),
         )
     try:
         text = bytes(raw).decode("utf-8")
@@ -520,7 +551,7 @@ def _decode_generate(msg: Message, frames: Sequence[Any], limits: Limits) -> Non
     for i, d in enumerate(descriptors):
         where = f"frames[{i}]"
         name = d.get("name") if isinstance(d, dict) else None
-        if isinstance(d, dict) and name not in REQUEST_FRAMES:
+        if isinstance(d, dict) and (not isinstance(name, str) or name not in REQUEST_FRAMES):
             raise ProtocolError(
                 "bad_field",
                 f"{where}.name is {name!r}; allowed: {', '.join(REQUEST_FRAMES)}",

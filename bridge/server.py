@@ -1,8 +1,10 @@
-"""The bridge server: a ZeroMQ ROUTER in front of an `sdkit.Engine`.
+"""The bridge server: a ZeroMQ ROUTER in front of one or more `sdkit.Engine`s.
 
-One thread owns the socket.  Engine events arrive on the engine's worker thread, so the
-job callbacks only put them on a queue and write one byte to a wake-up socket pair that
-the socket thread polls next to the ROUTER; only the socket thread ever touches zmq.
+One thread owns the socket.  Engine events arrive on engine threads and model loads end on
+a loader thread, so those only queue a note and write one byte to a wake-up socket pair
+that the socket thread polls next to the ROUTER; only the socket thread ever touches zmq.
+The ``generate`` op lives in `generate` (with `dispatch`, the fair queue, and `engines`,
+the loader); clients in `clients`; logging in `logs`; pictures in `pictures`.
 
 Clients are tracked by their ZeroMQ routing id.  ROUTER_MANDATORY turns a send to a
 client that has gone (its TCP connection closed, or libzmq's heartbeat timed it out) into
@@ -13,68 +15,24 @@ its jobs reach the front of the queue.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import queue
 import socket as pysocket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import zmq
-from PIL import Image
 from sdkit.bridge import protocol as P
 from sdkit.bridge import security
-from sdkit.bridge.clients import Clients, Entry
+from sdkit.bridge.clients import Clients
+from sdkit.bridge.engines import Engines
+from sdkit.bridge.generate import Jobs
 from sdkit.bridge.logs import client_label, log, log_event
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 SERVER_NAME = "sdkit-bridge"
-
-
-def _image_from_picture(pic: P.Picture, name: str, max_pixels: int) -> Image.Image:
-    data = pic.data
-    if pic.format == "rgba8":
-        return Image.frombytes("RGBA", (pic.width, pic.height), bytes(data))
-    if pic.format == "l8":
-        return Image.frombytes("L", (pic.width, pic.height), bytes(data))
-    where = f"frames[{name}]"
-    try:
-        im = Image.open(io.BytesIO(bytes(data)))
-        if im.width * im.height > max_pixels:
-            raise P.ProtocolError("too_large", f"the {name} PNG is {im.width}x{im.height}", where)
-        if (im.width, im.height) != (pic.width, pic.height):
-            raise P.ProtocolError(
-                "bad_frames",
-                f"the {name} PNG is {im.width}x{im.height}, the descriptor says "
-                f"{pic.width}x{pic.height}",
-                where,
-            )
-        im.load()
-    except P.ProtocolError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any decoder failure is the client's bad data
-        raise P.ProtocolError(
-            "bad_frames", f"the {name} frame is not a readable PNG ({e})", where
-        ) from None
-    if name == "mask":
-        return im.convert("L")
-    return im.convert("RGBA")
-
-
-def picture_from_image(image: Image.Image, fmt: str = "rgba8") -> P.Picture:
-    """A result image as it travels: straight RGBA8 (alpha 255 for RGB) or PNG bytes."""
-    if fmt == "png":
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", compress_level=1)
-        return P.Picture(image.width, image.height, "png", buf.getvalue())
-    rgba = image if image.mode == "RGBA" else image.convert("RGBA")
-    return P.Picture(image.width, image.height, "rgba8", rgba.tobytes())
-
-
-# ---------------------------------------------------------------------------- server
 
 
 class Server:
@@ -100,6 +58,9 @@ class Server:
         context: zmq.Context | None = None,
         client_keys: Any | None = None,
         name: str | None = None,
+        loader: Callable[[Any], Any] | None = None,
+        handshake_ivl: float = 5.0,
+        client_expiry: float = 60.0,
     ):
         self.engine = engine
         self.bind_address = None if connect else bind
@@ -108,30 +69,36 @@ class Server:
         self.heartbeat_ivl = heartbeat_ivl
         self.heartbeat_timeout = heartbeat_timeout
         self.probe_interval = probe_interval
+        self.handshake_ivl = handshake_ivl  # s a connection may take to authenticate
         self.worker = connect is not None
         self.name = name or (f"{pysocket.gethostname()}:{os.getpid()}" if self.worker else None)
         if isinstance(keys, str | bytes) or hasattr(keys, "__fspath__"):
             keys = security.load_server_keys(keys)
         self.keys = keys
         self.client_keys = client_keys  # a worker's own CURVE keys towards a secure broker
-        self._models = dict(models or {})
-        self._engines: dict[str, Any] = {}
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.address: str | None = None
         self._sock: zmq.Socket | None = None
         self._auth = None
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = pysocket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._clients = Clients()
-        self._seq = 0
+        self._clients = Clients(expiry=client_expiry)
         self._stop = threading.Event()
         self._notify_on_stop = True
         self._thread: threading.Thread | None = None
         self._started = time.time()
         self.stats = {"messages": 0, "errors": 0, "results": 0, "clients_gone": 0}
+        self._jobs = Jobs(
+            Engines(engine, models, lambda name: self._jobs.model_loaded(name), loader),
+            self._clients,
+            self.limits,
+            self._send,
+            self._wake,
+            self.stats,
+            self.name,
+        )
 
     # ------------------------------------------------------------------ life cycle
 
@@ -152,10 +119,8 @@ class Server:
             security.check_bind(self.bind_address, self.keys)
             sock = ctx.socket(zmq.ROUTER)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            if self.keys is not None:
-                self._auth = security.start_authenticator(ctx, self.keys)
-                security.apply_server(sock, self.keys)
+            # no handover, ZAP identities, handshake timeout, fd limit (issue 13.6, 13.9)
+            self._auth = security.secure_router(sock, ctx, self.keys, self.handshake_ivl)
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_ivl * 1000))
@@ -239,12 +204,17 @@ class Server:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._on_message([f.buffer for f in frames])
-                self._drain_events()
+                        try:
+                            who = security.identity_of(frames[-1])
+                            self._on_message([f.buffer for f in frames], who)
+                        except Exception:  # noqa: BLE001 - one message, never the loop
+                            log.exception("bridge failed on a message")
+                self._jobs.drain()
                 if self._clients.has_deferred:
                     self._clients.retry_deferred(self._send_again)
                 if time.monotonic() >= next_probe:
-                    self._probe()
+                    self._jobs.probe()
+                    self._clients.expire(time.monotonic())
                     next_probe = time.monotonic() + self.probe_interval
         except Exception:  # noqa: BLE001 - the loop itself must not die silently
             log_event(logging.ERROR, "server_loop_crashed", address=self.address)
@@ -256,7 +226,8 @@ class Server:
         for entry in self._clients.entries():
             entry.cancel_reason = "the server is stopping"
             try:
-                entry.job.cancel()
+                if entry.job is not None:
+                    entry.job.cancel()
             except Exception:  # noqa: BLE001
                 pass
             if not entry.gone and self._notify_on_stop:
@@ -288,8 +259,8 @@ class Server:
             sock.send_multipart([client, *frames], zmq.NOBLOCK, copy=len(frames) < 2)
             return True
         except zmq.Again:
-            if essential:
-                self._clients.defer(client, frames)
+            if essential and not self._clients.defer(client, frames):
+                self._client_gone(client)  # it does not read its replies (issue 13.5)
             return False
         except zmq.ZMQError as e:
             if e.errno == zmq.EHOSTUNREACH:
@@ -315,14 +286,13 @@ class Server:
             client=client_label(client),
             cancelled=[e.rid for e in state.entries.values()],
         )
-        for entry in state.entries.values():
+        for entry in list(state.entries.values()):
             entry.gone = True
-            entry.cancel_reason = "the client went away"
-            entry.job.cancel()
+            self._jobs.cancel(entry, "the client went away")
 
     # ------------------------------------------------------------------ messages
 
-    def _on_message(self, frames: list[Any]) -> None:
+    def _on_message(self, frames: list[Any], identity: str | None = None) -> None:
         self.stats["messages"] += 1
         if len(frames) < 2:
             return  # a ROUTER always prefixes the routing id; nothing to answer
@@ -341,8 +311,16 @@ class Server:
             )
             self._error(client, e.request_id, e.code, e.message, e.field)
             return
+        except Exception as e:  # noqa: BLE001 - a decoder bug must not stop the server
+            log.exception("bridge could not decode a message")
+            self._error(client, P.peek_id(body), "internal", f"{type(e).__name__}: {e}")
+            return
+        if self._clients.identity(client) not in (None, identity):
+            # Another connection's routing id: the owner's has closed (no handover), so its
+            # requests are cancelled and never reach this one (issue 13.6).
+            self._client_gone(client)
         if msg.op != "bye":
-            self._clients.touch(client, time.monotonic())
+            self._clients.touch(client, time.monotonic(), identity)
         try:
             getattr(self, f"_op_{msg.op}")(client, msg)
         except P.ProtocolError as e:
@@ -369,10 +347,12 @@ class Server:
                 versions=list(P.SUPPORTED_VERSIONS),
                 server=f"{SERVER_NAME}/{_version()}",
                 model=info,
-                models=sorted({info.get("name") or str(self.engine.spec), *self._models}),
-                modes=info.get("modes", ["txt2img", "img2img", "inpaint", "unconditional"]),
-                schedulers=list(self.engine.scheduler_names),
-                defaults=info.get("defaults", {}),
+                models=self._jobs.engines.names(),
+                modes=info["modes"],
+                size_multiple=info["size_multiple"],
+                ranges=info["ranges"],
+                schedulers=list(info["scheduler_names"]),
+                defaults=info["defaults"],
                 limits=self.limits.to_dict(),
                 formats={
                     "image": list(P.REQUEST_FRAMES["image"]),
@@ -390,13 +370,13 @@ class Server:
 
     def _op_status(self, client: bytes, msg: P.Message) -> None:
         state = self._clients.get(client)
-        jobs = {rid: e.job.state for rid, e in (state.entries.items() if state else [])}
+        jobs = {rid: e.state for rid, e in (state.entries.items() if state else [])}
         self._send(
             client,
             P.event_frames(
                 "status",
                 msg.id,
-                queue_length=self.engine.queue_length(),
+                queue_length=self._jobs.queue_length(self.engine),
                 running=getattr(self.engine, "current_job", None) is not None,
                 jobs=jobs,
                 clients=len(self._clients),
@@ -412,252 +392,20 @@ class Server:
             if not self.worker:  # behind a broker, the worker that owns it answers
                 self._send(client, P.event_frames("cancel", msg.id, target=target, found=False))
             return
-        was = entry.job.state
-        entry.job.cancel()
+        was = entry.state
         log_event(logging.INFO, "cancel", client=client_label(client), id=target, was=was)
         self._send(client, P.event_frames("cancel", msg.id, target=target, found=True, state=was))
+        self._jobs.cancel(entry, "cancelled by the client")
 
     def _op_bye(self, client: bytes, msg: P.Message) -> None:
         state = self._clients.pop(client)
-        for entry in state.entries.values() if state else []:
+        for entry in list(state.entries.values()) if state else []:
             entry.gone = True
-            entry.cancel_reason = "the client said bye"
-            entry.job.cancel()
+            self._jobs.cancel(entry, "the client said bye")
         self._send(client, P.event_frames("bye", msg.id), essential=False)
 
     def _op_generate(self, client: bytes, msg: P.Message) -> None:
-        from sdkit.request import Request, RequestError
-
-        state = self._clients.touch(client, time.monotonic())
-        rid = msg.id
-        if rid in state.entries:
-            raise P.ProtocolError(
-                "duplicate_id", f"request {rid!r} is still in flight; use a new id", "id", rid
-            )
-        if len(state.entries) >= self.limits.max_queued_per_client:
-            raise P.ProtocolError(
-                "queue_full",
-                f"this client already has {len(state.entries)} unfinished requests; the limit "
-                f"is {self.limits.max_queued_per_client}",
-                None,
-                rid,
-            )
-        fields = dict(msg.header.get("request", {}))
-        engine = self._engine_for(fields.get("model"), rid)
-        try:
-            request = Request.from_dict(fields)
-        except RequestError as e:
-            raise P.ProtocolError("bad_field", e.message, f"request.{e.field}", rid) from None
-        except TypeError as e:
-            raise P.ProtocolError("bad_field", str(e), "request", rid) from None
-        uses = {"img2img": ("image",), "inpaint": ("image", "mask")}.get(request.mode, ())
-        for name, pic in msg.pictures.items():
-            if name not in uses:
-                raise P.ProtocolError(
-                    "bad_frames",
-                    f"{request.mode} takes no {name} frame (frames: {', '.join(uses) or 'none'})",
-                    "frames",
-                    rid,
-                )
-            setattr(request, name, _image_from_picture(pic, name, self.limits.max_pixels))
-        preview = int(msg.header.get("preview", 0))
-
-        def on_event(kind: str, job: Any, event: Any) -> None:  # engine worker thread
-            self._events.put((job.id, kind, event))
-            self._wake()
-
-        try:
-            if _takes_callback(engine):
-                job = engine.submit(request, preview_every=preview, callback=on_event)
-            else:  # the documented minimum: submit, then add_callback
-                job = engine.submit(request, preview_every=preview)
-                job.add_callback(on_event)
-        except RequestError as e:
-            raise P.ProtocolError("bad_field", e.message, f"request.{e.field}", rid) from None
-        self._seq += 1
-        entry = Entry(
-            client, rid, job, engine, preview, msg.header.get("result_format", "rgba8"), self._seq
-        )
-        self._clients.add(state, entry)
-        position = self._position(entry)
-        entry.last_position = position
-        log_event(
-            logging.INFO,
-            "accepted",
-            client=client_label(client),
-            id=rid,
-            job=job.id,
-            mode=request.mode,
-            position=position,
-        )
-        self._send(
-            client,
-            P.event_frames(
-                "accepted",
-                rid,
-                job=job.id,
-                position=position,
-                request=job.request.to_dict(),
-                worker=self.name,
-            ),
-        )
-
-    def _engine_for(self, model: Any, rid: str) -> Any:
-        """The main engine, or an allow-listed one; client model specs never reach a loader."""
-        if model is None:
-            return self.engine
-        if not isinstance(model, str):
-            raise P.ProtocolError(
-                "bad_field", "request.model must be a string", "request.model", rid
-            )
-        info = self.engine.info()
-        if model in (info.get("name"), str(self.engine.spec), "default", "embedded"):
-            return self.engine
-        if model not in self._models:
-            raise P.ProtocolError(
-                "model_not_allowed",
-                f"model {model!r} is not served here; allowed: "
-                f"{', '.join(sorted({info.get('name') or str(self.engine.spec), *self._models}))}",
-                "request.model",
-                rid,
-            )
-        target = self._models[model]
-        if isinstance(target, str) or hasattr(target, "__fspath__"):
-            if model not in self._engines:
-                import sdkit
-
-                log_event(logging.INFO, "loading_model", model=model)
-                self._engines[model] = sdkit.load(target)
-            return self._engines[model]
-        return target
-
-    def _position(self, entry: Entry) -> int:
-        """Jobs ahead of this one that the bridge knows of (0: running or next)."""
-        if entry.job.state != "queued":
-            return 0
-        return sum(
-            1
-            for e in self._clients.entries()
-            if e.engine is entry.engine and e.seq < entry.seq and not e.finished
-        )
-
-    # ------------------------------------------------------------------ engine events
-
-    def _drain_events(self) -> None:
-        while True:
-            try:
-                job_id, kind, event = self._events.get_nowait()
-            except queue.Empty:
-                return
-            entry = self._clients.by_job(job_id)
-            if entry is None or entry.finished:
-                continue
-            try:
-                self._on_engine_event(entry, kind, event)
-            except Exception:  # noqa: BLE001
-                log.exception("bridge failed to forward %s for %s", kind, entry.rid)
-
-    def _finish(self, entry: Entry) -> None:
-        self._clients.finish(entry)
-
-    def _on_engine_event(self, entry: Entry, kind: str, event: Any) -> None:
-        client, rid = entry.client, entry.rid
-        if kind == "started":
-            entry.started = True
-            if not entry.gone:
-                self._send(
-                    client, P.event_frames("started", rid, job=entry.job.id), essential=False
-                )
-        elif kind == "progress":
-            if entry.gone or event is None:
-                return
-            pictures = []
-            if entry.preview and event.preview is not None:
-                pictures = [("preview", picture_from_image(event.preview))]
-            self._send(
-                client,
-                P.event_frames(
-                    "progress",
-                    rid,
-                    pictures,
-                    step=event.step,
-                    total=event.total,
-                    elapsed=round(event.elapsed, 4),
-                ),
-                essential=False,
-            )
-        elif kind == "done":
-            self._finish(entry)
-            if entry.gone:
-                return
-            result = entry.job.result(timeout=0)
-            pictures = [
-                ("image", picture_from_image(im, entry.result_format)) for im in result.images
-            ]
-            self.stats["results"] += 1
-            log_event(
-                logging.INFO, "result", client=client_label(client), id=rid, images=len(pictures)
-            )
-            self._send(
-                client,
-                P.event_frames(
-                    "result",
-                    rid,
-                    pictures,
-                    seeds=list(result.seeds),
-                    infotexts=list(result.infotexts),
-                    timings={k: round(v, 4) for k, v in result.timings.items()},
-                    request=result.request.to_dict(),
-                    worker=self.name,
-                ),
-            )
-        elif kind == "cancelled":
-            self._finish(entry)
-            log_event(
-                logging.INFO,
-                "cancelled",
-                client=client_label(client),
-                id=rid,
-                reason=entry.cancel_reason,
-            )
-            if not entry.gone:
-                self._error(client, rid, "cancelled", entry.cancel_reason)
-        elif kind == "failed":
-            self._finish(entry)
-            err = entry.job.error
-            from sdkit.request import RequestError
-
-            if isinstance(err, RequestError):
-                code, message, fld = "bad_field", err.message, f"request.{err.field}"
-            else:
-                code, message, fld = "failed", f"{type(err).__name__}: {err}", None
-            log_event(
-                logging.WARNING, "failed", client=client_label(client), id=rid, message=message
-            )
-            if not entry.gone:
-                self._error(client, rid, code, message, fld)
-
-    def _probe(self) -> None:
-        """``queued`` updates: tell waiting clients where they stand, and find vanished ones."""
-        for entry in self._clients.entries():
-            if entry.finished or entry.gone or entry.job.state != "queued":
-                continue
-            position = self._position(entry)
-            entry.last_position = position
-            self._send(
-                entry.client,
-                P.event_frames("queued", entry.rid, position=position),
-                essential=False,
-            )
-
-
-def _takes_callback(engine: Any) -> bool:
-    import inspect
-
-    try:
-        return "callback" in inspect.signature(engine.submit).parameters
-    except (TypeError, ValueError):
-        return False
+        self._jobs.generate(client, self._clients.touch(client, time.monotonic()), msg)
 
 
 def _version() -> str:

@@ -400,10 +400,9 @@ def test_curve_known_key_works_unknown_key_gets_nothing(bridge_engine, tmp_path)
         with Client(address, keys=bad, client_name="mallory") as c:
             with pytest.raises(BridgeTimeout):
                 c.hello(timeout=2)
-        with Client(address, transport="zmtp") as c:  # no CURVE at all
-            with pytest.raises(BridgeTimeout):
+        with Client(address, transport="zmtp") as c:  # no CURVE at all: the cause is raised
+            with pytest.raises(BridgeError, match="CURVE"):
                 c.hello(timeout=2)
-            assert "CURVE" in (c._transport.last_error or "")
         time.sleep(1.0)
         assert handle.server.stats["messages"] == seen  # nothing of theirs reached the server
     finally:

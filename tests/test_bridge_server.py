@@ -58,7 +58,15 @@ def test_hello_describes_server_model_and_limits(client, bridge_engine):
     assert h["model"]["family"] == bridge_engine.family
     assert h["limits"]["max_pixels"] > 0 and h["limits"]["max_queued_per_client"] > 0
     assert "DDIM" in h["schedulers"] and "Euler a" in h["schedulers"]
-    assert set(h["modes"]) == {"txt2img", "img2img", "inpaint", "unconditional"}
+    from sdkit import modes
+
+    info = bridge_engine.info()
+    assert h["modes"] == info["modes"]  # the registry's description, as the engine serves it
+    assert [m["name"] for m in h["modes"]] == [
+        str(s.name) for s in modes.registered() if s.serves(bridge_engine.family)
+    ]
+    assert h["size_multiple"] == info["size_multiple"] and h["ranges"] == info["ranges"]
+    assert h["schedulers"] == info["scheduler_names"]
     assert client.ping() > 0
 
 

@@ -291,3 +291,79 @@ def test_session_timeout_cancels_and_reports():
     with pytest.raises(ValueError):
         s.generate({"prompt": "y"}, request_id="dup")
         s.generate({"prompt": "y"}, request_id="dup")
+
+
+# -- issue 13.1: wrong-shape headers never raise anything but ProtocolError -----------------
+
+_SHAPES = ([0, True], {"a": 1}, 7, -1, 2**70, 1.5, "x", "", None, True, [], {})
+
+
+def _valid_headers():
+    """Well-formed headers of every op, with frames, to mutate one field at a time."""
+    desc = [
+        {"name": "image", "format": "rgba8", "width": 2, "height": 2},
+        {"name": "mask", "format": "l8", "width": 2, "height": 2},
+    ]
+    gen = _gen({"mode": "inpaint", "prompt": "x", "width": 8}, frames=desc, preview=1)
+    yield gen, [b"\0" * 16, b"\0" * 4]
+    yield _gen(result_format="png"), []
+    yield {"v": 1, "op": "hello", "id": "h", "client": "k", "versions": [1]}, []
+    yield {"v": 1, "op": "cancel", "id": "c", "target": "r1"}, []
+    yield {"v": 1, "op": "ping", "id": "p", "data": "d"}, []
+
+
+def _mutations(value, path=()):
+    """(path, replacement) for every key and list item of ``value``, every shape."""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, sub in items:
+        for shape in _SHAPES:
+            yield (*path, key), shape
+        if isinstance(sub, dict | list):
+            yield from _mutations(sub, (*path, key))
+
+
+def _replaced(value, path, new):
+    value = json.loads(json.dumps(value))
+    target = value
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = new
+    return value
+
+
+def test_fuzz_wrong_shape_headers_only_raise_protocol_errors():
+    n = 0
+    for header, binary in _valid_headers():
+        P.decode_request(_frames(header, *binary))  # the unmutated header is valid
+        for path, shape in _mutations(header):
+            frames = _frames(_replaced(header, path, shape), *binary)
+            n += 1
+            try:
+                P.decode_request(frames)
+            except P.ProtocolError:
+                pass
+            try:  # the same header, read as an event by a client
+                P.decode_event([frames[0].replace(b'"op"', b'"event"'), *binary])
+            except P.ProtocolError:
+                pass
+    assert n > 300
+
+
+def test_a_descriptor_name_that_is_a_list_is_a_bad_field():
+    header = _gen(
+        {"mode": "img2img", "prompt": "x"},
+        frames=[{"name": [0, True], "format": "l8", "width": 8, "height": 8}],
+    )
+    e = _err(_frames(header, b"\0" * 64))
+    assert (e.code, e.field, e.request_id) == ("bad_field", "frames[0].name", "r1")
+
+
+def test_an_oversized_header_is_answered_with_its_id():
+    """Issue 13.7: a 70 KB prompt; the too_large error must carry the id, or the client hangs."""
+    header = {"v": 1, "op": "generate", "id": "big1", "request": {"prompt": "x" * 70_000}}
+    e = _err(_frames(header))
+    assert (e.code, e.request_id) == ("too_large", "big1")
+    huge = {"v": 1, "op": "generate", "id": "big2", "request": {"prompt": "x" * 3_000_000}}
+    e = _err(_frames(huge), P.Limits(max_message_bytes=2**30))
+    assert (e.code, e.request_id) == ("too_large", "big2")  # found in the first bytes
+    assert P.peek_id([b"\xff" * 10]) is None and P.peek_id([]) is None
