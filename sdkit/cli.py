@@ -22,7 +22,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sdkit import modes
 from sdkit.request import FILLS, RANGES, RESIZE_MODES, Request, RequestError
@@ -64,7 +64,7 @@ def _flags(spec: modes.ModeSpec) -> tuple[str, ...]:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # same shape as our validation errors
+    def error(self, message: str) -> NoReturn:  # same shape as our validation errors
         self.print_usage(sys.stderr)
         self.exit(2, f"error: {message}\n")
 

@@ -34,7 +34,7 @@ from sdkit.jobs import (
 )
 from sdkit.models import LoadedModel, load_model
 from sdkit.preview import factors_for, latents_to_rgb
-from sdkit.request import RANGES, Request, RequestError, make_request
+from sdkit.request import RANGES, Request, RequestError, filled, make_request
 from sdkit.result import Result
 from sdkit.runners import RunContext, cancel_points, denoise_steps
 
@@ -175,10 +175,10 @@ class Engine:
                 f"{self.model.name} ({self.family}) cannot run {request.mode}; allowed: {allowed}",
             )
         req = dataclasses.replace(request, extra=dict(request.extra))
-        from_image = "image" in spec.inputs and req.image is not None
-        if from_image and not ("only_masked" in spec.fields and req.only_masked):
+        image = req.image if "image" in spec.inputs else None
+        if image is not None and not ("only_masked" in spec.fields and req.only_masked):
             # diffusers' own rule: work at the input's size, rounded down to the size multiple.
-            w, h = req.image.size
+            w, h = image.size
             f = self.size_multiple
             if req.width is None:
                 req.width = max(f, w - w % f)
@@ -200,11 +200,12 @@ class Engine:
                         name,
                         f"this unconditional model draws {size}x{size} only, got {getattr(req, name)}",
                     )
-        if "strength" in spec.fields and denoise_steps(req.num_inference_steps, req.strength) < 1:
+        steps = filled(req.num_inference_steps, "num_inference_steps")
+        if "strength" in spec.fields and denoise_steps(steps, req.strength) < 1:
             raise RequestError(
                 "strength",
-                f"{req.strength} x {req.num_inference_steps} steps leaves no denoising step; "
-                f"use strength >= {1 / req.num_inference_steps:.3g} or more steps",
+                f"{req.strength} x {steps} steps leaves no denoising step; "
+                f"use strength >= {1 / steps:.3g} or more steps",
             )
         if req.seed is None:
             req.seed = random.randrange(0, 2**32 - req.num_images)
@@ -379,7 +380,7 @@ class Engine:
         if job.cancel_requested:
             raise Interrupted
         spec = modes.get(req.mode)
-        seeds = [req.seed + i for i in range(req.num_images)]
+        seeds = [filled(req.seed, "seed") + i for i in range(req.num_images)]
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         ctx = RunContext(self, job, generators)
         vae = getattr(self._base, "vae", None)

@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
-from sdkit.request import Request
+from sdkit.request import Request, filled
 
 
 def fit_image(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
@@ -58,9 +58,9 @@ def inpaint_inputs(req: Request) -> InpaintWork:
     """Mask prep (grow, blur), only-masked crop, resize to the working size, and fill."""
     from sdkit import masks
 
-    original = req.image.convert("RGB")
-    soft = masks.prepare_mask(req.mask, req.grow, req.mask_blur)
-    size = (req.width, req.height)
+    original = filled(req.image, "image").convert("RGB")
+    soft = masks.prepare_mask(filled(req.mask, "mask"), req.grow, req.mask_blur)
+    size = (filled(req.width, "width"), filled(req.height, "height"))
     box = None
     if req.only_masked:
         box = masks.crop_region(soft, req.padding, target_size=size).box
@@ -79,7 +79,7 @@ def inpaint_finish(req: Request, work: InpaintWork, generated: Image.Image) -> I
     """Paste back (only_masked) or resize to the original, then composite over it."""
     from sdkit import masks
 
-    original = req.image.convert("RGB")
+    original = filled(req.image, "image").convert("RGB")
     if work.box is not None:
         full = masks.paste_back(original, generated, work.box)
     elif generated.size != original.size:

@@ -19,13 +19,15 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from sdkit.errors import RequestError
 from sdkit.images import image_to_base64, load_image, load_mask
+
+T = TypeVar("T")
 
 __all__ = [
     "FILLS",
@@ -35,6 +37,7 @@ __all__ = [
     "Request",
     "RequestError",
     "check_pixels",
+    "filled",
     "image_to_base64",
     "load_image",
     "load_mask",
@@ -338,10 +341,17 @@ def _check_range(name: str, v: Any, *, integer: bool, optional: bool = True) -> 
         raise RequestError(name, f"must be {allowed}, got {_shown(v)}")
 
 
+def filled(value: T | None, field: str) -> T:
+    """A field `Engine.check` fills (size, steps, seed, ...): never None once checked."""
+    if value is None:
+        raise RequestError(field, "missing: not filled in (run the request through Engine.check)")
+    return value
+
+
 def check_pixels(req: Request) -> None:
     """width x height x num_images <= MAX_PIXELS once the size is known (the job as it runs)."""
     w, h, n = req.width, req.height, req.num_images
-    if not (_is_int(w) and _is_int(h) and _is_int(n)):
+    if w is None or h is None or not (_is_int(w) and _is_int(h) and _is_int(n)):
         return
     if w * h * n > MAX_PIXELS:
         field = "num_images" if n > 1 and w * h <= MAX_PIXELS else "width"

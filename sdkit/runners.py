@@ -22,6 +22,7 @@ from sdkit import fast, schedulers
 from sdkit.fitting import fit_image, inpaint_finish, inpaint_inputs
 from sdkit.jobs import EventKind, Interrupted, Job, ProgressEvent
 from sdkit.modes import Mode
+from sdkit.request import filled
 
 if TYPE_CHECKING:
     from sdkit.engine import Engine
@@ -55,6 +56,17 @@ class RunContext:
     def request(self) -> Request:
         return self.job.request
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) as checked."""
+        req = self.request
+        return filled(req.width, "width"), filled(req.height, "height")
+
+    @property
+    def steps(self) -> int:
+        """num_inference_steps as checked."""
+        return filled(self.request.num_inference_steps, "num_inference_steps")
+
     def check_cancel(self) -> None:
         """Stop here if the job was cancelled (raises; the engine reports `cancelled`)."""
         if self.job.cancel_requested:
@@ -65,10 +77,11 @@ class RunContext:
         fresh scheduler (default: the request's) seeded and sized for this job."""
         req = self.request
         pipe = self.engine.pipeline(name or req.mode)
-        sched = schedulers.make_scheduler(scheduler or req.scheduler, self.engine.scheduler_config)
-        seed_noise_sampler(sched, req.seed, req.num_images)
+        name = filled(scheduler or req.scheduler, "scheduler")
+        sched = schedulers.make_scheduler(name, self.engine.scheduler_config)
+        seed_noise_sampler(sched, filled(req.seed, "seed"), req.num_images)
         pipe.scheduler = sched
-        fast.prepare_job(pipe, req.width, req.height, req.num_images)
+        fast.prepare_job(pipe, *self.size, req.num_images)
         return pipe
 
     def progress(self, step: int, total: int, latents: Any = None, *, pixel: bool = False) -> None:
@@ -145,7 +158,7 @@ def run_txt2img(ctx: RunContext) -> list[Image.Image]:
     if ctx.engine.inpainting_unet:
         return _with_inpainting_unet(ctx)
     pipe = ctx.pipeline()
-    kwargs = ctx.common_kwargs(req.num_inference_steps)
+    kwargs = ctx.common_kwargs(ctx.steps)
     return pipe(prompt=req.prompt, negative_prompt=req.negative_prompt or None, **kwargs).images
 
 
@@ -154,12 +167,12 @@ def run_img2img(ctx: RunContext) -> list[Image.Image]:
     if ctx.engine.inpainting_unet:
         return _with_inpainting_unet(ctx)
     pipe = ctx.pipeline()
-    kwargs = ctx.common_kwargs(denoise_steps(req.num_inference_steps, req.strength))
+    kwargs = ctx.common_kwargs(denoise_steps(ctx.steps, req.strength))
     del kwargs["width"], kwargs["height"]  # img2img pipelines take the image's size
     return pipe(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt or None,
-        image=fit_image(req.image, req.width, req.height, req.resize_mode),
+        image=fit_image(filled(req.image, "image"), *ctx.size, req.resize_mode),
         strength=req.strength,
         **kwargs,
     ).images
@@ -169,7 +182,7 @@ def run_inpaint(ctx: RunContext) -> list[Image.Image]:
     req = ctx.request
     work = inpaint_inputs(req)
     pipe = ctx.pipeline(Mode.INPAINT)
-    kwargs = ctx.common_kwargs(denoise_steps(req.num_inference_steps, req.strength))
+    kwargs = ctx.common_kwargs(denoise_steps(ctx.steps, req.strength))
     out = pipe(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt or None,
@@ -192,20 +205,20 @@ def run_unconditional(ctx: RunContext) -> list[Image.Image]:
     if ctx.engine.inpainting_unet:
         return _with_inpainting_unet(ctx)
     pipe = ctx.pipeline()
-    return pipe(prompt="", **ctx.common_kwargs(ctx.request.num_inference_steps)).images
+    return pipe(prompt="", **ctx.common_kwargs(ctx.steps)).images
 
 
 def _with_inpainting_unet(ctx: RunContext) -> list[Image.Image]:
     """txt2img / img2img / unconditional on a 9-channel UNet: its own pipeline, all-white mask."""
     req = ctx.request
     pipe = ctx.pipeline()
-    size = (req.width, req.height)
+    size = ctx.size
     if req.mode == Mode.IMG2IMG:
-        image = fit_image(req.image, req.width, req.height, req.resize_mode)
+        image = fit_image(filled(req.image, "image"), *size, req.resize_mode)
         strength = req.strength
     else:
         image, strength = Image.new("RGB", size, (127, 127, 127)), 1.0
-    kwargs = ctx.common_kwargs(denoise_steps(req.num_inference_steps, strength))
+    kwargs = ctx.common_kwargs(denoise_steps(ctx.steps, strength))
     unconditional = req.mode == Mode.UNCONDITIONAL
     return pipe(
         prompt="" if unconditional else req.prompt,
@@ -220,7 +233,7 @@ def _with_inpainting_unet(ctx: RunContext) -> list[Image.Image]:
 def _pixel_unconditional(ctx: RunContext) -> list[Image.Image]:
     """UNet2DModel models: their own DDPM/DDIM pipeline; progress from a UNet hook."""
     req = ctx.request
-    name = schedulers.canonical_name(req.scheduler)
+    name = schedulers.canonical_name(filled(req.scheduler, "scheduler"))
     pipe = ctx.pipeline("DDPMPipeline" if name == "DDPM" else None, name)
     count = itertools.count(1)
 
