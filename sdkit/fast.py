@@ -55,10 +55,12 @@ What is applied, and why:
   set never recompiles (dynamo's recompile limit is raised to cover the set). A
   shape outside the set runs the eager forward rather than stalling for a surprise
   compile; `info["compile"]["shapes"]` lists the set.
-  Nothing here is process-wide: sdkit never calls `torch.compiler.set_stance`, and the
-  raised recompile limits are a `torch._dynamo.config.patch` (thread-local in torch)
-  held only while sdkit's UNet forward runs (`compile_scope`). Two engines in one
-  process, or user code compiling its own models, see torch's settings, not ours.
+  Nothing here is process-wide: sdkit never calls `torch.compiler.set_stance` (a UNet
+  hook records, per thread, whether this call's shape is in the set, and each compiled
+  forward falls back to its eager original when it is not), and the raised recompile
+  limits are a `torch._dynamo.config.patch` (thread-local in torch) held only while a
+  compiled forward runs (`compile_scope`). Two engines in one process, or user code
+  compiling its own models, see torch's settings, not ours.
 
 Tolerance: on CPU in fp32, channels-last and fused QKV stay within 1e-4 (absolute,
 on UNet outputs of unit scale) of the plain path; tests/test_fast.py checks it.
@@ -245,44 +247,47 @@ def _latent_shapes(
     return shapes
 
 
-# True while sdkit's UNet forward runs a shape of the compiled set (this thread/context only).
+# Set by the UNet's pre-hook for each call (is its shape in the compiled set?) and cleared by
+# its forward hook: per thread/context, so concurrent engines never see each other's choice.
 _USE_COMPILED: ContextVar[bool] = ContextVar("sdkit_fast_use_compiled", default=False)
 
 
 @contextlib.contextmanager
-def compile_scope(n_shapes: int, use_compiled: bool) -> Iterator[None]:
-    """What a compiled UNet call needs, for this call in this thread only: dynamo's recompile
-    limits raised to cover the shape set (a thread-local `config.patch`), and the choice
-    between compiled and eager code (a context variable, instead of a global stance)."""
+def compile_scope(n_shapes: int) -> Iterator[None]:
+    """Dynamo's recompile limits raised to cover a set of `n_shapes` shapes, for this thread
+    and this call only (`config.patch` is thread-local in torch)."""
     cfg = torch._dynamo.config
     limits = {
         # each shape of the set (and, regionally, each block width) is one graph of the same code
         "recompile_limit": max(cfg.recompile_limit, 8 * n_shapes),
         "accumulated_recompile_limit": max(cfg.accumulated_recompile_limit, 64 * n_shapes),
     }
-    token = _USE_COMPILED.set(use_compiled)
-    try:
-        with cfg.patch(limits):
-            yield
-    finally:
-        _USE_COMPILED.reset(token)
+    with cfg.patch(limits):
+        yield
 
 
-def _either(eager: Callable[..., Any], compiled: Callable[..., Any]) -> Callable[..., Any]:
-    """A forward that runs `compiled` inside a compile scope for a shape of the set, else `eager`."""
+def _either(
+    eager: Callable[..., Any], compiled: Callable[..., Any], n_shapes: int
+) -> Callable[..., Any]:
+    """A forward that runs `compiled` (in a `compile_scope`) during a UNet call whose shape is
+    in the set, else `eager`: a shape outside the set never compiles, and no global stance
+    is needed to say so."""
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        return (compiled if _USE_COMPILED.get() else eager)(*args, **kwargs)
+        if not _USE_COMPILED.get():
+            return eager(*args, **kwargs)
+        with compile_scope(n_shapes):
+            return compiled(*args, **kwargs)
 
     return forward
 
 
-def _compile_unet(unet: torch.nn.Module, mode: str, device: torch.device, shapes: set) -> dict:
-    """Compile in place; `unet.forward` becomes a scoped wrapper that picks compiled or eager."""
-    original = unet.forward
+def _compile_unet(unet: Any, mode: str, device: torch.device, n_shapes: int) -> dict:
+    """Compile in place: the repeated blocks' forwards (regional) or the UNet's own forward
+    become `_either` dispatchers."""
     if mode == "regional":
-        # what diffusers' `compile_repeated_blocks` picks, compiled per block by us so that a
-        # shape outside the set can take the eager path without a process-wide stance
+        # the blocks diffusers' `compile_repeated_blocks` would pick, compiled one by one here
+        # so that each can take its eager path for a shape outside the set
         names = tuple(getattr(unet, "_repeated_blocks", ()))
         blocks = [m for m in unet.modules() if type(m).__name__ in names]
         if not blocks:
@@ -291,25 +296,19 @@ def _compile_unet(unet: torch.nn.Module, mode: str, device: torch.device, shapes
             )
         for block in blocks:
             eager = block.forward
-            block.forward = _either(eager, torch.compile(eager, fullgraph=True, dynamic=False))
-        inner, inductor_mode, compiled_names = original, "default", list(names)
+            compiled = torch.compile(eager, fullgraph=True, dynamic=False)
+            block.forward = _either(eager, compiled, n_shapes)
+        return {"inductor_mode": "default", "compiled": list(names)}
+    if mode == "cudagraphs":
+        inductor_mode = "reduce-overhead"
     else:
-        if mode == "cudagraphs":
-            inductor_mode = "reduce-overhead"
-        else:
-            inductor_mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
-        compiled = torch.compile(original, fullgraph=True, dynamic=False, mode=inductor_mode)
-        inner = _either(original, _graph_safe(compiled) if mode == "cudagraphs" else compiled)
-        compiled_names = [f"{type(unet).__name__}.forward"]
-
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        sample = args[0] if args else kwargs["sample"]
-        b, _, h, w = sample.shape
-        with compile_scope(len(shapes), (b, h, w) in shapes):
-            return inner(*args, **kwargs)
-
-    unet.forward = forward
-    return {"inductor_mode": inductor_mode, "compiled": compiled_names}
+        inductor_mode = "max-autotune-no-cudagraphs" if device.type == "cuda" else "default"
+    original = unet.forward
+    compiled = torch.compile(original, fullgraph=True, dynamic=False, mode=inductor_mode)
+    if mode == "cudagraphs":
+        compiled = _graph_safe(compiled)
+    unet.forward = _either(original, compiled, n_shapes)
+    return {"inductor_mode": inductor_mode, "compiled": [f"{type(unet).__name__}.forward"]}
 
 
 def _graph_safe(compiled: Any) -> Any:
@@ -405,7 +404,7 @@ def apply_speed_options(
         compile_sizes = [tuple(int(v) for v in s) for s in compile_sizes]
         compile_batches = [int(b) for b in compile_batches]
         state["shapes"] = _latent_shapes(compile_sizes, compile_batches, factor)
-        details = _compile_unet(unet, compile, device, state["shapes"])
+        details = _compile_unet(unet, compile, device, len(state["shapes"]))
         info["compile"] = {
             "mode": compile,
             **details,
@@ -422,6 +421,9 @@ def apply_speed_options(
         state["hooks"].append(
             unet.register_forward_pre_hook(_make_pre_hook(state), with_kwargs=True)
         )
+        if state["shapes"] is not None:
+            # also after an exception (a cancelled job): the choice never outlives the call
+            state["hooks"].append(unet.register_forward_hook(_end_call, always_call=True))
         setattr(unet, _STATE, state)
     return dict(info)
 
@@ -444,9 +446,16 @@ def _make_pre_hook(state: dict) -> Callable[..., tuple[tuple, dict]]:
     def pre_hook(unet: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if state["sync_free"]:
             args, kwargs = _timestep_to_device(unet, args, kwargs)
+        if state["shapes"] is not None:
+            b, _, h, w = (args[0] if args else kwargs["sample"]).shape
+            _USE_COMPILED.set((b, h, w) in state["shapes"])
         return args, kwargs
 
     return pre_hook
+
+
+def _end_call(unet: torch.nn.Module, args: tuple, output: Any) -> None:
+    _USE_COMPILED.set(False)
 
 
 def prepare_job(

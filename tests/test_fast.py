@@ -215,6 +215,25 @@ def test_cpu_defaults(parts, tokenizer_dir):
     assert info["attention"] == "sdpa" and info["sync_free"] is True
 
 
+def test_compiled_forwards_run_in_a_compile_scope_only_when_chosen():
+    cfg = torch._dynamo.config
+    default = cfg.recompile_limit
+    calls = []
+    forward = fast._either(
+        lambda: calls.append(("eager", cfg.recompile_limit)),
+        lambda: calls.append(("compiled", cfg.recompile_limit)),
+        100,
+    )
+    forward()
+    token = fast._USE_COMPILED.set(True)  # what the UNet's pre-hook does for a shape in the set
+    try:
+        forward()
+    finally:
+        fast._USE_COMPILED.reset(token)
+    forward()
+    assert calls == [("eager", default), ("compiled", max(default, 800)), ("eager", default)]
+
+
 # ------------------------------------------------- what sdkit.fast relies on, pinned
 
 
@@ -271,7 +290,7 @@ def test_dynamo_config_patches_are_thread_local():
 
     t = threading.Thread(target=look)
     t.start()
-    with fast.compile_scope(1000, True):
+    with fast.compile_scope(1000):
         assert cfg.recompile_limit == 8000
         inside.set()
         t.join(10)
@@ -328,7 +347,8 @@ def test_compiled_engine_leaves_torch_settings_alone():
 
         def probe(module, args, output):  # runs inside sdkit's UNet call, on the worker thread
             seen = (eval_frame._stance.stance, *(getattr(cfg, k) for k in limits))
-            inside.append((threading.current_thread() is threading.main_thread(), *seen))
+            main = threading.current_thread() is threading.main_thread()
+            inside.append((size, main, fast._USE_COMPILED.get(), *seen))
 
         handle = unet.conv_in.register_forward_hook(probe)
         try:
@@ -346,10 +366,12 @@ def test_compiled_engine_leaves_torch_settings_alone():
             handle.remove()
     finally:
         engine.close()
-    assert inside, "the probe never ran"
-    for on_main, stance, *raised in inside:
-        assert not on_main and stance == "default"  # never a process-wide stance
-        assert all(r >= b for r, b in zip(raised, before.values(), strict=True))
-    assert inside[0][2] > before["recompile_limit"]  # raised for the set, inside the call
+    # compiled code for the set only; never on the caller's thread, never a global stance,
+    # dynamo's limits untouched outside the compiled blocks
+    assert set(inside) == {
+        (native, False, True, "default", *before.values()),
+        (native - 16, False, False, "default", *before.values()),
+    }
+    assert fast._USE_COMPILED.get() is False
     assert {k: getattr(cfg, k) for k in limits} == before
     assert eval_frame._stance.stance == "default"
