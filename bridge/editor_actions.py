@@ -54,6 +54,12 @@ class Params:
         return req
 
 
+LOST = (
+    "lost the connection to the sdkit server while it worked on this request (did it stop?): "
+    "start it again with `sdkit serve`, then retry"
+)
+
+
 class Action:
     """One editor action from request to layer; its job's state is the session's tracker."""
 
@@ -97,12 +103,16 @@ class Action:
 
     @property
     def error(self) -> str | None:
-        return self._failure or (self.job.error_text if self.job is not None else None)
+        if self._failure is not None or self.job is None or self.job.error is None:
+            return self._failure
+        if self.job.error.code == "connection_lost":
+            return LOST
+        return self.job.error_text
 
     @property
     def status(self) -> str:
-        if self._failure is not None:
-            return self._failure
+        if self.state == tracker.FAILED:
+            return self.error or "failed"
         if self.job is None:
             return ""
         if self.placement is not None:

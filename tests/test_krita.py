@@ -41,7 +41,11 @@ def krita_run(tmp_path_factory):
     home = Path(os.environ.get("SDKIT_KRITA_HOME", REPO / ".cache" / "krita-home"))
     home.mkdir(parents=True, exist_ok=True)
     home.chmod(0o700)  # Qt insists on a private XDG_RUNTIME_DIR
-    with checks.live_server() as address:
+    with (
+        checks.live_server() as address,
+        checks.doomed_server() as doomed_1,
+        checks.doomed_server() as doomed_2,
+    ):
         env = {
             **os.environ,
             "QT_QPA_PLATFORM": "offscreen",
@@ -53,6 +57,8 @@ def krita_run(tmp_path_factory):
             "SDKIT_ADDRESS": address,
             "SDKIT_DEAD_ADDRESS": checks.dead_address(),
             "SDKIT_OUT": str(out),
+            "SDKIT_DOOMED_1": f"{doomed_1[0]} {doomed_1[1]}",
+            "SDKIT_DOOMED_2": f"{doomed_2[0]} {doomed_2[1]}",
         }
         proc = subprocess.run(
             [KRITARUNNER, "-s", "krita_scenario"],
@@ -61,24 +67,26 @@ def krita_run(tmp_path_factory):
             text=True,
             timeout=1800,
         )
-    (root / "krita.log").write_text(proc.stdout + proc.stderr)
+    log = proc.stdout + proc.stderr
+    (root / "krita.log").write_text(log)
     assert (out / "report.json").exists(), (
         f"kritarunner exited {proc.returncode} without a report:\n{proc.stdout[-3000:]}\n"
         f"{proc.stderr[-3000:]}"
     )
-    return installed, out, checks.load_report(out)
+    return installed, out, checks.load_report(out), (proc.returncode, log[-3000:])
 
 
 def test_installer_puts_the_plugin_and_its_modules_together(krita_run):
-    installed, _, _ = krita_run
+    installed, _, _, _ = krita_run
     for name in ("__init__.py", "controller.py", *plugins.SHARED_MODULES):
         assert (installed / name).is_file()
     assert (installed.parent / "sdkit_krita.desktop").is_file()
 
 
 def test_inpaint_selection_adds_a_masked_layer_and_changes_only_the_selection(krita_run):
-    _, out, report = krita_run
+    _, out, report, _ = krita_run
     inpaint = report["inpaint"]
+    assert not inpaint["watchdog"], "the controller never reported the end"
     assert inpaint["failed"] is None, inpaint["failed"]
     assert inpaint["state"] == "done"
     assert inpaint["layer"] == "[sdkit] a red circle (11)"
@@ -97,8 +105,9 @@ def test_inpaint_selection_adds_a_masked_layer_and_changes_only_the_selection(kr
 
 
 def test_generate_adds_a_layer_of_the_requested_size(krita_run):
-    _, _, report = krita_run
+    _, _, report, _ = krita_run
     t2i = report["txt2img"]
+    assert not t2i["watchdog"], "the controller never reported the end"
     assert t2i["failed"] is None, t2i["failed"]
     x, y = report["selection_bounds"][:2]
     assert t2i["bounds"] == [x, y, 64, 48]
@@ -106,13 +115,35 @@ def test_generate_adds_a_layer_of_the_requested_size(krita_run):
 
 
 def test_cancel_stops_the_request_without_a_layer(krita_run):
-    _, _, report = krita_run
+    _, _, report, _ = krita_run
+    assert not report["cancel"]["watchdog"], "the controller never reported the end"
     assert report["cancel"]["state"] == "cancelled"
     assert report["cancel"]["layers_added"] == 0
 
 
 def test_dead_server_and_non_rgba8_documents_get_clear_messages(krita_run):
-    _, _, report = krita_run
+    _, _, report, _ = krita_run
     assert "no sdkit server answers" in report["dead_server"]
     assert "sdkit serve" in report["dead_server"]
     assert "8-bit RGBA" in report["u16_refused"] and "U16" in report["u16_refused"]
+
+
+def test_krita_survives_the_server_going_away_at_any_moment(krita_run):
+    """Issue 12.9: SIGKILL the server after a heartbeat and mid-request; the artist then
+    clicks (Img2img, Cancel), which writes to the dead connection. SIGPIPE is at its
+    default action in Krita's Python, so an unsafe send would kill Krita here."""
+    _, _, report, (returncode, log) = krita_run
+    assert "alive_after_server_gone" in report, (
+        f"Krita died while the server went away (exit status {returncode}; -13 is SIGPIPE)\n{log}"
+    )
+    gone = report["server_gone"]
+    assert gone["connected"]  # (the scenario sets SIGPIPE to SIG_DFL, as Krita leaves it)
+    for moment in ("after_heartbeat", "mid_request"):
+        seen = gone[moment]
+        assert not seen["watchdog"], (moment, "the controller never reported the end")
+        assert seen["state"] == "failed", (moment, seen)
+        assert "lost the connection to the sdkit server" in seen["failed"], (moment, seen)
+        assert "sdkit serve" in seen["failed"]
+        # The docker's status line then says that nothing answers any more.
+        assert "no sdkit server answers" in seen["status"], (moment, seen)
+    assert gone["mid_request"]["killed_at"], "the server should have died after a progress event"

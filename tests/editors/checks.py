@@ -6,6 +6,8 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +44,38 @@ def live_server() -> Iterator[str]:
         yield handle.address
     finally:
         handle.stop()
+
+
+SERVE = """
+import sys, sdkit
+from sdkit.bridge import serve
+handle = serve(sdkit.load(), bind="tcp://127.0.0.1:0")
+print(handle.address, flush=True)
+sys.stdin.read()  # until the test closes it (or kills this process)
+handle.stop()
+"""
+
+
+@contextlib.contextmanager
+def doomed_server() -> Iterator[tuple[str, int]]:
+    """A real bridge server in a process of its own, for an editor to kill; (address, pid)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        address = ""
+        for line in proc.stdout:  # sdkit.load() may print before the address
+            if line.startswith("tcp://"):
+                address = line.strip()
+                break
+        assert address, f"the server did not start (exit {proc.poll()})"
+        yield address, proc.pid
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
 
 
 def load_report(out: Path) -> dict:

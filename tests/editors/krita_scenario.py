@@ -3,14 +3,18 @@
 Uses the installed plug-in's own code path (the docker's Controller, polled by its
 QTimer) against a live sdkit server, and writes what it saw to $SDKIT_OUT for the test
 to judge: the merged image before and after, the selection mask, the layers.
-Settings come from the environment: SDKIT_ADDRESS, SDKIT_DEAD_ADDRESS, SDKIT_OUT.
+Settings come from the environment: SDKIT_ADDRESS, SDKIT_DEAD_ADDRESS, SDKIT_OUT, and
+SDKIT_DOOMED_1/SDKIT_DOOMED_2 ("address pid" of servers this scenario SIGKILLs to show
+that Krita survives the server going away at any moment).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
 import traceback
 
 W, H = 101, 77  # not multiples of 8
@@ -52,7 +56,7 @@ def run_controller(controller, mode, params, doc, cancel_after_first_progress=Fa
     from sdkit_krita.qt import QtCore
 
     loop = QtCore.QEventLoop()
-    seen = {"progress": 0, "failed": None, "layer": None, "previews": 0}
+    seen = {"progress": 0, "failed": None, "layer": None, "previews": 0, "watchdog": False}
 
     def on_progress(fraction, status, preview):
         seen["progress"] += 1
@@ -80,7 +84,7 @@ def run_controller(controller, mode, params, doc, cancel_after_first_progress=Fa
     controller.busy_changed.connect(on_busy)
     watchdog = QtCore.QTimer()
     watchdog.setSingleShot(True)
-    watchdog.timeout.connect(loop.quit)
+    watchdog.timeout.connect(lambda: (seen.update(watchdog=True), loop.quit()))
     watchdog.start(180_000)
     try:
         if controller.run(mode, params, doc):
@@ -97,6 +101,93 @@ def run_controller(controller, mode, params, doc, cancel_after_first_progress=Fa
     return seen
 
 
+def spin(condition, seconds):
+    """Run Qt's event loop (the controllers' timers keep pumping) until condition() or timeout."""
+    from sdkit_krita.qt import QtCore
+
+    end = time.monotonic() + seconds
+    while not condition() and time.monotonic() < end:
+        loop = QtCore.QEventLoop()
+        QtCore.QTimer.singleShot(20, loop.quit)
+        loop.exec() if hasattr(loop, "exec") else loop.exec_()
+    return condition()
+
+
+def kill_and_wait(pid):
+    """SIGKILL the server and wait until the kernel has closed its sockets (it is a zombie)."""
+    os.kill(pid, signal.SIGKILL)
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] in ("Z", "X"):
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.005)
+    raise RuntimeError(f"server {pid} did not die")
+
+
+def server_gone(doc):
+    """Kill a server right after a heartbeat (then Generate) and mid-request (then Cancel).
+
+    Both clicks write to a connection whose peer is dead: without MSG_NOSIGNAL the second
+    write in a row raises SIGPIPE, whose default action kills Krita (and this scenario
+    with it). With bridge/zmtp.py as first committed, the img2img click did just that.
+    """
+    from sdkit_krita import editor_actions as ea
+    from sdkit_krita.controller import Controller
+
+    report = {"sigpipe_at_start": str(signal.getsignal(signal.SIGPIPE))}
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # what Krita's embedded Python leaves
+
+    address, pid = os.environ["SDKIT_DOOMED_1"].split()
+    c = Controller(address)
+    c.connect_to()
+    report["connected"] = spin(lambda: c.conn.state == "connected", 60)
+    transport = c.conn.session.transport
+    since = time.monotonic()
+    report["heartbeat"] = spin(  # a PING went out and the server's traffic came back after it
+        lambda: since < getattr(transport, "_last_ping", 0) < getattr(transport, "_last_recv", 0),
+        15,
+    )
+    kill_and_wait(int(pid))
+    # Img2img sends the request and its picture as several frames: several writes in a row.
+    seen = run_controller(c, "img2img", ea.Params(prompt="x", num_inference_steps=4), doc)
+    spin(lambda: c.conn.state == "failed", 30)
+    report["after_heartbeat"] = {
+        "failed": seen["failed"],
+        "state": seen["state"],
+        "status": c.conn.status_text(),
+        "watchdog": seen["watchdog"],
+    }
+
+    address, pid = os.environ["SDKIT_DOOMED_2"].split()
+    c = Controller(address)
+    c.connect_to()
+    spin(lambda: c.conn.state == "connected", 60)
+    killed = {}
+
+    def kill_then_cancel(fraction, status, preview):
+        if fraction > 0 and not killed:
+            killed["at"] = status
+            kill_and_wait(int(pid))
+            c.cancel()  # the artist gives up: a write to the dead connection
+
+    c.progress_changed.connect(kill_then_cancel)
+    params = ea.Params(prompt="x", num_inference_steps=500, width=64, height=64)
+    seen = run_controller(c, "txt2img", params, doc)
+    spin(lambda: c.conn.state == "failed", 30)
+    report["mid_request"] = {
+        "killed_at": killed.get("at"),
+        "failed": seen["failed"],
+        "state": seen["state"],
+        "status": c.conn.status_text(),
+        "watchdog": seen["watchdog"],
+    }
+    return report
+
+
 def bounds(node):
     r = node.bounds()
     return [r.x(), r.y(), r.width(), r.height()]
@@ -105,8 +196,10 @@ def bounds(node):
 def scenario(out):
     from krita import Krita, Selection
     from sdkit_krita import canvas
-    from sdkit_krita import editor_common as ec
+    from sdkit_krita import editor_actions as ea
+    from sdkit_krita import editor_geometry as geo
     from sdkit_krita.controller import Controller
+    from sdkit_krita.pictures import rgba_to_bgra
 
     report = {}
     app = Krita.instance()
@@ -116,19 +209,19 @@ def scenario(out):
     try:
         canvas.check_document(doc16)
         report["u16_refused"] = None
-    except ec.EditorError as e:
+    except geo.EditorError as e:
         report["u16_refused"] = str(e)
     doc16.close()
 
     # A dead server gives a clear message, without hanging.
     dead = Controller(os.environ["SDKIT_DEAD_ADDRESS"])
     doc = app.createDocument(W, H, "sdkit test", "RGBA", "U8", "", 72.0)
-    seen = run_controller(dead, "txt2img", ec.Params(prompt="x", width=8, height=8), doc)
+    seen = run_controller(dead, "txt2img", ea.Params(prompt="x", width=8, height=8), doc)
     report["dead_server"] = seen["failed"]
 
     # Paint, select an anti-aliased ellipse, inpaint it.
     background = doc.rootNode().childNodes()[0]
-    background.setPixelData(ec.rgba_to_bgra(painting(W, H)), 0, 0, W, H)
+    background.setPixelData(rgba_to_bgra(painting(W, H)), 0, 0, W, H)
     doc.refreshProjection()
     doc.waitForDone()
     mask = ellipse_mask(W, H, ELLIPSE)
@@ -140,12 +233,13 @@ def scenario(out):
     with open(os.path.join(out, "mask.bin"), "wb") as f:
         f.write(bytes(sel.pixelData(0, 0, W, H)))
     with open(os.path.join(out, "before.bin"), "wb") as f:
-        f.write(canvas.read_rgba(doc, ec.Rect(0, 0, W, H)))
+        f.write(canvas.read_rgba(doc, geo.Rect(0, 0, W, H)))
 
     controller = Controller(os.environ["SDKIT_ADDRESS"])
-    params = ec.Params(prompt="a red circle", num_inference_steps=8, seed=11, strength=1.0)
+    params = ea.Params(prompt="a red circle", num_inference_steps=8, seed=11, strength=1.0)
     seen = run_controller(controller, "inpaint", params, doc)
     report["inpaint"] = {
+        "watchdog": seen["watchdog"],
         "failed": seen["failed"],
         "state": seen["state"],
         "progress_signals": seen["progress"],
@@ -156,16 +250,17 @@ def scenario(out):
     doc.refreshProjection()
     doc.waitForDone()
     with open(os.path.join(out, "after.bin"), "wb") as f:
-        f.write(canvas.read_rgba(doc, ec.Rect(0, 0, W, H)))
+        f.write(canvas.read_rgba(doc, geo.Rect(0, 0, W, H)))
 
     # Generate (txt2img) adds a layer of the requested size at the selection's corner.
     seen = run_controller(
         controller,
         "txt2img",
-        ec.Params(prompt="a blue square", num_inference_steps=4, seed=5, width=64, height=48),
+        ea.Params(prompt="a blue square", num_inference_steps=4, seed=5, width=64, height=48),
         doc,
     )
     report["txt2img"] = {
+        "watchdog": seen["watchdog"],
         "failed": seen["failed"],
         "layer": seen["layer"].name() if seen["layer"] else None,
         "bounds": bounds(seen["layer"]) if seen["layer"] else None,
@@ -176,7 +271,7 @@ def scenario(out):
     seen = run_controller(
         controller,
         "txt2img",
-        ec.Params(prompt="a green star", num_inference_steps=500, seed=1, width=64, height=64),
+        ea.Params(prompt="a green star", num_inference_steps=500, seed=1, width=64, height=64),
         doc,
         cancel_after_first_progress=True,
     )
@@ -184,9 +279,18 @@ def scenario(out):
         "state": seen["state"],
         "failed": seen["failed"],
         "layers_added": len(doc.rootNode().childNodes()) - before,
+        "watchdog": seen["watchdog"],
     }
     report["layers"] = [[n.name(), n.type()] for n in doc.rootNode().childNodes()]
+    dump(out, report)  # what follows may kill Krita: keep what was seen so far
+    report["server_gone"] = server_gone(doc)
+    report["alive_after_server_gone"] = True
     return report
+
+
+def dump(out, report):
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
 
 
 def __main__(args):
@@ -195,7 +299,6 @@ def __main__(args):
         report = scenario(out)
     except Exception:  # noqa: BLE001 - reported to the test, which fails with it
         report = {"exception": traceback.format_exc()}
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    dump(out, report)
     sys.stdout.flush()
     return 0

@@ -42,7 +42,8 @@ class Controller(QObject):
     def __init__(self, address: str = DEFAULT_ADDRESS, parent=None):
         super().__init__(parent)
         self.conn = Connection(address, client="sdkit-krita")
-        self.action: ea.Action | None = None
+        self.action: ea.Action | None = None  # the latest action
+        self._open: ea.Action | None = None  # the action whose end is not reported yet
         self.document = None
         self.last_layer = None
         self._last_status: tuple[str, bool] | None = None
@@ -54,7 +55,7 @@ class Controller(QObject):
     # -- connection
     @property
     def busy(self) -> bool:
-        return self._waiting is not None or (self.action is not None and not self.action.done)
+        return self._waiting is not None or self._open is not None
 
     def connect_to(self, address: str | None = None) -> None:
         """(Re)connect; the hello reply or the failure arrives through ``poll``."""
@@ -125,7 +126,7 @@ class Controller(QObject):
             self.busy_changed.emit(False)
             self.failed.emit(str(e))
             return False
-        self.action = action
+        self.action = self._open = action
         self.busy_changed.emit(True)
         self.progress_changed.emit(0.0, action.status, None)
         self.timer.start()
@@ -137,8 +138,8 @@ class Controller(QObject):
             self.busy_changed.emit(False)
             self.progress_changed.emit(0.0, "cancelled", None)
         elif self.busy:
-            self.action.cancel(self.conn)
-            self.progress_changed.emit(self.action.fraction, self.action.status, None)
+            self._open.cancel(self.conn)
+            self.progress_changed.emit(self._open.fraction, self._open.status, None)
 
     # -- the timer
     def poll(self) -> None:
@@ -152,8 +153,10 @@ class Controller(QObject):
                 self.busy_changed.emit(False)
                 self.progress_changed.emit(0.0, self.conn.error or "not connected", None)
                 self.failed.emit(self.conn.error or "not connected")
-        action = self.action
-        if action is not None and not action.done:
+        # The session has already applied the events to the action's job: an action may be
+        # done before it sees them, so "not reported yet" is what counts here.
+        action = self._open
+        if action is not None:
             changed = False
             for ev in events:
                 changed |= action.handle(ev)
@@ -164,6 +167,7 @@ class Controller(QObject):
                     action.fraction, action.status, picture_to_qimage(action.preview)
                 )
             if action.done:
+                self._open = None
                 self._finish(action)
         self._emit_status()
         if self.conn.state == "failed" and not self.busy:
