@@ -69,14 +69,15 @@ def check_plugins() -> tuple[int, str]:
     krita = plugins.install("krita", where / "pykrita")
     gimp = plugins.install("gimp", where / "plug-ins")
     rc1, out1 = mypy(["-p", krita.name], krita.parent)
-    rc2, out2 = mypy([str(gimp / f"{gimp.name}.py")], gimp)
+    # the script alone: its copied modules are checked above, as a package (at the top
+    # level their `from . import` fallback is a blocking error for mypy)
+    rc2, out2 = mypy(["--follow-imports=skip", str(gimp / f"{gimp.name}.py")], gimp)
     out = out1 + out2
     for folder, repo in ((krita, "bridge/krita/sdkit_krita"), (gimp, "bridge/gimp/sdkit-gimp")):
         for name in plugins.SHARED_MODULES:  # copies of bridge/<name>
             out = out.replace(f"{_where(folder)}/{name}:", f"bridge/{name}:")
         out = out.replace(f"{_where(folder)}/", f"{repo}/")
-    # the shared modules are in both plug-ins: one line per finding
-    return max(rc1, rc2), "".join(dict.fromkeys(out.splitlines(keepends=True)))
+    return max(rc1, rc2), out
 
 
 @pytest.mark.slow
@@ -92,4 +93,6 @@ def test_editor_plugins_type_check_as_installed():
 
 
 if __name__ == "__main__":
-    print(check_package()[1] + check_plugins()[1])
+    # the Krita package holds copies of bridge modules: one line per finding
+    out = check_package()[1] + check_plugins()[1]
+    print("".join(dict.fromkeys(out.splitlines(keepends=True))), end="")
