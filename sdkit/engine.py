@@ -112,7 +112,7 @@ class Engine:
         self._worker.start()
 
     @property
-    def _scheduler_config(self) -> dict:  # the name tests and older callers use
+    def _scheduler_config(self) -> dict:  # older name, still read by benchmarks/overhead.py
         return self.scheduler_config
 
     @property

@@ -25,7 +25,7 @@ def plain_txt2img(
 ):
     """What a diffusers user writes, on the engine's own components."""
     pipe = engine.pipeline("txt2img")
-    pipe.scheduler = make_scheduler(scheduler, engine._scheduler_config)
+    pipe.scheduler = make_scheduler(scheduler, engine.scheduler_config)
     if hasattr(
         pipe.scheduler, "noise_sampler_seed"
     ):  # DPM++ SDE: else seeded from torch's global RNG

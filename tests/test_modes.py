@@ -42,7 +42,7 @@ def square_mask(size=(32, 32), box=(10, 10, 22, 22)) -> Image.Image:
 
 def plain(engine, mode, scheduler="PNDM"):
     pipe = engine.pipeline(mode)
-    pipe.scheduler = make_scheduler(scheduler, engine._scheduler_config)
+    pipe.scheduler = make_scheduler(scheduler, engine.scheduler_config)
     return pipe
 
 
@@ -283,7 +283,7 @@ def test_unconditional_only_model_uses_its_own_pipeline(ddpm_engine, scheduler):
     cls = DDPMPipeline if scheduler == "DDPM" else DDIMPipeline
     pipe = ddpm_engine.pipeline(cls.__name__)
     assert isinstance(pipe, cls) and pipe.unet is ddpm_engine.model.pipe.unet
-    pipe.scheduler = make_scheduler(scheduler, ddpm_engine._scheduler_config)
+    pipe.scheduler = make_scheduler(scheduler, ddpm_engine.scheduler_config)
     ref = pipe(batch_size=2, generator=gens(8, 2), num_inference_steps=4).images
     assert [e.step for e in events] == [1, 2, 3, 4] and events[-1].preview is not None
     assert ours.seeds == [8, 9] and ours[0].size == (16, 16)
