@@ -14,7 +14,9 @@ libzmq and never reaches the server code: it gets nothing back.
 from __future__ import annotations
 
 import ipaddress
+import secrets
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,11 +142,173 @@ def apply_client(socket: Any, keys: ClientKeys) -> None:
     socket.curve_serverkey = keys.server_public
 
 
-def start_authenticator(context: Any, keys: ServerKeys) -> Any:
-    """ZAP handler that admits only the authorized client keys (same context as the socket)."""
-    from zmq.auth.thread import ThreadAuthenticator
+# ---------------------------------------------------------------------------- identity
 
-    auth = ThreadAuthenticator(context, log=None)
-    auth.start()
-    auth.configure_curve(domain="*", location=str(keys.authorized))
+NULL_PREFIX = "null:"
+CURVE_PREFIX = "curve:"
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = b"sdkit"
+
+
+class Authenticator:
+    """The ZAP handler: admits connections and names who is on each one.
+
+    libzmq asks it once per handshake (in-process, before any message passes) and stamps
+    the answer on every message of that connection as its ``User-Id`` property, which a
+    peer cannot set.  CURVE: admitted only if the public key is in ``authorized/``; the
+    identity is ``curve:<z85 key>``, the same on every connection of that key.  NULL (on
+    loopback): everyone is admitted and each connection gets a fresh random
+    ``null:<token>``, so a second connection never shares an identity with the first.
+    The bridge binds jobs to this identity (see PROTOCOL.md, "Identity").
+    """
+
+    def __init__(self, context: Any, authorized: Path | None = None):
+        self.context = context
+        self.authorized = authorized
+        self._allowed: set[bytes] = set()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self.handshakes = 0  # connections admitted (for tests and status)
+
+    def start(self) -> Authenticator:
+        """Bind the ZAP endpoint of ``context``; raises if another handler holds it."""
+        import zmq.auth
+
+        if self.authorized is not None:
+            self._allowed = {
+                k for k, ok in zmq.auth.load_certificates(self.authorized).items() if ok
+            }
+        self._thread = threading.Thread(target=self._run, name="sdkit-zap", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        import zmq
+
+        sock = self.context.socket(zmq.REP)
+        sock.linger = 0
+        try:
+            sock.bind(ZAP_ENDPOINT)
+        except zmq.ZMQError as e:
+            self._error = SecurityError(f"cannot start the ZAP handler: {e}")
+            sock.close(0)
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                if not sock.poll(100):
+                    continue
+                request = sock.recv_multipart()
+                sock.send_multipart(self._answer(request))
+        except zmq.ZMQError:  # the context is terminating
+            pass
+        finally:
+            sock.close(0)
+
+    def _answer(self, request: list[bytes]) -> list[bytes]:
+        """ZAP 1.0 (RFC 27): version, request id, domain, address, identity, mechanism, creds."""
+        from zmq.utils import z85
+
+        if len(request) < 6 or request[0] != b"1.0":
+            return [b"1.0", request[1] if len(request) > 1 else b"", b"500", b"bad", b"", b""]
+        request_id, mechanism, credentials = request[1], request[5], request[6:]
+        user = None
+        if mechanism == b"NULL":
+            user = NULL_PREFIX + secrets.token_hex(16)
+        elif mechanism == b"CURVE" and credentials and len(credentials[0]) == 32:
+            key = z85.encode(credentials[0])
+            if key in self._allowed:
+                user = CURVE_PREFIX + key.decode()
+        if user is None:
+            return [b"1.0", request_id, b"400", b"not authorized", b"", b""]
+        self.handshakes += 1
+        return [b"1.0", request_id, b"200", b"OK", user.encode(), b""]
+
+
+def start_authenticator(context: Any, keys: ServerKeys | None = None) -> Authenticator:
+    """The ZAP handler for ``context`` (the socket's): CURVE keys from ``keys``, else NULL."""
+    return Authenticator(context, keys.authorized if keys is not None else None).start()
+
+
+def secure_router(
+    socket: Any, context: Any, keys: ServerKeys | None, handshake_ivl: float = 5.0
+) -> Authenticator | None:
+    """Set up the bridge's ROUTER against takeover and connection floods (issue 13.6, 13.9).
+
+    * no ``ROUTER_HANDOVER``: a connection presenting a routing id that is already
+      connected is ignored by libzmq, so it can neither receive that client's replies nor
+      speak for it;
+    * a ZAP handler names every connection (`Authenticator`): the server binds a routing
+      id's requests to that identity;
+    * a connection must finish its handshake within ``handshake_ivl`` s (libzmq's default
+      is 30 s), and the soft file-descriptor limit is raised to the hard one, so idle TCP
+      connections cannot hold the descriptors an authorized client needs.
+
+    Returns the handler to stop with the socket (None: another handler already serves
+    ``context``, so NULL connections go unnamed and jobs are bound by routing id only).
+    """
+    import zmq
+
+    socket.setsockopt(zmq.ROUTER_HANDOVER, 0)
+    socket.setsockopt(zmq.HANDSHAKE_IVL, max(1, int(handshake_ivl * 1000)))
+    raise_fd_limit()
+    try:
+        auth = start_authenticator(context, keys)
+    except SecurityError:
+        if keys is not None:
+            raise  # CURVE without our handler would admit any key
+        auth = None
+    if auth is not None:
+        apply_identity(socket)
+    if keys is not None:
+        apply_server(socket, keys)
     return auth
+
+
+def apply_identity(socket: Any) -> None:
+    """Make libzmq consult the ZAP handler for NULL connections too (it does for CURVE)."""
+    socket.zap_domain = ZAP_DOMAIN
+
+
+def identity_of(frame: Any) -> str | None:
+    """The ``User-Id`` the ZAP handler gave this frame's connection (None: no handler)."""
+    try:
+        return frame.get("User-Id")
+    except Exception:  # noqa: BLE001 - no ZAP answer for this connection, or not a zmq.Frame
+        return None
+
+
+# ---------------------------------------------------------------------------- resources
+
+
+def raise_fd_limit(target: int = 1 << 16) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE towards the hard limit; returns (before, after).
+
+    Each connection, authenticated or not, holds a file descriptor until its handshake
+    ends or times out; 1024 (a common soft default) is used up by a burst of idle TCP
+    connections.  Where the platform has no such limit, returns (0, 0).
+    """
+    try:
+        import resource
+    except ImportError:  # Windows
+        return (0, 0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = target if hard == resource.RLIM_INFINITY else min(hard, target)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            return (soft, want)
+        except (ValueError, OSError):
+            pass
+    return (soft, soft)
