@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from sdkit.bridge import pictures, tracker, zmtp
+from sdkit.bridge import pictures, tracker, transports, zmtp
 from sdkit.bridge import protocol as P
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
@@ -53,97 +53,6 @@ def image_to_picture(value: Any, name: str) -> P.Picture:
     from sdkit.request import load_image
 
     return pictures.from_image(load_image(value, name), "l8" if name == "mask" else "rgba8")
-
-
-# ---------------------------------------------------------------------------- transports
-
-
-class ZmqTransport:
-    """pyzmq DEALER with a monitor socket, so dropped connections bump ``epoch``."""
-
-    name = "zmq"
-
-    def __init__(
-        self,
-        address: str,
-        identity: bytes,
-        *,
-        keys: Any | None = None,
-        heartbeat_ivl: float = 1.0,
-        heartbeat_timeout: float = 10.0,
-    ):
-        import zmq
-
-        self._zmq = zmq
-        self.context = zmq.Context()
-        sock = self.context.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.routing_id = identity
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_ivl * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_timeout * 1000))
-        sock.sndtimeo = 10_000
-        if keys is not None:
-            from sdkit.bridge import security
-
-            security.apply_client(sock, keys)
-        events = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-        self._monitor = sock.get_monitor_socket(events)
-        sock.connect(address)
-        self.sock = sock
-        self.epoch = 0
-        self.connected = False
-        self._poller = zmq.Poller()
-        self._poller.register(sock, zmq.POLLIN)
-        self._poller.register(self._monitor, zmq.POLLIN)
-
-    def send_multipart(self, frames) -> None:
-        try:
-            self.sock.send_multipart(frames, copy=len(frames) < 2)
-        except self._zmq.Again:
-            raise BridgeError("connection_lost", "the server is not accepting messages") from None
-
-    def _monitor_events(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        while True:
-            try:
-                ev = recv_monitor_message(self._monitor, self._zmq.NOBLOCK)
-            except self._zmq.Again:
-                return
-            if ev["event"] == self._zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.connected = True
-            elif ev["event"] == self._zmq.EVENT_DISCONNECTED and self.connected:
-                self.connected = False
-                self.epoch += 1
-
-    def poll(self, timeout: float = 0.0) -> list[list[bytes]]:
-        zmq = self._zmq
-        out: list[list[bytes]] = []
-        ready = dict(self._poller.poll(int(timeout * 1000)))
-        if self.sock in ready:
-            while True:
-                try:
-                    out.append(self.sock.recv_multipart(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
-        if self._monitor in ready:  # after the messages: a result that arrived counts
-            self._monitor_events()
-        return out
-
-    def close(self) -> None:
-        try:
-            self.sock.disable_monitor()
-        except Exception:  # noqa: BLE001
-            pass
-        self._monitor.close(0)
-        self.sock.close(linger=500)  # let a last "bye" leave
-        self.context.term()
-
-
-class ZmtpTransport(zmtp.Dealer):
-    name = "zmtp"
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -266,40 +175,15 @@ class Client:
         self.address = address
         self.timeout = timeout
         identity = b"sdkit-" + uuid.uuid4().hex.encode()
-        if transport == "auto":
-            try:
-                import zmq  # noqa: F401
-
-                transport = "zmq"
-            except ImportError:
-                transport = "zmtp"
-        if transport == "zmq":
-            client_keys = None
-            if keys is not None:
-                from sdkit.bridge import security
-
-                client_keys = security.load_client_keys(keys, client_name)
-            self._transport: Any = ZmqTransport(
-                address,
-                identity,
-                keys=client_keys,
-                heartbeat_ivl=heartbeat_ivl,
-                heartbeat_timeout=heartbeat_timeout,
-            )
-        elif transport == "zmtp":
-            if keys is not None:
-                raise ValueError(
-                    "CURVE keys need pyzmq: the standard-library client speaks NULL only"
-                )
-            self._transport = ZmtpTransport(
-                address,
-                identity=identity,
-                heartbeat_ivl=heartbeat_ivl,
-                heartbeat_timeout=heartbeat_timeout,
-            )
-        else:
-            raise ValueError(f"transport must be 'auto', 'zmq' or 'zmtp', got {transport!r}")
-        self.transport = transport
+        self.transport, self._transport = transports.open_transport(
+            address,
+            identity,
+            transport,
+            keys=keys,
+            client_name=client_name,
+            heartbeat_ivl=heartbeat_ivl,
+            heartbeat_timeout=heartbeat_timeout,
+        )
         self._session = tracker.Session(self._transport, client="sdkit.bridge.Client")
         self._lock = threading.RLock()
         self._jobs: dict[str, RemoteJob] = {}
@@ -311,7 +195,11 @@ class Client:
     def pump(self, timeout: float = 0.0) -> None:
         """Receive for up to ``timeout`` s and dispatch events to jobs and waiting calls."""
         with self._lock:
-            for ev in self._session.poll(timeout):
+            try:
+                events = self._session.poll(timeout)
+            except zmtp.ZmtpError as e:  # the server broke the protocol: say how, at once
+                raise BridgeError("connection_lost", f"{self.address}: {e}") from e
+            for ev in events:
                 job = self._jobs.get(ev.id)
                 if job is not None:
                     job._on_event(ev)

@@ -191,10 +191,10 @@ def _run(procedure, run_mode, image, drawables, config, data):
         from gi.repository import GimpUi
 
         GimpUi.init("sdkit-gimp")
-        dialog = GimpUi.ProcedureDialog(procedure=procedure, config=config)
-        dialog.fill(None)
-        ok = dialog.run()
-        dialog.destroy()
+        window = GimpUi.ProcedureDialog(procedure=procedure, config=config)
+        window.fill(None)
+        ok = window.run()
+        window.destroy()
         if not ok:
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     params, mode, address = _config_params(config, dialog)

@@ -1,0 +1,151 @@
+"""The two transports under `sdkit.bridge.Client`: pyzmq's DEALER, or the stdlib `zmtp.Dealer`.
+
+Both give `tracker.Session` what it needs: ``send_multipart``, ``poll`` and an ``epoch``
+that counts lost connections (pyzmq's from a monitor socket).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sdkit.bridge import zmtp
+
+
+def open_transport(
+    address: str,
+    identity: bytes,
+    kind: str = "auto",
+    *,
+    keys: str | Path | None = None,
+    client_name: str = "client",
+    heartbeat_ivl: float = 1.0,
+    heartbeat_timeout: float = 10.0,
+) -> tuple[str, Any]:
+    """(the kind chosen, a connected transport): "auto" takes pyzmq when importable.
+
+    ``keys`` is a folder from `sdkit keys` (CURVE, pyzmq only), ``client_name`` the key
+    pair in it.
+    """
+    if kind == "auto":
+        try:
+            import zmq  # noqa: F401
+
+            kind = "zmq"
+        except ImportError:
+            kind = "zmtp"
+    if kind == "zmq":
+        client_keys = None
+        if keys is not None:
+            from sdkit.bridge import security
+
+            client_keys = security.load_client_keys(keys, client_name)
+        transport: Any = ZmqTransport(
+            address,
+            identity,
+            keys=client_keys,
+            heartbeat_ivl=heartbeat_ivl,
+            heartbeat_timeout=heartbeat_timeout,
+        )
+    elif kind == "zmtp":
+        if keys is not None:
+            raise ValueError("CURVE keys need pyzmq: the standard-library client speaks NULL only")
+        transport = ZmtpTransport(
+            address,
+            identity=identity,
+            heartbeat_ivl=heartbeat_ivl,
+            heartbeat_timeout=heartbeat_timeout,
+        )
+    else:
+        raise ValueError(f"transport must be 'auto', 'zmq' or 'zmtp', got {kind!r}")
+    return kind, transport
+
+
+class ZmqTransport:
+    """pyzmq DEALER with a monitor socket, so dropped connections bump ``epoch``."""
+
+    name = "zmq"
+
+    def __init__(
+        self,
+        address: str,
+        identity: bytes,
+        *,
+        keys: Any | None = None,
+        heartbeat_ivl: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+    ):
+        import zmq
+
+        self._zmq = zmq
+        self.context = zmq.Context()
+        sock = self.context.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.routing_id = identity
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_ivl * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_timeout * 1000))
+        sock.sndtimeo = 10_000
+        if keys is not None:
+            from sdkit.bridge import security
+
+            security.apply_client(sock, keys)
+        events = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        self._monitor = sock.get_monitor_socket(events)
+        sock.connect(address)
+        self.sock = sock
+        self.epoch = 0
+        self.connected = False
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+
+    def send_multipart(self, frames) -> None:
+        try:
+            self.sock.send_multipart(frames, copy=len(frames) < 2)
+        except self._zmq.Again:
+            from sdkit.bridge.client import BridgeError  # (client.py imports this module)
+
+            raise BridgeError("connection_lost", "the server is not accepting messages") from None
+
+    def _monitor_events(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                ev = recv_monitor_message(self._monitor, self._zmq.NOBLOCK)
+            except self._zmq.Again:
+                return
+            if ev["event"] == self._zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+            elif ev["event"] == self._zmq.EVENT_DISCONNECTED and self.connected:
+                self.connected = False
+                self.epoch += 1
+
+    def poll(self, timeout: float = 0.0) -> list[list[bytes]]:
+        zmq = self._zmq
+        out: list[list[bytes]] = []
+        ready = dict(self._poller.poll(int(timeout * 1000)))
+        if self.sock in ready:
+            while True:
+                try:
+                    out.append(self.sock.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+        if self._monitor in ready:  # after the messages: a result that arrived counts
+            self._monitor_events()
+        return out
+
+    def close(self) -> None:
+        try:
+            self.sock.disable_monitor()
+        except Exception:  # noqa: BLE001
+            pass
+        self._monitor.close(0)
+        self.sock.close(linger=500)  # let a last "bye" leave
+        self.context.term()
+
+
+class ZmtpTransport(zmtp.Dealer):
+    name = "zmtp"
