@@ -124,7 +124,7 @@ class Engine:
 
     # -- public API -----------------------------------------------------------------
 
-    def modes(self) -> list[modes.ModeSpec]:
+    def served_modes(self) -> list[modes.ModeSpec]:
         """The registered modes this engine's model family can run."""
         return [s for s in modes.registered() if s.serves(self.family)]
 
@@ -153,7 +153,7 @@ class Engine:
             "inpainting_unet": self.inpainting_unet,
             "defaults": dict(self.defaults),
             "scheduler_names": list(self.scheduler_names),
-            "modes": [s.describe() for s in self.modes()],
+            "modes": [s.describe() for s in self.served_modes()],
             "ranges": self.ranges(),
         }
 
@@ -169,7 +169,7 @@ class Engine:
         request.validate(vae_factor=self.size_multiple, scheduler_names=self.scheduler_names)
         spec = modes.get(request.mode)
         if not spec.serves(self.family):
-            allowed = ", ".join(str(s.name) for s in self.modes())
+            allowed = ", ".join(str(s.name) for s in self.served_modes())
             raise RequestError(
                 "mode",
                 f"{self.model.name} ({self.family}) cannot run {request.mode}; allowed: {allowed}",

@@ -357,3 +357,21 @@ def test_from_dict_bad_inputs():
     with pytest.raises(RequestError) as err:
         Request.from_dict({"extra": ["a"]})
     assert err.value.field == "extra"
+
+
+@pytest.mark.parametrize("name", sorted(RANGES))
+@pytest.mark.parametrize("value", [10**400, -(10**400), 1e308, float("inf")])
+def test_every_numeric_field_is_bounded_without_overflow(name, value):
+    """Issue 13.2: huge values are a RequestError naming the field, never OverflowError."""
+    err = error(good(mode="inpaint", **{name: value}))
+    assert err.field == name and len(err.message) < 200
+
+
+@pytest.mark.parametrize("name", sorted(RANGES))
+def test_range_edges(name):
+    lo, hi = RANGES[name]
+    size = name in ("width", "height")
+    fields = {"num_inference_steps": 1000} if name == "strength" else {}
+    for ok in (8 if size else lo, 4096 if size else hi):
+        good(mode="inpaint", **fields, **{name: ok}).validate()
+    assert error(good(mode="inpaint", **{name: hi + 1})).field == name

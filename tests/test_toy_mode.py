@@ -130,6 +130,13 @@ def test_toy_mode_through_the_cli(tiny_models, toy_mode, tmp_path, capsys):
     assert path.endswith(".png") and Image.open(path).size == (16, 8)
     req = Request.from_png(path)
     assert req.mode == TOY and req.seed == 5
+    Image.new("RGB", (24, 16), (90, 90, 90)).save(tmp_path / "in.png")
+    argv = [TOY, "--image", str(tmp_path / "in.png"), "--model", str(tiny_models["sd"])]
+    code = main([*argv, "--device", "cpu", "--out", str(tmp_path / "b"), "--quiet"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    made = Image.open(out.out.strip())
+    assert made.size == (24, 16) and made.convert("RGB").getpixel((3, 3)) == (90, 90, 90)
     with pytest.raises(SystemExit):
         main([TOY, "--help"])
     assert "--num-images" in capsys.readouterr().out
