@@ -34,7 +34,7 @@ from sdkit.jobs import (
 )
 from sdkit.models import LoadedModel, load_model
 from sdkit.preview import factors_for, latents_to_rgb
-from sdkit.request import RANGES, Request, RequestError, filled, make_request
+from sdkit.request import MAX_PIXELS, RANGES, Request, RequestError, filled, make_request
 from sdkit.result import Result
 from sdkit.runners import RunContext, cancel_points, denoise_steps
 
@@ -155,6 +155,7 @@ class Engine:
             "scheduler_names": list(self.scheduler_names),
             "modes": [s.describe() for s in self.served_modes()],
             "ranges": self.ranges(),
+            "max_pixels": MAX_PIXELS,  # width x height x num_images of one job
         }
 
     def check(self, request: Request) -> Request:

@@ -112,6 +112,7 @@ def test_info_describes_the_served_modes(sd_engine, ddpm_engine):
         "unconditional",
     ]
     assert info["size_multiple"] == 8 and info["vae_factor"] == 4
+    assert info["max_pixels"] == MAX_PIXELS
     ddpm = ddpm_engine.info()
     assert [m["name"] for m in ddpm["modes"]] == ["unconditional"]
     assert ddpm["ranges"]["width"] == [16, 16] and ddpm["size_multiple"] == 1
