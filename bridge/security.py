@@ -9,6 +9,11 @@ Key folder layout (what `sdkit keys DIR` writes, what ``--keys DIR`` reads)::
 
 A client whose public key is not in ``authorized/`` fails the CURVE handshake inside
 libzmq and never reaches the server code: it gets nothing back.
+
+Who is on a connection: `Authenticator` (the ZAP handler) names every connection, the
+CURVE key or a per-connection token for NULL, and libzmq stamps that name on each of the
+connection's messages (``User-Id``); the server binds requests to it (issue 13.6).
+`secure_router` also bounds what unauthenticated connections can hold (issue 13.9).
 """
 
 from __future__ import annotations
