@@ -116,7 +116,6 @@ class TrackedJob:
             self.error = ev
         return True
 
-
     def _note(self, h: Mapping[str, Any]) -> None:
         """What the server says about the job, where it is well-typed."""
         if isinstance(h.get("job"), str):
@@ -175,6 +174,15 @@ def check_request(
                 f"the {name} is {pic.width}x{pic.height} = {pic.width * pic.height} pixels; "
                 f"the server takes at most {limits.max_pixels}",
                 name,
+                rid,
+            )
+    for key, limit in (("num_images", "max_images"), ("num_inference_steps", "max_steps")):
+        value, most = _int((request or {}).get(key), 0), getattr(limits, limit, None)
+        if most is not None and value > most:
+            raise P.ProtocolError(
+                "too_large",
+                f"{key}={value}; the server takes at most {most}",
+                f"request.{key}",
                 rid,
             )
     w, h = (request or {}).get("width"), (request or {}).get("height")
@@ -242,8 +250,9 @@ class Session:
         if rid in self.pending:
             raise ValueError(f"request id {rid!r} is already in flight")
         self._check_epoch()
+        epoch = self.transport.epoch  # read first: a drop while writing this loses it too
         self.transport.send_multipart(frames)
-        self.pending[rid] = Pending(rid, op, self.transport.epoch, time.monotonic(), target)
+        self.pending[rid] = Pending(rid, op, epoch, time.monotonic(), target)
         return rid
 
     def hello(self, *, request_id: str | None = None) -> str:
@@ -346,6 +355,9 @@ class Session:
             self.limits = P.Limits.from_dict(ev.header.get("limits") or {})
         except (AttributeError, TypeError, ValueError):  # no usable limits: its defaults
             self.limits = P.Limits()
+        set_limits = getattr(self.transport, "set_limits", None)
+        if set_limits is not None:  # zmtp.Dealer: a reply is at most rgba8 pixels + a header
+            set_limits(max_bytes=4 * max(0, self.limits.max_pixels) + 16 * 2**20)
 
     def poll(self, timeout: float = 0.0) -> list[P.Event]:
         """Pump the transport for up to ``timeout`` seconds; return the events that arrived."""

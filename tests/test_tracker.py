@@ -124,6 +124,9 @@ def test_limits_come_from_hello_and_are_checked_before_sending():
     with pytest.raises(P.ProtocolError, match="2 x 64x64") as e:
         s.generate({"width": 64, "height": 64, "num_images": 2})
     assert e.value.field == "request.width"
+    with pytest.raises(P.ProtocolError, match="num_inference_steps=2000") as e:
+        s.generate({"num_inference_steps": 2000})  # over the default max_steps
+    assert e.value.field == "request.num_inference_steps"
     assert len(t.sent) == sent and not s.jobs.keys() - {r for r in s.pending}
     s.generate({"width": 64, "height": 64})
     assert len(t.sent) == sent + 1
