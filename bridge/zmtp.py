@@ -14,6 +14,15 @@ Like libzmq, it connects lazily, reconnects by itself with a growing back-off, a
 messages sent while disconnected until a connection is up; a message that was being
 written when a connection dropped is lost, and `Dealer.epoch` counts such drops so that a
 caller knows which requests can no longer be answered.
+
+It runs inside editors and must never take them down: every write is SIGPIPE-safe (Krita's
+Python leaves SIGPIPE at its default action, which kills Krita), and incoming messages are
+capped in parts and bytes.  A protocol failure (not ZMTP, a mechanism we lack, an ERROR
+command, a wrong socket type, a message over the caps) drops the connection and is raised
+once from `poll` as a `ZmtpError` naming the cause (kept in `Dealer.error`).
+
+One file (~480 lines) on purpose: the plug-ins copy it next to themselves
+(`plugins.SHARED_MODULES`); the framing helpers above `Dealer` are the seam to split at.
 """
 
 from __future__ import annotations
@@ -23,17 +32,27 @@ import os
 import select
 import socket
 import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Sequence
 
-__all__ = ["Dealer", "ZmtpError", "parse_address"]
+__all__ = ["MSG_NOSIGNAL", "Dealer", "ZmtpError", "parse_address"]
 
 MORE, LONG, COMMAND = 0x01, 0x02, 0x04
 _SIGNATURE = b"\xff" + b"\x00" * 8 + b"\x7f"
 _GREETING = _SIGNATURE + bytes([3, 1]) + b"NULL".ljust(20, b"\x00") + b"\x00" + b"\x00" * 31
 _PENDING_CONNECT = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, 10035}
 _CHUNK = 1 << 18
+_READS_PER_IO = 16  # 4 MiB per select(): a flood cannot hold `poll` far past its timeout
+_MAX_WIRE_FOR_PONG = 64  # chunks; a peer that PINGs and never reads cannot grow our queue
+DEFAULT_MAX_PARTS = 1024  # per incoming message, until `set_limits` says otherwise
+DEFAULT_MAX_BYTES = 256 * 2**20
+# SIGPIPE-safe writes: MSG_NOSIGNAL on each send (Linux, BSD); macOS lacks it and takes
+# SO_NOSIGPIPE on the socket instead (not in Python's socket module: <sys/socket.h> value);
+# Windows has no SIGPIPE (flag 0, no option).
+MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+SO_NOSIGPIPE = getattr(socket, "SO_NOSIGPIPE", 0x1022 if sys.platform == "darwin" else None)
 
 
 class ZmtpError(OSError):
@@ -103,7 +122,8 @@ class Dealer:
         reconnect_ivl_max: float = 2.0,
         heartbeat_ivl: float = 1.0,
         heartbeat_timeout: float = 5.0,
-        max_frame: int = 1 << 30,
+        max_parts: int = DEFAULT_MAX_PARTS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ):
         self.address = address
         self.host, self.port = parse_address(address)
@@ -116,21 +136,25 @@ class Dealer:
         self.reconnect_ivl_max = reconnect_ivl_max
         self.heartbeat_ivl = heartbeat_ivl
         self.heartbeat_timeout = heartbeat_timeout
-        self.max_frame = max_frame
+        self.max_parts = self.max_bytes = 0
+        self.set_limits(max_parts, max_bytes)
         self.epoch = 0  # +1 each time an established (READY) connection is lost
         self.state = "disconnected"  # connecting | greeting | ready | closed
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # why the last connection (attempt) ended
+        self.error: ZmtpError | None = None  # the last protocol failure, until READY again
+        self._unreported: ZmtpError | None = None  # raised by the next poll
         self._sock: socket.socket | None = None
         self._next_attempt = 0.0
         self._backoff = reconnect_ivl
         self._rbuf = bytearray()
-        self._wire: deque[memoryview] = deque()  # chunks handed to the current connection
-        self._queue: deque[list[bytes]] = deque()  # messages waiting for a READY connection
+        self._wire: deque[bytes | memoryview] = deque()  # chunks for the current connection
+        self._queue: deque[list[bytes | bytearray | memoryview]] = (
+            deque()
+        )  # messages waiting for a READY connection
         self._inbox: deque[list[bytes]] = deque()
         self._parts: list[bytes] = []
-        self._last_recv = 0.0
-        self._last_send = 0.0
-        self._last_ping = 0.0
+        self._part_bytes = 0
+        self._last_recv = self._last_send = self._last_ping = 0.0
 
     # ------------------------------------------------------------------ public API
 
@@ -138,9 +162,13 @@ class Dealer:
     def connected(self) -> bool:
         return self.state == "ready"
 
-    def fileno(self) -> int:
-        """The current OS socket (changes on reconnect; -1 when there is none)."""
-        return self._sock.fileno() if self._sock is not None else -1
+    def set_limits(self, max_parts: int | None = None, max_bytes: int | None = None) -> None:
+        """Cap incoming messages (e.g. from the server's ``hello``); None keeps a cap."""
+        for name, value in (("max_parts", max_parts), ("max_bytes", max_bytes)):
+            if value is not None:
+                if int(value) < 1:
+                    raise ValueError(f"{name} must be at least 1, got {value!r}")
+                setattr(self, name, int(value))
 
     def send_multipart(self, frames: Sequence[bytes | bytearray | memoryview]) -> None:
         """Queue one message; it is written during `poll` (or now, as far as it fits)."""
@@ -156,10 +184,12 @@ class Dealer:
             self._pump(0.0, stop_on_message=False)  # start connecting now
 
     def poll(self, timeout: float = 0.0) -> list[list[bytes]]:
-        """Do I/O for up to ``timeout`` seconds, returning early once messages arrived."""
+        """Do I/O for up to ``timeout`` s, returning early once messages arrived (see above)."""
         self._pump(timeout)
         out = list(self._inbox)
         self._inbox.clear()
+        if not out:
+            self._raise_failure()
         return out
 
     def recv_multipart(self, timeout: float | None = None) -> list[bytes]:
@@ -170,18 +200,25 @@ class Dealer:
             if left <= 0:
                 raise TimeoutError(f"no message from {self.address} within {timeout} s")
             self._pump(min(left, 1.0))
+            if not self._inbox:
+                self._raise_failure()
         return self._inbox.popleft()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until everything queued is written; False if that took longer than allowed."""
         deadline = time.monotonic() + timeout
-        while (self._queue or self._wire) and time.monotonic() < deadline:
+        while (self._queue or self._wire) and time.monotonic() < deadline and not self._unreported:
             self._pump(min(0.05, max(0.0, deadline - time.monotonic())), stop_on_message=False)
         return not (self._queue or self._wire)
 
     def close(self) -> None:
         self._drop(reason="closed", lost=False)
         self.state = "closed"
+
+    def _raise_failure(self) -> None:
+        err, self._unreported = self._unreported, None
+        if err is not None:
+            raise err
 
     def __enter__(self) -> Dealer:
         return self
@@ -201,6 +238,8 @@ class Dealer:
         sock = socket.socket(family, kind, proto)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if SO_NOSIGPIPE is not None:
+            sock.setsockopt(socket.SOL_SOCKET, SO_NOSIGPIPE, 1)
         err = sock.connect_ex(addr)
         if err not in (0, *_PENDING_CONNECT):
             sock.close()
@@ -210,7 +249,7 @@ class Dealer:
         self.state = "connecting"
         self._rbuf.clear()
         self._wire.clear()
-        self._parts = []
+        self._parts, self._part_bytes = [], 0
         self._last_recv = self._last_send = self._last_ping = time.monotonic()
 
     def _fail(self, reason: str) -> None:
@@ -228,7 +267,7 @@ class Dealer:
         self._sock = None
         self._rbuf.clear()
         self._wire.clear()
-        self._parts = []
+        self._parts, self._part_bytes = [], 0
         if self.state != "closed":
             self.state = "disconnected"
         if was_ready and lost:
@@ -259,7 +298,7 @@ class Dealer:
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             now = time.monotonic()
-            if self.state == "closed":
+            if self.state == "closed" or self._unreported is not None:
                 return
             if self._sock is None and now >= self._next_attempt:
                 self._connect()
@@ -281,6 +320,8 @@ class Dealer:
 
     def _io(self, wait: float) -> None:
         sock = self._sock
+        if sock is None:
+            return
         want_write = self.state == "connecting" or bool(self._wire)
         try:
             r, w, x = select.select([sock], [sock] if want_write else [], [sock], wait)
@@ -301,6 +342,7 @@ class Dealer:
                 self._read()
         except ZmtpError as e:
             self._drop(str(e))
+            self.error = self._unreported = e
         except OSError as e:
             self._drop(f"connection to {self.address} lost: {e}")
 
@@ -309,7 +351,7 @@ class Dealer:
         while self._wire and sock is not None:
             chunk = self._wire[0]
             try:
-                n = sock.send(chunk)
+                n = sock.send(chunk, MSG_NOSIGNAL)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -322,11 +364,13 @@ class Dealer:
             self._wire.popleft()
 
     def _read(self) -> None:
-        while self._sock is not None:
+        for _ in range(_READS_PER_IO):
+            if self._sock is None:
+                return
             try:
                 data = self._sock.recv(_CHUNK)
             except (BlockingIOError, InterruptedError):
-                break
+                return
             if not data:
                 self._drop(f"the server at {self.address} closed the connection")
                 return
@@ -334,7 +378,7 @@ class Dealer:
             self._last_recv = time.monotonic()
             self._parse()
             if len(data) < _CHUNK:
-                break
+                return
 
     def _parse(self) -> None:
         buf = self._rbuf
@@ -367,8 +411,7 @@ class Dealer:
                 start = 9
             else:
                 size, start = buf[1], 2
-            if size > self.max_frame:
-                raise ZmtpError(f"frame of {size} bytes exceeds max_frame={self.max_frame}")
+            self._check_caps(flags, size)
             if len(buf) < start + size:
                 return
             body = bytes(buf[start : start + size])
@@ -379,9 +422,21 @@ class Dealer:
                 raise ZmtpError("message frame before the READY handshake finished")
             else:
                 self._parts.append(body)
+                self._part_bytes += size
                 if not flags & MORE:
                     self._inbox.append(self._parts)
-                    self._parts = []
+                    self._parts, self._part_bytes = [], 0
+
+    def _check_caps(self, flags: int, size: int) -> None:
+        """Refuse a frame before its body is buffered if it would break the caps."""
+        total = size if flags & COMMAND else self._part_bytes + size
+        if total > self.max_bytes:
+            over = f"a message over {self.max_bytes} bytes"
+        elif not flags & COMMAND and len(self._parts) >= self.max_parts:
+            over = f"a message of more than {self.max_parts} parts"
+        else:
+            return
+        raise ZmtpError(f"the server at {self.address} sent {over}; connection dropped")
 
     def _command(self, body: bytes) -> None:
         if not body:
@@ -395,13 +450,13 @@ class Dealer:
                 raise ZmtpError(f"a DEALER cannot talk to a {kind.decode(errors='replace')} socket")
             self.state = "ready"
             self._backoff = self.reconnect_ivl
-            self.last_error = None
+            self.last_error = self.error = None
             self._move_queue()
             self._flush()
         elif name == b"ERROR":
             reason = data[1 : 1 + data[0]].decode(errors="replace") if data else ""
             raise ZmtpError(f"the server refused the handshake: {reason}")
-        elif name == b"PING":
+        elif name == b"PING" and len(self._wire) < _MAX_WIRE_FOR_PONG:
             context = data[2:18]
             self._wire.extend(frame_bytes(command_body(b"PONG", context), COMMAND))
             self._flush()

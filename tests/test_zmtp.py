@@ -8,7 +8,10 @@ import time
 
 import pytest
 import zmq
-from sdkit.bridge.zmtp import Dealer, ZmtpError, parse_address
+from sdkit.bridge import protocol as P
+from sdkit.bridge import tracker
+from sdkit.bridge.client import BridgeError, BridgeTimeout, Client
+from sdkit.bridge.zmtp import MSG_NOSIGNAL, Dealer, ZmtpError, parse_address
 
 
 @pytest.fixture
@@ -184,10 +187,9 @@ def test_refuses_curve_servers_with_a_clear_reason(ctx):
     port = router.bind_to_random_port("tcp://127.0.0.1")
     with Dealer(f"tcp://127.0.0.1:{port}", reconnect_ivl=0.05) as d:
         d.send_multipart([b"x"])
-        end = time.monotonic() + 5
-        while "CURVE" not in (d.last_error or "") and time.monotonic() < end:
-            d.poll(0.05)
-        assert "CURVE" in d.last_error and "pyzmq" in d.last_error
+        with pytest.raises(ZmtpError, match="CURVE.*pyzmq") as info:
+            _poll_until_it_raises(d)
+        assert d.error is info.value and "CURVE" in d.last_error
         assert not d.connected
 
 
@@ -212,3 +214,176 @@ def test_recv_timeout_when_nobody_listens():
         with pytest.raises(TimeoutError):
             d.recv_multipart(timeout=0.3)
         assert not d.connected and "failed" in (d.last_error or "")
+
+
+# ---------------------------------------------------------------------------- hostile servers
+# Plain TCP listeners in threads, each playing one scripted server to the first client.
+
+
+def _greeting(mechanism: bytes = b"NULL") -> bytes:
+    return b"\xff" + b"\x00" * 8 + b"\x7f" + bytes([3, 1]) + mechanism.ljust(20, b"\0") + b"\0" * 32
+
+
+def _command(name: bytes, data: bytes = b"") -> bytes:
+    body = bytes([len(name)]) + name + data
+    return bytes([0x04, len(body)]) + body
+
+
+def _ready(socket_type: bytes) -> bytes:
+    prop = b"\x0bSocket-Type" + len(socket_type).to_bytes(4, "big") + socket_type
+    return _command(b"READY", prop)
+
+
+class FakeServer:
+    """Accepts one client and runs ``script(conn, server)``; ``hung_up`` once it is over."""
+
+    def __init__(self, script):
+        self.script = script
+        self.sent = 0
+        self.hung_up = threading.Event()
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen()
+        self.address = f"tcp://127.0.0.1:{self.lsock.getsockname()[1]}"
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        conn, _ = self.lsock.accept()
+        try:
+            self.script(conn, self)
+            while conn.recv(1 << 16):  # until the client hangs up
+                pass
+        except OSError:  # reset by the client: what an endless message ends with
+            pass
+        finally:
+            conn.close()
+            self.hung_up.set()
+
+    def send(self, conn: socket.socket, data: bytes) -> None:
+        conn.sendall(data, MSG_NOSIGNAL)
+        self.sent += len(data)
+
+    def close(self) -> None:
+        self.lsock.close()
+
+
+def _not_zmtp(conn, srv):
+    srv.send(conn, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+
+def _curve(conn, srv):
+    srv.send(conn, _greeting(b"CURVE"))
+
+
+def _error_command(conn, srv):
+    srv.send(conn, _greeting() + _command(b"ERROR", bytes([13]) + b"Access denied"))
+
+
+def _pub(conn, srv):
+    srv.send(conn, _greeting() + _ready(b"PUB"))
+
+
+def _endless(frame: bytes):
+    """A server whose message never ends: ``frame`` after ``frame``, each with MORE set."""
+    if len(frame) > 255:
+        head = bytes([0x01 | 0x02]) + len(frame).to_bytes(8, "big")
+    else:
+        head = bytes([0x01, len(frame)])
+    burst = (head + frame) * max(1, 65536 // (len(head) + len(frame)))
+
+    def script(conn, srv):
+        srv.send(conn, _greeting() + _ready(b"ROUTER"))
+        while True:
+            srv.send(conn, burst)
+
+    return script
+
+
+def _poll_until_it_raises(d: Dealer, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        d.poll(0.05)
+    raise AssertionError(f"no ZmtpError within {timeout} s (last_error: {d.last_error})")
+
+
+FAILURES = {
+    "bad signature": (_not_zmtp, "bad signature"),
+    "mechanism mismatch": (_curve, "CURVE security mechanism.*NULL only"),
+    "ERROR command": (_error_command, "refused the handshake: Access denied"),
+    "PUB peer": (_pub, "cannot talk to a PUB socket"),
+    "endless message": (_endless(b"x"), "more than 1024 parts"),
+}
+
+
+@pytest.mark.parametrize("case", FAILURES)
+def test_protocol_failures_reach_the_caller_with_their_cause(case):
+    script, reason = FAILURES[case]
+    srv = FakeServer(script)
+    try:
+        with Dealer(srv.address, reconnect_ivl=0.05) as d:
+            d.send_multipart([b"hello?"])
+            with pytest.raises(ZmtpError, match=reason) as info:
+                _poll_until_it_raises(d)
+            assert d.error is info.value and not d.connected
+            assert srv.hung_up.wait(10)  # we dropped the connection ourselves
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("case", FAILURES)
+def test_the_client_raises_the_cause_not_a_timeout(case):
+    script, reason = FAILURES[case]
+    srv = FakeServer(script)
+    try:
+        with Client(srv.address, transport="zmtp") as c:
+            with pytest.raises(BridgeError, match=reason) as info:
+                c.hello(timeout=20)
+        assert not isinstance(info.value, BridgeTimeout)
+        assert info.value.code == "connection_lost"
+        assert isinstance(info.value.__cause__, ZmtpError)
+    finally:
+        srv.close()
+
+
+def test_an_endless_message_of_big_frames_stops_at_the_byte_cap():
+    srv = FakeServer(_endless(b"b" * (1 << 20)))
+    try:
+        with Dealer(srv.address, max_bytes=8 << 20) as d:
+            with pytest.raises(ZmtpError, match=f"over {8 << 20} bytes"):
+                _poll_until_it_raises(d)
+            assert srv.hung_up.wait(10)
+            assert srv.sent < 64 << 20  # what the socket buffers took, not an endless rest
+    finally:
+        srv.close()
+
+
+def test_set_limits_validates_and_applies():
+    d = Dealer("tcp://127.0.0.1:1")
+    assert (d.max_parts, d.max_bytes) == (1024, 256 << 20)  # safe defaults before hello
+    d.set_limits(max_parts=3)
+    assert (d.max_parts, d.max_bytes) == (3, 256 << 20)
+    for bad in ({"max_parts": 0}, {"max_bytes": -1}):
+        with pytest.raises(ValueError):
+            d.set_limits(**bad)
+    d.close()
+
+
+def test_hello_limits_cap_what_the_server_may_send(ctx):
+    # The session applies hello's limits: at most max_pixels rgba8 pixels and a header.
+    router, port = _router(ctx)
+    d = Dealer(f"tcp://127.0.0.1:{port}", identity=b"capped")
+    session = tracker.Session(d)
+    try:
+        rid = session.hello()
+        ident = _recv_while_pumping(router, d)[0]
+        limits = {**P.Limits().to_dict(), "max_pixels": 1024}
+        router.send_multipart([ident, *P.event_frames("hello", rid, versions=[1], limits=limits)])
+        end = time.monotonic() + 10
+        while session.limits is None and time.monotonic() < end:
+            session.poll(0.05)
+        assert d.max_bytes == 4 * 1024 + (16 << 20)
+        router.send_multipart([ident, b"{}", bytes(17 << 20)])
+        with pytest.raises(ZmtpError, match=f"over {d.max_bytes} bytes"):
+            _poll_until_it_raises(d)
+    finally:
+        d.close()
