@@ -248,7 +248,10 @@ class FakeServer:
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
-        conn, _ = self.lsock.accept()
+        try:
+            conn, _ = self.lsock.accept()
+        except OSError:  # closed before any client came
+            return
         try:
             self.script(conn, self)
             while conn.recv(1 << 16):  # until the client hangs up
