@@ -151,6 +151,12 @@ def server_gone(doc):
         lambda: since < getattr(transport, "_last_ping", 0) < getattr(transport, "_last_recv", 0),
         15,
     )
+    # Kill between heartbeats, once the server has read all we sent (its socket then closes
+    # with a FIN, not a RST, and it is the second write after that which raises SIGPIPE).
+    last = getattr(transport, "_last_recv", 0)
+    spin(lambda: getattr(transport, "_last_recv", 0) > last, 5)
+    settled = time.monotonic() + 0.2
+    spin(lambda: time.monotonic() > settled, 1)
     kill_and_wait(int(pid))
     # Img2img sends the request and its picture as several frames: several writes in a row.
     seen = run_controller(c, "img2img", ea.Params(prompt="x", num_inference_steps=4), doc)
