@@ -290,7 +290,8 @@ def encode(
         negative = encode_prompt(pipe, negative_prompt, steps, clip_skip)
         tokens = max(positive.embeds.shape[1], negative.embeds.shape[1])
         if positive.embeds.shape[1] != negative.embeds.shape[1]:  # A1111's pad_cond_uncond
-            filler = encode_prompt(pipe, "", steps, clip_skip).embeds[:1]
+            empty = negative if not negative_prompt else encode_prompt(pipe, "", steps, clip_skip)
+            filler = empty.embeds[:1]
             positive = positive.padded(tokens, filler)
             negative = negative.padded(tokens, filler)
     return PromptEmbeds(positive, negative, sdxl)
