@@ -49,6 +49,9 @@ def _limits(args: argparse.Namespace):
         max_message_bytes=args.max_message_bytes or base.max_message_bytes,
         max_pixels=args.max_pixels or base.max_pixels,
         max_queued_per_client=args.max_queued or base.max_queued_per_client,
+        max_queued=args.max_queued_total or base.max_queued,
+        max_images=args.max_images or base.max_images,
+        max_steps=args.max_steps or base.max_steps,
     )
 
 
@@ -105,7 +108,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         _wait_for_signal()
     finally:
+        # In order: the socket and its context (clients get ``shutdown``), then the engine's
+        # threads, so that nothing runs native code while the interpreter exits.
         server.stop()
+        engine.close()
     return 0
 
 
@@ -130,6 +136,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         _wait_for_signal()
     finally:
         server.stop()
+        engine.close()
     return 0
 
 
@@ -166,7 +173,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--back", default="tcp://127.0.0.1:*", help="the proxy's worker address")
     p.add_argument("--keys", default=None, help="CurveZMQ key folder (needed off loopback)")
     p.add_argument("--max-queued", type=int, default=None, help="unfinished requests per client")
-    p.add_argument("--max-pixels", type=int, default=None, help="pixels per picture")
+    p.add_argument("--max-queued-total", type=int, default=None, help="unfinished requests")
+    p.add_argument("--max-pixels", type=int, default=None, help="pixels per picture and job")
+    p.add_argument("--max-images", type=int, default=None, help="num_images per request")
+    p.add_argument("--max-steps", type=int, default=None, help="steps per request")
     p.add_argument("--max-message-bytes", type=int, default=None, help="bytes per message")
     p.set_defaults(func=cmd_serve)
 

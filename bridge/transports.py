@@ -95,7 +95,7 @@ class ZmqTransport:
         self._monitor = sock.get_monitor_socket(events)
         sock.connect(address)
         self.sock = sock
-        self.epoch = 0
+        self._epoch = 0
         self.connected = False
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -121,7 +121,14 @@ class ZmqTransport:
                 self.connected = True
             elif ev["event"] == self._zmq.EVENT_DISCONNECTED and self.connected:
                 self.connected = False
-                self.epoch += 1
+                self._epoch += 1
+
+    @property
+    def epoch(self) -> int:
+        """Connections lost so far; reads the monitor first, so a drop noticed while nobody
+        polled (e.g. after a server's ``shutdown`` reply) never marks a later request lost."""
+        self._monitor_events()
+        return self._epoch
 
     def poll(self, timeout: float = 0.0) -> list[list[bytes]]:
         zmq = self._zmq
@@ -149,3 +156,16 @@ class ZmqTransport:
 
 class ZmtpTransport(zmtp.Dealer):
     name = "zmtp"
+
+    @property  # type: ignore[override]
+    def epoch(self) -> int:
+        """Connections lost so far; does the pending I/O first, so a drop that happened while
+        nobody polled (e.g. after a server's ``shutdown`` reply) never marks a later request
+        lost (the `Session` stamps each request with the epoch it was sent in)."""
+        if self.state == "ready":
+            self._pump(0.0, stop_on_message=False)
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch = value

@@ -163,3 +163,22 @@ def test_a_global_queue_cap_answers_queue_full(bridge_engine):
             assert b.txt2img(PROMPT, **FAST)[0].size == (64, 64)  # room again
     finally:
         handle.stop()
+
+
+def test_protocol_md_mode_table_matches_the_registry():
+    """PROTOCOL.md's mode table cannot drift from sdkit.modes.registered()."""
+    from pathlib import Path
+
+    import sdkit.bridge
+
+    from sdkit import modes
+
+    text = Path(sdkit.bridge.__file__).with_name("PROTOCOL.md").read_text()
+    table = text.split("<!-- modes table:", 1)[1].split("\n\n", 1)[0].splitlines()[3:]
+
+    def cell(names) -> str:
+        return ", ".join(f"`{n}`" for n in names) or "none"
+
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    builtin = [s for s in modes.registered() if s.name in set(modes.Mode)]
+    assert rows == [[f"`{s.name}`", s.title, cell(s.required), cell(s.inputs)] for s in builtin]

@@ -481,3 +481,168 @@ def test_keys_command_creates_an_authorized_pair(tmp_path, capsys):
     assert "--keys" in capsys.readouterr().out
     with pytest.raises(SecurityError, match="missing key file"):
         load_server_keys(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------- issue 13
+
+
+def _raw(address: str):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.linger = 0
+    s.rcvtimeo = 60_000
+    s.connect(address)
+    return s
+
+
+def _ask(s, header: dict, *binary: bytes) -> protocol.Event:
+    s.send_multipart([json.dumps(header).encode(), *binary])
+    return protocol.decode_event(s.recv_multipart())
+
+
+def test_any_exception_on_one_message_is_an_error_reply_and_the_loop_goes_on(
+    server, bridge_engine, monkeypatch
+):
+    """Finding 1: a frame name that is a list killed the loop; now every failure is answered."""
+    s = _raw(server.address)
+    try:
+        bomb = {
+            "v": 1,
+            "op": "generate",
+            "id": "n1",
+            "request": {"mode": "img2img", "prompt": "x"},
+            "frames": [{"name": [0, True], "format": "l8", "width": 8, "height": 8}],
+        }
+        ev = _ask(s, bomb, b"\0" * 64)
+        assert (ev.id, ev.code, ev.field) == ("n1", "bad_field", "frames[0].name")
+        real = protocol.decode_request
+
+        def broken(frames, limits=None):  # a decoder bug: not a ProtocolError
+            if b"boom" in bytes(frames[0]):
+                raise TypeError("unhashable type: 'list'")
+            return real(frames, limits)
+
+        monkeypatch.setattr(protocol, "decode_request", broken)
+        ev = _ask(s, {"v": 1, "op": "ping", "id": "boom"})
+        assert (ev.id, ev.code) == ("boom", "internal")
+        monkeypatch.setattr(type(bridge_engine), "info", lambda self: 1 / 0)
+        ev = _ask(s, {"v": 1, "op": "hello", "id": "h1"})  # a handler bug
+        assert (ev.id, ev.code) == ("h1", "internal")
+        monkeypatch.undo()
+        assert _ask(s, {"v": 1, "op": "ping", "id": "p1"}).event == "pong"
+        assert server.running
+    finally:
+        s.close()
+
+
+_HOSTILE_VALUES = [
+    ("grow", 3000),
+    ("grow", 10**30),
+    ("mask_blur", 10**9),
+    ("padding", 2**70),
+    ("seed", 2**70),
+    ("num_inference_steps", 10**30),
+    ("guidance_scale", 1e308),
+    ("strength", -0.5),
+    ("width", 2**64),
+    ("num_images", 2**40),
+]
+
+
+def test_hostile_values_are_bad_field_replies_never_failed_or_internal(server):
+    """Finding 2: huge or out-of-range values never reach the engine."""
+    s = _raw(server.address)
+    try:
+        for i, (name, value) in enumerate(_HOSTILE_VALUES):
+            request = {"mode": "inpaint", "prompt": "x", "num_inference_steps": 1, name: value}
+            header = {
+                "v": 1,
+                "op": "generate",
+                "id": f"h{i}",
+                "request": request,
+                "frames": [
+                    {"name": "image", "format": "rgba8", "width": 64, "height": 64},
+                    {"name": "mask", "format": "l8", "width": 64, "height": 64},
+                ],
+            }
+            ev = _ask(s, header, b"\x80" * 64 * 64 * 4, b"\xff" * 64 * 64)
+            assert ev.event == "error", (name, value, ev.header)
+            assert ev.code in ("bad_field", "too_large"), (name, value, ev.header)
+            assert ev.field == f"request.{name}", (name, value, ev.header)
+    finally:
+        s.close()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height: signature and IHDR, no pixels (a bomb's head)."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return (
+        protocol.PNG_SIGNATURE
+        + struct.pack(">I", len(ihdr))
+        + chunk
+        + struct.pack(">I", zlib.crc32(chunk))
+    )
+
+
+def test_limits_apply_to_the_request_as_it_will_run(server, bridge_engine):
+    """Finding 3: no width/height given; the size comes from the image, then the limits hold."""
+    import io
+
+    from PIL import Image
+
+    s = _raw(server.address)
+    small = serve(
+        bridge_engine,
+        "tcp://127.0.0.1:0",
+        limits=protocol.Limits(max_pixels=256 * 256, max_steps=10, max_images=2),
+    )
+    t = _raw(small.address)
+    try:
+        buf = io.BytesIO()
+        Image.new("RGB", (2048, 2048)).save(buf, format="PNG")  # a few KB, 4 Mpx
+        png = buf.getvalue()
+        header = {
+            "v": 1,
+            "op": "generate",
+            "id": "big",
+            "request": {"mode": "img2img", "prompt": "x", "num_images": 16},
+            "frames": [{"name": "image", "format": "png", "width": 2048, "height": 2048}],
+        }
+        ev = _ask(s, header, png)  # core's own limit (16 Mpx per job) refuses it
+        assert (ev.id, ev.field) == ("big", "request.num_images"), ev.header
+        assert ev.code in ("bad_field", "too_large")
+        buf = io.BytesIO()
+        Image.new("RGB", (256, 256)).save(buf, format="PNG")
+        header["frames"] = [{"name": "image", "format": "png", "width": 256, "height": 256}]
+        header["request"] = {"mode": "img2img", "prompt": "x", "num_inference_steps": 5}
+        header["request"]["num_images"] = 2
+        ev = _ask(t, header, buf.getvalue())  # a server with lower limits: its own rule
+        assert (ev.code, ev.field) == ("too_large", "request.num_images"), ev.header
+        assert "2 x 256x256" in ev.message
+        header["request"] = {"prompt": "x", "num_inference_steps": 11, "width": 64, "height": 64}
+        del header["frames"]
+        ev = _ask(t, header)
+        assert (ev.code, ev.field) == ("too_large", "request.num_inference_steps")
+        header["request"] = {"prompt": "x", "num_images": 3, "width": 64, "height": 64}
+        assert _ask(t, header).field == "request.num_images"
+        bomb = {**header, "id": "bomb", "request": {"mode": "img2img", "prompt": "x"}}
+        bomb["frames"] = [{"name": "image", "format": "png", "width": 64, "height": 64}]
+        ev = _ask(s, bomb, _png_header_only(100_000, 100_000))  # refused from its header
+        assert (ev.id, ev.code) == ("bomb", "too_large"), ev.header
+    finally:
+        s.close()
+        t.close()
+        small.stop()
+
+
+def test_an_oversized_header_gets_too_large_with_its_id(server):
+    """Finding 7: the id was null, so the sender could not match the error and hung."""
+    s = _raw(server.address)
+    try:
+        ev = _ask(s, {"v": 1, "op": "generate", "id": "g70", "request": {"prompt": "x" * 70_000}})
+        assert (ev.id, ev.code) == ("g70", "too_large")
+    finally:
+        s.close()
