@@ -126,23 +126,41 @@ class RunContext:
         }
 
 
+# The units of work a cancel waits for at most: one resnet, one attention or feed-forward
+# call, one up/down-sampler. (At huge sizes one self-attention over the whole latent is
+# itself long on a CPU; nothing finer is possible without changing the computation.)
+_CANCEL_UNITS = frozenset(
+    {"ResnetBlock2D", "Attention", "FeedForward", "Downsample2D", "Upsample2D"}
+)
+
+
+def _cancel_units(root: Any) -> list[Any]:
+    """The `_CANCEL_UNITS` modules under `root`, leaving compiled regions alone (a hook
+    inside a compiled module would break its graph)."""
+    if root is None or "forward" in vars(root):  # compiled as one graph
+        return []
+    units, stack = [], [root]
+    while stack:
+        for child in stack.pop().children():
+            if getattr(child, "_compiled_call_impl", None) is not None or "forward" in vars(child):
+                continue
+            if type(child).__name__ in _CANCEL_UNITS:
+                units.append(child)
+            stack.append(child)
+    return units
+
+
 @contextlib.contextmanager
 def cancel_points(ctx: RunContext, *modules: Any) -> Iterator[None]:
-    """Check cancel before every block of `modules` (UNet and VAE-decoder blocks), so a
-    cancelled job stops within one block even when one step or the decode takes minutes.
-    Hooks only raise, so outputs are unchanged; a UNet compiled whole is left alone."""
+    """Check cancel before every unit of work in `modules` (the UNet and the VAE decoder):
+    each resnet, attention, feed-forward and sampler, so a cancelled job stops within one
+    such call even when one step or the decode takes minutes. The hooks only raise, so
+    outputs are unchanged; compiled regions are left alone (there: between steps)."""
 
     def check(module: Any, args: Any) -> None:
         ctx.check_cancel()
 
-    handles = []
-    for module in modules:
-        if module is None or "forward" in vars(module):  # compiled as one graph
-            continue
-        blocks = [*getattr(module, "down_blocks", ()), *getattr(module, "up_blocks", ())]
-        if getattr(module, "mid_block", None) is not None:
-            blocks.append(module.mid_block)
-        handles += [b.register_forward_pre_hook(check) for b in blocks]
+    handles = [u.register_forward_pre_hook(check) for m in modules for u in _cancel_units(m)]
     try:
         yield
     finally:

@@ -387,17 +387,18 @@ def test_events_reach_listeners_only_after_submit_returned(sd_engine):
 
 
 def _cancel_inside(engine, module, size: int, watched) -> tuple[list, object]:
-    """Cancel the job from a hook when `module` starts; count calls of `watched` after."""
+    """Cancel the job from a hook when `module` starts; list `watched`'s calls that still
+    completed after the cancel (a forward hook runs only when the module finished)."""
     after, job_box = [], []
 
     def cancel(mod, args):
         job_box[0].cancel()
 
-    def count(mod, args):
+    def completed(mod, args, output):
         if job_box[0].cancel_requested:
             after.append(mod)
 
-    hooks = [module.register_forward_pre_hook(cancel), watched.register_forward_pre_hook(count)]
+    hooks = [module.register_forward_pre_hook(cancel), watched.register_forward_hook(completed)]
     gate = threading.Event()
     try:
         # the job must exist before the hook can fire: hold the worker until it does
@@ -421,15 +422,17 @@ def _cancel_inside(engine, module, size: int, watched) -> tuple[list, object]:
     return after, job_box[0]
 
 
-def test_cancel_inside_a_unet_step_stops_within_one_block(sd_engine):
-    unet = sd_engine.pipeline("txt2img").unet
-    after, job = _cancel_inside(sd_engine, unet.down_blocks[0], 256, unet.up_blocks[-1])
-    assert job.state == "cancelled" and after == []  # the step never reached its last block
+def test_cancel_inside_a_unet_step_stops_within_one_unit(sd_engine):
+    """Issue 13.11: not even the block in progress finishes (cancel waits for one resnet or
+    attention call at most, not a step or a block)."""
+    block = sd_engine.pipeline("txt2img").unet.down_blocks[1]  # CrossAttnDownBlock2D
+    after, job = _cancel_inside(sd_engine, block.resnets[0], 256, block.attentions[0])
+    assert job.state == "cancelled" and after == []
     assert job.progress is None  # not even one step finished
 
 
-def test_cancel_inside_the_vae_decode_stops_within_one_block(sd_engine):
-    decoder = sd_engine.pipeline("txt2img").vae.decoder
-    after, job = _cancel_inside(sd_engine, decoder.mid_block, 256, decoder.up_blocks[-1])
+def test_cancel_inside_the_vae_decode_stops_within_one_unit(sd_engine):
+    mid = sd_engine.pipeline("txt2img").vae.decoder.mid_block
+    after, job = _cancel_inside(sd_engine, mid.resnets[0], 256, mid.attentions[0])
     assert job.state == "cancelled" and after == []
     assert job.progress is not None and job.progress.step == 2  # denoising had finished
