@@ -375,7 +375,7 @@ class Engine:
 
     def _execute(self, job: Job) -> Result:
         """Run `job` through its mode's runner; cancel is checked before the run, at every
-        step and UNet/VAE-decoder block (`cancel_points`), after the decode and between
+        step and unit of UNet/VAE-decoder work (`cancel_points`), after the decode, between
         batch items."""
         req = job.request
         if job.cancel_requested:

@@ -102,8 +102,9 @@ class Job:
 
     def cancel(self) -> None:
         """A queued job never runs; a running one stops at its next check: the end of a
-        denoising step, a UNet or VAE-decoder block, before and after the VAE decode, and
-        between batch items (so within one block's compute, whatever the size)."""
+        denoising step, before every resnet, attention, feed-forward or sampler call of the
+        UNet and the VAE decoder, after the decode, and between batch items. So the bound
+        is one such call, whatever the image size (in a compiled region: one step)."""
         with self._lock:
             if self.state in TERMINAL_STATES:
                 return
