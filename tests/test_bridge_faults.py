@@ -646,3 +646,40 @@ def test_an_oversized_header_gets_too_large_with_its_id(server):
         assert (ev.id, ev.code) == ("g70", "too_large")
     finally:
         s.close()
+
+
+def test_every_request_field_in_every_wrong_shape_is_answered_never_internal(server):
+    """Finding 1/2 at the server: any shape in any Request field is a clear reply."""
+    import dataclasses
+
+    from sdkit.request import Request
+
+    shapes = ([0, True], {"a": [1]}, 2**70, -(2**70), 1e308, -1.5, "x" * 300, "", None, True)
+    s = _raw(server.address)
+    accepted = []
+    try:
+        n = 0
+        for f in dataclasses.fields(Request):
+            if f.name in ("image", "mask"):
+                continue
+            for shape in shapes:
+                n += 1
+                request = {"prompt": "x", "num_inference_steps": 1, "width": 64, "height": 64}
+                request[f.name] = shape
+                ev = _ask(s, {"v": 1, "op": "generate", "id": f"w{n}", "request": request})
+                while ev.id in accepted:  # events of a job accepted earlier
+                    ev = protocol.decode_event(s.recv_multipart())
+                assert ev.id == f"w{n}", ev.header
+                if ev.event == "accepted":  # a shape that happens to be valid (e.g. seed 0)
+                    accepted.append(ev.id)
+                    continue
+                assert ev.event == "error" and ev.code not in ("internal", "failed"), (
+                    f.name,
+                    shape,
+                    ev.header,
+                )
+        assert len(accepted) < n // 2, accepted
+        s.send_multipart([b'{"v":1,"op":"bye","id":"bye"}'])  # cancels what still runs
+        assert server.running
+    finally:
+        s.close()
