@@ -49,18 +49,19 @@ def live_server() -> Iterator[str]:
 SERVE = """
 import sys, sdkit
 from sdkit.bridge import serve
-handle = serve(sdkit.load(), bind="tcp://127.0.0.1:0")
-print(handle.address, flush=True)
+engine = sdkit.load()
+handles = [serve(engine, bind="tcp://127.0.0.1:0") for _ in range(int(sys.argv[1]))]
+print(",".join(h.address for h in handles), flush=True)
 sys.stdin.read()  # until the test closes it (or kills this process)
-handle.stop()
 """
 
 
 @contextlib.contextmanager
-def doomed_server() -> Iterator[tuple[str, int]]:
-    """A real bridge server in a process of its own, for an editor to kill; (address, pid)."""
+def doomed_server(count: int = 1) -> Iterator[tuple[str, int]]:
+    """Real bridge servers (``count`` addresses, one engine) in a process of their own, for
+    an editor to kill: ("address,address,...", pid)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE],
+        [sys.executable, "-c", SERVE, str(count)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
