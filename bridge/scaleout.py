@@ -77,7 +77,10 @@ class Broker:
             self._auth = security.start_authenticator(ctx, self.keys)
         front = ctx.socket(zmq.ROUTER)
         front.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        front.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # issue 13.6/13.9 (guard): no takeover of a connected client's routing id,
+        # handshake timeout, fd limit (identities are not forwarded to the workers)
+        front.setsockopt(zmq.ROUTER_HANDOVER, 0)
+        security.raise_fd_limit()
         back = ctx.socket(zmq.DEALER)
         for s in (front, back):
             s.linger = 0
@@ -85,6 +88,7 @@ class Broker:
             s.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
             s.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_ivl * 1000))
             s.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.heartbeat_timeout * 1000))
+            s.setsockopt(zmq.HANDSHAKE_IVL, 5000)
             if self.keys is not None:
                 security.apply_server(s, self.keys)
         self._monitor = back.get_monitor_socket(
