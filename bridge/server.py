@@ -29,6 +29,7 @@ from sdkit.bridge import security
 from sdkit.bridge.clients import Clients
 from sdkit.bridge.engines import Engines
 from sdkit.bridge.generate import Jobs
+from sdkit.bridge.inbound import decode_request
 from sdkit.bridge.logs import client_label, log, log_event
 from sdkit.bridge.ops import Ops
 
@@ -298,7 +299,7 @@ class Server(Ops):
             return  # a ROUTER always prefixes the routing id; nothing to answer
         client, body = bytes(frames[0]), frames[1:]
         try:
-            msg = P.decode_request(body, self.limits)
+            msg = decode_request(body, self.limits)
         except P.ProtocolError as e:
             log_event(
                 logging.INFO,

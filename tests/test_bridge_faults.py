@@ -514,14 +514,16 @@ def test_any_exception_on_one_message_is_an_error_reply_and_the_loop_goes_on(
         }
         ev = _ask(s, bomb, b"\0" * 64)
         assert (ev.id, ev.code, ev.field) == ("n1", "bad_field", "frames[0].name")
-        real = protocol.decode_request
+        from sdkit.bridge import server as server_module
+
+        real = server_module.decode_request
 
         def broken(frames, limits=None):  # a decoder bug: not a ProtocolError
             if b"boom" in bytes(frames[0]):
                 raise TypeError("unhashable type: 'list'")
             return real(frames, limits)
 
-        monkeypatch.setattr(protocol, "decode_request", broken)
+        monkeypatch.setattr(server_module, "decode_request", broken)
         ev = _ask(s, {"v": 1, "op": "ping", "id": "boom"})
         assert (ev.id, ev.code) == ("boom", "internal")
         monkeypatch.setattr(type(bridge_engine), "info", lambda self: 1 / 0)
