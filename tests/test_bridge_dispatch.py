@@ -182,3 +182,39 @@ def test_protocol_md_mode_table_matches_the_registry():
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table]
     builtin = [s for s in modes.registered() if s.name in set(modes.Mode)]
     assert rows == [[f"`{s.name}`", s.title, cell(s.required), cell(s.inputs)] for s in builtin]
+
+
+def test_a_failed_load_is_reported_and_tried_again_and_a_loading_job_can_be_cancelled(
+    bridge_engine,
+):
+    calls, entered, release = [], threading.Event(), threading.Event()
+
+    def loader(spec):
+        calls.append(spec)
+        if len(calls) == 1:
+            raise OSError("no such model")
+        entered.set()
+        release.wait(120)
+        return bridge_engine
+
+    handle = serve(bridge_engine, "tcp://127.0.0.1:0", models={"other": "/x"}, loader=loader)
+    try:
+        with Client(handle.address, timeout=300) as c:
+            with pytest.raises(BridgeError) as e:
+                c.txt2img(PROMPT, model="other", **FAST)
+            assert e.value.code == "failed" and "could not be loaded" in e.value.message
+            waiting = c.submit(prompt=PROMPT, model="other", **FAST)
+            deadline = time.monotonic() + 120
+            while not entered.is_set() and time.monotonic() < deadline:
+                c.pump(0.05)
+            assert c.status()["jobs"] == {waiting.id: "loading"}
+            waiting.cancel()
+            with pytest.raises(BridgeError) as e:
+                waiting.result(60)
+            assert e.value.code == "cancelled"
+            release.set()
+            assert c.txt2img(PROMPT, model="other", **FAST)[0].size == (64, 64)
+        assert calls == ["/x", "/x"]  # loaded once after the failure, then kept
+    finally:
+        release.set()
+        handle.stop()
