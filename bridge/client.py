@@ -200,6 +200,8 @@ class Client:
             except zmtp.ZmtpError as e:  # the server broke the protocol: say how, at once
                 raise BridgeError("connection_lost", f"{self.address}: {e}") from e
             for ev in events:
+                if ev.id is None:  # the session only returns events for its own requests
+                    continue
                 job = self._jobs.get(ev.id)
                 if job is not None:
                     job._on_event(ev)

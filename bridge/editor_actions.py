@@ -115,7 +115,7 @@ class Action:
             return self.error or "failed"
         if self.job is None:
             return ""
-        if self.placement is not None:
+        if self.placement is not None and self.job.result is not None:
             seeds = self.job.result.header.get("seeds") or [None]
             return f"done (seed {seeds[0]})"
         return self.job.status
@@ -135,15 +135,16 @@ class Action:
 
     def request_kwargs(self) -> dict:
         """Keyword arguments for `tracker.Session.generate`: the request and its pictures."""
-        if not self.mode.inputs:
+        prepared = self.prepared
+        if prepared is None:  # a mode without picture inputs (the constructor checks that)
             return {"request": self.params.request(self.mode)}
-        region = self.prepared.region
+        region = prepared.region
         kwargs: dict = {
             "request": self.params.request(self.mode, region.width, region.height),
-            "image": protocol.Picture(region.width, region.height, "rgba8", self.prepared.image),
+            "image": protocol.Picture(region.width, region.height, "rgba8", prepared.image),
         }
         if "mask" in self.mode.inputs:
-            kwargs["mask"] = protocol.Picture(region.width, region.height, "l8", self.prepared.mask)
+            kwargs["mask"] = protocol.Picture(region.width, region.height, "l8", prepared.mask)
         return kwargs
 
     def start(self, conn: Connection, *, preview: int = 1) -> str:
@@ -187,7 +188,7 @@ class Action:
             raise geo.EditorError(f"the server sent a {pic.format} image, not rgba8")
         seed = (ev.header.get("seeds") or [None])[0]
         data, prompt = bytes(pic.data), self.params.prompt
-        if not self.mode.inputs:
+        if self.prepared is None:
             x, y = self.origin
             return geo.place_generated(
                 data, pic.width, pic.height, x=x, y=y, prompt=prompt, seed=seed
@@ -208,8 +209,8 @@ def plan_action(
     params: Params,
     canvas_size: tuple[int, int],
     selection: geo.Rect | None,
-    read_rgba: Callable[[geo.Rect], bytes] | None,
-    read_mask: Callable[[geo.Rect], bytes | None] | None,
+    read_rgba: Callable[[geo.Rect], bytes],
+    read_mask: Callable[[geo.Rect], bytes | None],
     *,
     margin: int = geo.DEFAULT_MARGIN,
     multiple: int = geo.DEFAULT_MULTIPLE,
@@ -265,6 +266,6 @@ def run_blocking(
         if not action.done and end is not None and time.monotonic() > end:
             action.cancel(conn)
             action.fail(f"no result within {timeout} s")
-    if action.state != tracker.DONE:
+    if action.state != tracker.DONE or action.placement is None:
         raise geo.EditorError(action.error or action.status or action.state)
     return action.placement

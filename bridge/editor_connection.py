@@ -124,10 +124,14 @@ class Connection:
         self._send_hello()
 
     def _send_hello(self) -> None:
+        session = self.session
+        if session is None:
+            return
         self.state, self.error = "connecting", None
-        self.session.pending.pop(self._hello, None)
+        if self._hello is not None:
+            session.pending.pop(self._hello, None)
         try:
-            self._hello = self.session.hello()
+            self._hello = session.hello()
         except (OSError, ValueError) as e:
             self._fail(f"cannot reach the sdkit server at {self.address}: {e}")
             return
@@ -184,7 +188,8 @@ class Connection:
         if ev.event == "error":
             self._fail(f"the server refused the connection: {ev.message} ({ev.code})")
             return
-        self._epoch = self.session.transport.epoch
+        if self.session is not None:
+            self._epoch = self.session.transport.epoch
         self.state = "connected"
 
     def wait_ready(self, timeout: float | None = None) -> None:

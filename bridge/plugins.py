@@ -37,10 +37,10 @@ def default_dir(editor: str, *, platform: str | None = None, env: dict | None = 
     """
     _check_editor(editor)
     platform = platform or sys.platform
-    env = os.environ if env is None else env
-    home = Path(env.get("HOME") or Path.home())
+    environ = os.environ if env is None else env
+    home = Path(environ.get("HOME") or Path.home())
     if platform.startswith("win"):
-        base = Path(env.get("APPDATA") or home / "AppData" / "Roaming")
+        base = Path(environ.get("APPDATA") or home / "AppData" / "Roaming")
         return (
             base / "krita" / "pykrita" if editor == "krita" else base / "GIMP" / "3.0" / "plug-ins"
         )
@@ -50,9 +50,9 @@ def default_dir(editor: str, *, platform: str | None = None, env: dict | None = 
             base / "krita" / "pykrita" if editor == "krita" else base / "GIMP" / "3.0" / "plug-ins"
         )
     if editor == "krita":
-        data = Path(env.get("XDG_DATA_HOME") or home / ".local" / "share")
+        data = Path(environ.get("XDG_DATA_HOME") or home / ".local" / "share")
         return data / "krita" / "pykrita"
-    config = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
+    config = Path(environ.get("XDG_CONFIG_HOME") or home / ".config")
     return config / "GIMP" / "3.0" / "plug-ins"
 
 

@@ -185,9 +185,9 @@ def check_request(
                 f"request.{key}",
                 rid,
             )
-    w, h = (request or {}).get("width"), (request or {}).get("height")
+    w, h = _int((request or {}).get("width"), 0), _int((request or {}).get("height"), 0)
     n = _int((request or {}).get("num_images"), 1)
-    if _int(w, 0) > 0 and _int(h, 0) > 0 and w * h * max(n, 1) > limits.max_pixels:
+    if w > 0 and h > 0 and w * h * max(n, 1) > limits.max_pixels:
         raise P.ProtocolError(
             "too_large",
             f"{max(n, 1)} x {w}x{h} = {w * h * max(n, 1)} pixels; the server takes at most "
@@ -343,8 +343,8 @@ class Session:
         if p is None:
             return None
         if ev.terminal or p.op != "generate":
-            self.pending.pop(ev.id, None)
-            self._deadlines.pop(ev.id, None)
+            self.pending.pop(p.id, None)
+            self._deadlines.pop(p.id, None)
         if p.op == "hello" and ev.event == "hello":
             self._on_hello(ev)
         return ev
@@ -384,7 +384,7 @@ class Session:
         for ev in events:
             job = self.jobs.get(ev.id) if ev.id is not None else None
             if job is not None and job.apply(ev) and job.done:
-                del self.jobs[ev.id]
+                del self.jobs[job.id]
         if self.on_event is not None:
             for ev in events:
                 self.on_event(ev)

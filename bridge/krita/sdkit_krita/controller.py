@@ -137,9 +137,10 @@ class Controller(QObject):
             self._waiting = None
             self.busy_changed.emit(False)
             self.progress_changed.emit(0.0, "cancelled", None)
-        elif self.busy:
-            self._open.cancel(self.conn)
-            self.progress_changed.emit(self._open.fraction, self._open.status, None)
+        elif self._open is not None:
+            action = self._open
+            action.cancel(self.conn)
+            self.progress_changed.emit(action.fraction, action.status, None)
 
     # -- the timer
     def poll(self) -> None:
@@ -175,7 +176,7 @@ class Controller(QObject):
 
     def _finish(self, action: ea.Action) -> None:
         self.busy_changed.emit(False)
-        if action.state == "done":
+        if action.state == "done" and action.placement is not None:
             try:
                 canvas.check_document(self.document)
                 self.last_layer = canvas.add_layer(self.document, action.placement)

@@ -19,9 +19,9 @@ _dockers: list[SdkitDocker] = []
 
 def current_docker() -> SdkitDocker | None:
     """The docker whose fields the menu actions use (the visible one, else the newest)."""
-    alive = [d for d in _dockers if d is not None]
-    visible = [d for d in alive if d.isVisible()]
-    return (visible or alive or [None])[-1]
+    visible = [d for d in _dockers if d.isVisible()]
+    pool = visible or _dockers
+    return pool[-1] if pool else None
 
 
 class SdkitDocker(DockWidget):
