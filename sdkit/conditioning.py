@@ -11,9 +11,11 @@ the way A1111 does and hands the result to diffusers' own pipelines as `prompt_e
 * weights scale the chunk's hidden states per token, then the chunk is rescaled so its mean
   is what it was before weighting (A1111's "Original" emphasis); A1111 encodes all the
   entries of one prompt's schedule as one batch, so that mean is taken over the batch here too;
-* clip skip (A1111's numbering, 1 = last layer): SD 1.x/2.x take hidden state -N and the text
-  model's final layer norm; SDXL takes hidden state -(N+1) of both encoders, no norm (N=1 is
-  the penultimate layer SDXL always uses, as in diffusers and A1111);
+* clip skip (A1111's numbering, 1 = last layer): hidden state -N, then the text model's final
+  layer norm. A1111 applies it to SD 1.x only: SD 2.x and SDXL ignore it (SDXL always takes
+  the penultimate state of both encoders, no norm), and A1111 still writes `Clip skip: 2`
+  into their PNGs, so `prompt_kwargs` ignores it there too (`effective_clip_skip`);
+  `encode_prompt` on SDXL with N > 1 takes state -(N+1) (diffusers' convention);
 * SDXL: both encoders' states concatenated per token, the pooled embedding from the second
   encoder's first chunk; an empty negative prompt is zeros when the pipeline's
   `force_zeros_for_empty_prompt` says so (as diffusers and A1111 do);
@@ -297,6 +299,13 @@ def encode(
     return PromptEmbeds(positive, negative, sdxl)
 
 
+def effective_clip_skip(pipe: Any, clip_skip: int | None, family: str | None = None) -> int:
+    """Clip skip as A1111 applies it: SD 1.x only (its SD 2.x and SDXL paths ignore it)."""
+    if is_sdxl(pipe) or family in ("sd2", "sdxl"):
+        return 1
+    return clip_skip or 1
+
+
 def needs_embeds(pipe: Any, prompt: str, negative_prompt: str, steps: int, clip_skip: int) -> bool:
     """Whether diffusers' own prompt handling would read these prompts differently from A1111."""
     if clip_skip > 1:
@@ -315,10 +324,12 @@ def prompt_kwargs(
     steps: int,
     clip_skip: int | None = None,
     callback: Callable | None = None,
+    family: str | None = None,
 ) -> dict:
     """Prompt keyword arguments for `pipe(...)`, with the step-end `callback` (which may be
-    wrapped to switch the conditioning). Plain prompts: exactly what diffusers takes today."""
-    skip = clip_skip or 1
+    wrapped to switch the conditioning). Plain prompts: exactly what diffusers takes today.
+    `family` ("sd1", "sd2", "sdxl"): the model's, for A1111's clip-skip rule."""
+    skip = effective_clip_skip(pipe, clip_skip, family)
     if not needs_embeds(pipe, prompt, negative_prompt, steps, skip):
         return {
             "prompt": prompt,
