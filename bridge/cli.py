@@ -79,7 +79,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         broker = scaleout.Broker(args.bind, args.back, keys=args.keys, limits=_limits(args))
         broker.start()
-        procs = scaleout.spawn_workers(args.workers, broker.back_address, args.model, args.keys)
+        procs = scaleout.spawn_workers(
+            args.workers, str(broker.back_address), args.model, args.keys
+        )
         print(
             f"sdkit bridge: {broker.front_address} ({args.workers} workers on {broker.back_address})",
             flush=True,

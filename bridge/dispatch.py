@@ -135,6 +135,7 @@ class Dispatcher:
         for lane in list(self._lanes.values()):
             while lane.waiting is None and len(lane.queue):
                 entry = lane.queue.pop()
+                assert entry is not None  # the queue was not empty
                 self._queued -= 1
                 lane.waiting = entry
                 self._submit(entry)

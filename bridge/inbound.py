@@ -128,12 +128,12 @@ def _decode_generate(msg: Message, frames: Sequence[Any], limits: Limits) -> Non
             "request",
             rid,
         )
-    for name in REQUEST_FRAMES:
-        if name in request:
+    for key in REQUEST_FRAMES:
+        if key in request:
             raise ProtocolError(
                 "bad_field",
-                f"send the {name} as a binary frame described in 'frames', not inside 'request'",
-                f"request.{name}",
+                f"send the {key} as a binary frame described in 'frames', not inside 'request'",
+                f"request.{key}",
                 rid,
             )
     for key in ("width", "height"):
@@ -187,8 +187,12 @@ def _decode_generate(msg: Message, frames: Sequence[Any], limits: Limits) -> Non
         )
     for i, d in enumerate(descriptors):
         where = f"frames[{i}]"
-        name = d.get("name") if isinstance(d, dict) else None
-        if isinstance(d, dict) and (not isinstance(name, str) or name not in REQUEST_FRAMES):
+        if not isinstance(d, dict):
+            raise ProtocolError(
+                "bad_field", f"{where} must be an object, got {type(d).__name__}", where, rid
+            )
+        name = d.get("name")
+        if not isinstance(name, str) or name not in REQUEST_FRAMES:
             raise ProtocolError(
                 "bad_field",
                 f"{where}.name is {name!r}; allowed: {', '.join(REQUEST_FRAMES)}",
@@ -199,7 +203,7 @@ def _decode_generate(msg: Message, frames: Sequence[Any], limits: Limits) -> Non
             d,
             frames[i + 1],
             where=where,
-            formats=REQUEST_FRAMES.get(name, ()),
+            formats=REQUEST_FRAMES[name],
             max_pixels=limits.max_pixels,
             rid=rid,
         )

@@ -22,7 +22,10 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # typing.TypeGuard is Python 3.10+; editors may embed an older Python
+    from typing import TypeGuard
 
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -320,7 +323,7 @@ def _request_id(header: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _is_int(v: Any) -> bool:
+def _is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -382,7 +385,7 @@ def decode_picture(
             where,
             rid,
         )
-    pic = Picture(width, height, fmt, data)
+    pic = Picture(width, height, str(fmt), data)
     expected = pic.expected_bytes()
     if expected is not None and len(data) != expected:
         raise ProtocolError(

@@ -73,15 +73,15 @@ class Server(Ops):
         self.handshake_ivl = handshake_ivl  # s a connection may take to authenticate
         self.worker = connect is not None
         self.name = name or (f"{pysocket.gethostname()}:{os.getpid()}" if self.worker else None)
-        if isinstance(keys, str | bytes) or hasattr(keys, "__fspath__"):
-            keys = security.load_server_keys(keys)
+        if isinstance(keys, str) or hasattr(keys, "__fspath__"):
+            keys = security.load_server_keys(keys)  # type: ignore[arg-type]  # a PathLike
         self.keys = keys
         self.client_keys = client_keys  # a worker's own CURVE keys towards a secure broker
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.address: str | None = None
         self._sock: zmq.Socket | None = None
-        self._auth = None
+        self._auth: Any = None
         self._wake_r, self._wake_w = pysocket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -117,6 +117,7 @@ class Server(Ops):
             if self.client_keys is not None:
                 security.apply_client(sock, self.client_keys)
         else:
+            assert self.bind_address is not None  # a server binds, a worker connects
             security.check_bind(self.bind_address, self.keys)
             sock = ctx.socket(zmq.ROUTER)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -130,10 +131,11 @@ class Server(Ops):
         sock.sndhwm = sock.rcvhwm = 10_000
         try:
             if self.worker:
+                assert self.connect_address is not None
                 sock.connect(self.connect_address)
                 self.address = self.connect_address
             else:
-                sock.bind(self.bind_address)
+                sock.bind(self.bind_address)  # type: ignore[arg-type]  # checked above
                 self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError as e:
             sock.close(0)
@@ -183,6 +185,7 @@ class Server(Ops):
 
     def _run(self) -> None:
         sock = self._sock
+        assert sock is not None  # opened by start()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -350,6 +353,7 @@ class ServerHandle:
 
     @property
     def address(self) -> str:
+        assert self.server.address is not None  # set by start(), before serve() returns
         return self.server.address
 
     @property
