@@ -150,3 +150,14 @@ def test_krita_survives_the_server_going_away_at_any_moment(krita_run):
         # The docker's status line then says that nothing answers any more.
         assert "no sdkit server answers" in seen["status"], (moment, seen)
     assert gone["mid_request"]["killed_at"], "the server should have died after a progress event"
+
+
+def test_docker_buttons_are_the_modes_the_servers_hello_describes(krita_run):
+    """Issue 12.1: the plug-in's actions come over the wire, never from sdkit."""
+    _, _, report, _ = krita_run
+    buttons = report["docker_buttons"]
+    assert buttons["before"] == ["Generate", "Img2img selection", "Inpaint selection"]
+    assert buttons["hello"], "the server's hello should describe its modes"
+    assert list(buttons["after"].values()) == buttons["hello"]
+    assert {"txt2img", "img2img", "inpaint"} <= set(buttons["after"])
+    assert buttons["steps_max"] > 200  # the range from hello, not the built-in 200

@@ -213,6 +213,25 @@ def server_gone(doc):
     return report
 
 
+def docker_buttons():
+    """The docker's mode buttons once its controller is connected: the server's titles."""
+    from sdkit_krita import controller
+    from sdkit_krita.docker import SdkitDocker
+
+    shared = controller.shared()
+    shared.connect_to(os.environ["SDKIT_ADDRESS"])
+    docker = SdkitDocker()
+    before = [b.text() for b in docker.buttons.values()]
+    spin(lambda: shared.conn.state == "connected", 30)
+    spin(lambda: [b.text() for b in docker.buttons.values()] != before, 5)
+    return {
+        "before": before,
+        "after": {name: b.text() for name, b in docker.buttons.items()},
+        "hello": [m.get("title") for m in shared.conn.info.get("modes", []) if isinstance(m, dict)],
+        "steps_max": docker.steps.maximum(),
+    }
+
+
 def bounds(node):
     r = node.bounds()
     return [r.x(), r.y(), r.width(), r.height()]
@@ -307,6 +326,7 @@ def scenario(out):
         "watchdog": seen["watchdog"],
     }
     report["layers"] = [[n.name(), n.type()] for n in doc.rootNode().childNodes()]
+    report["docker_buttons"] = docker_buttons()
     dump(out, report)  # what follows may kill Krita: keep what was seen so far
     report["server_gone"] = server_gone(doc)
     report["alive_after_server_gone"] = True
