@@ -13,8 +13,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Engine",
+    "EventKind",
     "Job",
     "JobCancelled",
+    "JobState",
     "ModelNotFoundError",
     "ProgressEvent",
     "Request",
@@ -33,6 +35,8 @@ _LAZY = {
     "Job": "sdkit.jobs",
     "JobCancelled": "sdkit.jobs",
     "ProgressEvent": "sdkit.jobs",
+    "JobState": "sdkit.jobs",
+    "EventKind": "sdkit.jobs",
     "Result": "sdkit.result",
     "ModelNotFoundError": "sdkit.models",
     "load": "sdkit.api",
@@ -46,7 +50,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from sdkit.api import generate, img2img, inpaint, load, txt2img, unconditional
     from sdkit.engine import Engine
-    from sdkit.jobs import Job, JobCancelled, ProgressEvent
+    from sdkit.jobs import EventKind, Job, JobCancelled, JobState, ProgressEvent
     from sdkit.models import ModelNotFoundError
     from sdkit.result import Result
 
