@@ -55,26 +55,32 @@ def toy_mode():
     modes.unregister(TOY)
 
 
-def test_the_registry_knows_the_toy_and_forgets_it():
+def test_the_registry_knows_a_mode_and_forgets_it():
+    """Uses its own name, so it holds whether or not the `toy_mode` fixture is active."""
+    import dataclasses
+
+    name = "grey-registry-test"
     with pytest.raises(RequestError) as err:
-        Request(mode=TOY).validate()
+        Request(mode=name).validate()
     assert err.value.field == "mode" and "txt2img" in err.value.message
-    spec = modes.register(TOY_SPEC)
+    spec = modes.register(dataclasses.replace(TOY_SPEC, name=name))
     try:
-        assert modes.get(TOY) is spec and modes.registered()[-1] is spec
+        assert modes.get(name) is spec and modes.registered()[-1] is spec
         assert spec.describe() == {
-            "name": TOY,
+            "name": name,
             "title": "Flat grey",
             "fields": ["image", "width", "height", "seed", "num_images"],
             "required": [],
             "inputs": ["image"],
         }
         with pytest.raises(ValueError):
-            modes.register(TOY_SPEC)  # one spec per name
-        Request(mode=TOY, width=16, height=16).validate()
+            modes.register(spec)  # one spec per name
+        Request(mode=name, width=16, height=16).validate()
     finally:
-        modes.unregister(TOY)
-    assert TOY not in [s.name for s in modes.registered()]
+        modes.unregister(name)
+    assert name not in [s.name for s in modes.registered()]
+    with pytest.raises(RequestError):
+        Request(mode=name).validate()
 
 
 def test_a_spec_naming_unknown_fields_is_refused():
