@@ -138,3 +138,11 @@ def test_dead_server_fails_clearly_and_adds_nothing(gimp_run):
     assert report["layers_after_dead"] == 1
     # GIMP passes the plug-in's message on (or at least logs it).
     assert "no sdkit server answers" in ((error or "") + log)
+
+
+def test_the_mode_argument_is_checked_against_the_servers_hello(gimp_run):
+    _, _, report, log = gimp_run
+    status, error = report["unknown_mode"]
+    assert status == "execution-error"
+    message = (error or "") + log
+    assert "does not offer 'outpaint-v9'" in message and "txt2img" in message

@@ -130,6 +130,11 @@ def scenario(out):
         server=server,
     )
     report["layers"] = [layer_info(layer) for layer in image.get_layers()]
+
+    # The mode is the server's: one it does not offer is refused, naming those it does.
+    report["unknown_mode"] = call(
+        "sdkit-generate", image, bg, prompt="x", mode="outpaint-v9", server=server
+    )
     image.delete()
     return report
 
