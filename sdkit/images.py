@@ -44,9 +44,10 @@ def load_image(value: Any, field: str = "image") -> Image.Image:
         if is_file:
             try:
                 with Image.open(path) as im:
+                    _check_header(im, field)
                     im.load()
                     return im.copy()
-            except (OSError, UnidentifiedImageError) as e:
+            except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
                 raise RequestError(field, f"cannot read image file {text!r} ({e})") from e
         if isinstance(text, str) and len(text) > 64:
             try:
@@ -85,10 +86,23 @@ def _b64(text: str, field: str) -> bytes:
 def _image_from_bytes(data: bytes, field: str, what: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
+            _check_header(im, field)
             im.load()
             return im.copy()
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise RequestError(field, f"the {what} are not a readable image ({e})") from e
+
+
+def _check_header(im: Image.Image, field: str) -> None:
+    """Refuse a picture over the pixel limit from its header, before decoding a byte of it
+    (a small PNG can claim gigapixels)."""
+    from sdkit.request import MAX_PIXELS
+
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        raise RequestError(
+            field, f"{w}x{h} is over the limit of {MAX_PIXELS} pixels; it was not decoded"
+        )
 
 
 def _image_from_array(arr: np.ndarray, field: str) -> Image.Image:

@@ -375,3 +375,35 @@ def test_range_edges(name):
     for ok in (8 if size else lo, 4096 if size else hi):
         good(mode="inpaint", **fields, **{name: ok}).validate()
     assert error(good(mode="inpaint", **{name: hi + 1})).field == name
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height (1-bit grey) with next to no data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00"))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("size", [(6000, 6000), (100_000, 100_000)])
+def test_picture_over_the_pixel_limit_is_refused_from_its_header(size, tmp_path):
+    """Issue 13.3: a small file claiming many pixels is refused before decoding; PIL's own
+    bomb error (over ~179 Mpx) is a RequestError too, never an escaping exception."""
+    data = _png_header_only(*size)
+    assert len(data) < 100
+    path = tmp_path / "bomb.png"
+    path.write_bytes(data)
+    for value in (data, path, base64.b64encode(data).decode()):
+        with pytest.raises(RequestError) as err:
+            load_image(value)
+        assert err.value.field == "image" and "limit" in err.value.message
