@@ -122,9 +122,6 @@ def _add_fields(parser: argparse.ArgumentParser, spec: modes.ModeSpec) -> None:
         "--out", default="outputs", help="folder (or .png path) to write to (default: ./outputs)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
-    parser.add_argument(
-        "--verbose", action="store_true", help="show diffusers' and transformers' loading output"
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,17 +181,6 @@ def size_multiple_before_loading(spec: str | None) -> int | None:
     return 8
 
 
-def _quiet_loading() -> None:
-    """No import warnings or "Loading pipeline components" bars from diffusers and
-    transformers in the console script; sdkit's own generation bar stays."""
-    import diffusers
-    import transformers
-
-    for lib in (diffusers, transformers):
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
-
-
 def _summary(result: Any, engine: Any) -> str:
     req = result.request
     return (
@@ -210,8 +196,6 @@ def _generate(args: argparse.Namespace) -> int:
     request.validate(vae_factor=multiple or 1)  # cheap checks before loading the model
     from sdkit.api import load
 
-    if not args.verbose:
-        _quiet_loading()
     options = {"config": args.config} if args.config else {}
     engine = load(args.model, device=args.device, dtype=args.dtype, **options)
     request = engine.check(request)  # what only the loaded model knows, before the bar
