@@ -25,24 +25,10 @@ import numpy as np
 from PIL import Image
 
 from sdkit.errors import RequestError
-from sdkit.images import image_to_base64, load_image, load_mask
+from sdkit.images import image_to_base64, load_image, load_mask  # re-exported
 
 T = TypeVar("T")
 
-__all__ = [
-    "FILLS",
-    "MAX_PIXELS",
-    "RANGES",
-    "RESIZE_MODES",
-    "Request",
-    "RequestError",
-    "check_pixels",
-    "filled",
-    "image_to_base64",
-    "load_image",
-    "load_mask",
-    "make_request",
-]
 
 FILLS = ("original", "fill", "noise")
 RESIZE_MODES = ("resize", "crop", "fill")
