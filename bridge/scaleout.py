@@ -60,7 +60,7 @@ class Broker:
         self.back_address: str | None = None
         self.workers = 0
         self.forwarded = 0
-        self._auth = None
+        self._auth: security.Authenticator | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake_r, self._wake_w = pysocket.socketpair()

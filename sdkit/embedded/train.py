@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -210,7 +211,7 @@ def encode_dataset(args, vae, work: Path):
     rng = rng_for(args.seed, 3, 0)
     scenes = [shapes.random_scene(rng) for _ in range(args.dataset)]
     vae.eval()
-    latents = []
+    latents: Any = []  # the encoded batches, then their concatenation
     for i in range(0, len(scenes), 256):
         x = images_to_tensor([shapes.render(s) for s in scenes[i : i + 256]])
         latents.append(vae.encode(x).latent_dist.mean)
