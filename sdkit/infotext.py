@@ -64,6 +64,7 @@ KNOWN_KEYS = (
     "Masked area padding",
     "Masked content",
     "Batch size",
+    "Clip skip",
 )
 
 
@@ -122,6 +123,8 @@ def format_infotext(req: Request, *, seed: int | None = None) -> str:
         add("Masked content", _FILL_OUT.get(req.fill, req.fill))
     if req.num_images != 1:
         add("Batch size", req.num_images)
+    if req.clip_skip not in (None, 1):  # A1111 omits 1
+        add("Clip skip", req.clip_skip)
     written = {k for k, _ in pairs}
     pairs += [(k, str(v)) for k, v in req.extra.items() if k not in written]
 
@@ -219,7 +222,15 @@ def parse_infotext(text: str, cls: type[Request]) -> Request:
             extra["Mode"] = mode
     mode = fields.get("mode", "txt2img")
     reads = _mode_fields(mode)
-    always = ("num_inference_steps", "scheduler", "guidance_scale", "seed", "model", "num_images")
+    always = (
+        "num_inference_steps",
+        "scheduler",
+        "guidance_scale",
+        "seed",
+        "model",
+        "num_images",
+        "clip_skip",  # not a mode field yet (no widget control); every prompted mode reads it
+    )
 
     def take(key: str, name: str, convert) -> None:
         if key not in values:
@@ -273,6 +284,7 @@ def parse_infotext(text: str, cls: type[Request]) -> Request:
     take("Masked area padding", "padding", int)
     take("Masked content", "fill", lambda raw: choice(FILLS)(_FILL_IN[raw]))
     take("Batch size", "num_images", int)
+    take("Clip skip", "clip_skip", int)
 
     # Unknown keys and known ones that did not apply, in their original order.
     extra.update(values)

@@ -54,6 +54,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "mask_blur": (0, 64),  # pixels of feathering
     "grow": (0, 256),  # pixels of dilation
     "padding": (0, 512),  # context pixels around the mask (only_masked)
+    "clip_skip": (1, 12),  # A1111's numbering: 1 = the last CLIP layer, 2 = penultimate
 }
 
 _IMAGE_FIELDS = ("image", "mask")
@@ -85,6 +86,7 @@ class Request:
     padding: int = 32
     fill: str = "original"
     resize_mode: str = "resize"
+    clip_skip: int | None = None  # None or 1: the last layer (sdkit.conditioning)
     model: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -122,6 +124,7 @@ class Request:
         _check_range("strength", self.strength, integer=False, optional=False)
         for name in ("mask_blur", "grow", "padding"):
             _check_range(name, getattr(self, name), integer=True, optional=False)
+        _check_range("clip_skip", self.clip_skip, integer=True)
         if not isinstance(self.only_masked, bool | np.bool_):
             raise RequestError("only_masked", f"must be True or False, got {self.only_masked!r}")
         if self.fill not in FILLS:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from sdkit import fast, schedulers
+from sdkit import conditioning, fast, schedulers
 from sdkit.fitting import fit_image, inpaint_finish, inpaint_inputs
 from sdkit.jobs import EventKind, Interrupted, Job, ProgressEvent
 from sdkit.modes import Mode
@@ -125,6 +125,21 @@ class RunContext:
             "output_type": "pil",
         }
 
+    def with_prompts(self, pipe: Any, kwargs: dict, *, unconditional: bool = False) -> dict:
+        """`kwargs` plus the prompts: A1111 syntax or clip skip as `prompt_embeds` (switched
+        per step for prompt editing), plain prompts as text exactly as before."""
+        req = self.request
+        prompt, negative = ("", "") if unconditional else (req.prompt, req.negative_prompt)
+        return kwargs | conditioning.prompt_kwargs(
+            pipe,
+            prompt,
+            negative,
+            steps=self.steps,
+            clip_skip=None if unconditional else req.clip_skip,
+            callback=kwargs["callback_on_step_end"],
+            family=self.engine.family,
+        )
+
 
 # The units of work a cancel waits for at most: one resnet, one attention or feed-forward
 # call, one up/down-sampler. (At huge sizes one self-attention over the whole latent is
@@ -172,12 +187,10 @@ def cancel_points(ctx: RunContext, *modules: Any) -> Iterator[None]:
 
 
 def run_txt2img(ctx: RunContext) -> list[Image.Image]:
-    req = ctx.request
     if ctx.engine.inpainting_unet:
         return _with_inpainting_unet(ctx)
     pipe = ctx.pipeline()
-    kwargs = ctx.common_kwargs(ctx.steps)
-    return pipe(prompt=req.prompt, negative_prompt=req.negative_prompt or None, **kwargs).images
+    return pipe(**ctx.with_prompts(pipe, ctx.common_kwargs(ctx.steps))).images
 
 
 def run_img2img(ctx: RunContext) -> list[Image.Image]:
@@ -188,11 +201,9 @@ def run_img2img(ctx: RunContext) -> list[Image.Image]:
     kwargs = ctx.common_kwargs(denoise_steps(ctx.steps, req.strength))
     del kwargs["width"], kwargs["height"]  # img2img pipelines take the image's size
     return pipe(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt or None,
         image=fit_image(filled(req.image, "image"), *ctx.size, req.resize_mode),
         strength=req.strength,
-        **kwargs,
+        **ctx.with_prompts(pipe, kwargs),
     ).images
 
 
@@ -202,12 +213,10 @@ def run_inpaint(ctx: RunContext) -> list[Image.Image]:
     pipe = ctx.pipeline(Mode.INPAINT)
     kwargs = ctx.common_kwargs(denoise_steps(ctx.steps, req.strength))
     out = pipe(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt or None,
         image=work.image,
         mask_image=work.mask,
         strength=req.strength,
-        **kwargs,
+        **ctx.with_prompts(pipe, kwargs),
     ).images
     done = []
     for image in out:  # compositing a large batch takes a while: cancel between items
@@ -239,12 +248,10 @@ def _with_inpainting_unet(ctx: RunContext) -> list[Image.Image]:
     kwargs = ctx.common_kwargs(denoise_steps(ctx.steps, strength))
     unconditional = req.mode == Mode.UNCONDITIONAL
     return pipe(
-        prompt="" if unconditional else req.prompt,
-        negative_prompt=None if unconditional else (req.negative_prompt or None),
         image=image,
         mask_image=Image.new("L", size, 255),
         strength=strength,
-        **kwargs,
+        **ctx.with_prompts(pipe, kwargs, unconditional=unconditional),
     ).images
 
 

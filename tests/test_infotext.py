@@ -77,11 +77,11 @@ def test_multi_line_prompts_hires_keys_and_quoted_values():
     assert r.extra["Lora hashes"] == "add_detail: 7c6bad76eb54, more_details: 3b8aa1d351ef"
     assert r.extra["TI hashes"] == "easynegative: c74b4e810b03"
     assert r.extra["Hires upscaler"] == "R-ESRGAN 4x+ Anime6B"
-    assert r.extra["Hires upscale"] == "2" and r.extra["Clip skip"] == "2"
+    assert r.extra["Hires upscale"] == "2" and r.clip_skip == 2  # a field now
     assert r.extra["Version"] == "v1.10.1"
     # the hires-fix denoising strength is not ours on txt2img: kept, not lost
     assert r.extra["Denoising strength"] == "0.45" and r.strength == 0.75
-    assert list(r.extra)[:3] == ["Model hash", "Denoising strength", "Clip skip"]
+    assert list(r.extra)[:3] == ["Model hash", "Denoising strength", "Hires upscale"]
 
 
 @pytest.mark.parametrize(
