@@ -61,7 +61,7 @@ def main() -> None:
         plain, weighted = prompts(pipe.tokenizer)
         device = pipe.text_encoder.device
         n_tokens = sum(
-            len(pipe.tokenizer(t, add_special_tokens=False)["input_ids"])
+            len(pipe.tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
             for t, _ in parse_attention(schedule(weighted, args.steps)[0][1])
         )
         chunks = len(conditioning.chunks(pipe.tokenizer, schedule(weighted, args.steps)[0][1]))

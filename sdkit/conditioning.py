@@ -58,7 +58,7 @@ def chunks(tokenizer: Any, text: str, pipe: Any = None) -> list[Chunk]:
     """`text` (A1111 syntax, no editing) as 77-token chunks, the A1111 way."""
     parsed = parse_attention(text)
     texts = ["" if _is_break(t, w) else _convert(pipe, t, tokenizer) for t, w in parsed]
-    ids = tokenizer(texts, add_special_tokens=False, truncation=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     comma = tokenizer.get_vocab().get(",</w>")
     out: list[Chunk] = []
@@ -100,7 +100,9 @@ def _is_break(piece: str, weight: float) -> bool:
 
 def token_count(tokenizer: Any, text: str) -> int:
     """Tokens of `text` read literally (no special tokens)."""
-    return len(tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
+    return len(
+        tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    )
 
 
 def _empty_chunk(tokenizer: Any) -> Chunk:

@@ -465,3 +465,21 @@ def test_prompt_weights_shift_the_colours_on_the_embedded_model():
         weighted = colours("a (red:1.5) circle on a (blue:0.6) background", seed)
         red, blue = weighted - plain
         assert red > 10 and blue < -10, f"seed {seed}: red {red:+d} px, blue {blue:+d} px"
+
+
+def test_benchmark_script_prints_its_table():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/prompts.py", "--steps", "2", "--rounds", "1"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "weighted prompt: 150 tokens, 2 chunks, 2 schedule entries" in proc.stdout
+    assert "| weighted |" in proc.stdout and "extra cost of the weighted prompt:" in proc.stdout
