@@ -51,7 +51,12 @@ class Chunk:
 def _convert(pipe: Any, text: str, tokenizer: Any) -> str:
     """Multi-vector textual-inversion tokens expanded the way diffusers' own path does."""
     convert = getattr(pipe, "maybe_convert_prompt", None)
-    return convert(text, tokenizer) if convert is not None and text else text
+    if convert is None or not text:
+        return text
+    special = set(tokenizer.all_special_tokens)
+    if not any(t in text for t in tokenizer.get_added_vocab() if t not in special):
+        return text  # nothing loaded: skip (its tokenize() warns on long text)
+    return convert(text, tokenizer)
 
 
 def chunks(tokenizer: Any, text: str, pipe: Any = None) -> list[Chunk]:

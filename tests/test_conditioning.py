@@ -483,3 +483,19 @@ def test_benchmark_script_prints_its_table():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "weighted prompt: 150 tokens, 2 chunks, 2 schedule entries" in proc.stdout
     assert "| weighted |" in proc.stdout and "extra cost of the weighted prompt:" in proc.stdout
+
+
+def test_textual_inversion_tokens_reach_the_chunks_as_diffusers_expands_them(tiny_models):
+    """A multi-vector embedding loaded with diffusers' own loader is expanded the same way
+    on our path (plain prompt: bit-identical to diffusers; weighted: it is weighted)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_models["sd"]))
+    torch.manual_seed(0)
+    pipe.load_textual_inversion({"emb": torch.randn(2, 32)}, token="emb")
+    ours = encode_prompt(pipe, "a emb circle", 4).embeds
+    theirs, _ = pipe.encode_prompt("a emb circle", "cpu", 1, False)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, encode_prompt(pipe, "a circle", 4).embeds)
+    weighted = chunks(pipe.tokenizer, "a (emb:1.2) circle", pipe)[0]
+    assert weighted.weights[2:4] == [1.2, 1.2] and weighted.weights[4] == 1.0
