@@ -112,15 +112,16 @@ class RemoteJob:
 
     # -- driven by Client.pump, after the session applied the event to ``track``
     def _on_event(self, ev: P.Event) -> None:
-        t = self.track
         if ev.event == "progress":
-            preview = ev.pictures_named("preview")
+            # this event's own step, not ``track``'s: one poll may apply several events first
+            now = tracker.TrackedJob(self.id)
+            now.apply(ev)
             self.progress = RemoteProgress(
-                t.job or self.id,
-                t.step,
-                t.total,
-                t.elapsed,
-                pictures.to_image(preview[0]) if preview else None,
+                self.track.job or self.id,
+                now.step,
+                now.total,
+                now.elapsed,
+                pictures.to_image(now.preview) if now.preview is not None else None,
             )
             if self._callback is not None:
                 self._callback(self.progress)

@@ -182,3 +182,30 @@ def test_toy_mode_in_the_widget(sd_engine, toy_mode, tmp_path):
         assert wd.gallery.items[0].image.getpixel((0, 0)) == (60, 60, 60)
     finally:
         wd.close()
+
+
+@pytest.mark.parametrize("transport", ["zmq", "zmtp"])
+def test_toy_mode_through_the_bridge(sd_engine, toy_mode, transport):
+    """The bridge carries the registered toy mode: `hello` describes it, a request runs it,
+    and its optional picture input travels as a frame."""
+    if transport == "zmq":
+        pytest.importorskip("zmq")
+    from sdkit.bridge import Client, serve
+
+    handle = serve(sd_engine, "tcp://127.0.0.1:0")
+    try:
+        with Client(handle.address, transport=transport, timeout=120) as client:
+            described = {m["name"]: m for m in client.hello()["modes"]}
+            assert described[TOY] == TOY_SPEC.describe()
+            events = []
+            r = client.generate(
+                mode=TOY, width=16, height=24, num_images=2, seed=3, progress=events.append
+            )
+            assert r.request.mode == TOY and r.seeds == [3, 4] and len(r) == 2
+            assert r[0].size == (16, 24) and np.all(np.asarray(r[0].convert("RGB")) == 128)
+            assert [(e.step, e.total) for e in events] == [(1, 2), (2, 2)]
+            image = Image.new("RGB", (40, 24), (60, 60, 60))
+            r = client.generate(mode=TOY, image=image)
+            assert r[0].size == (40, 24) and r[0].convert("RGB").getpixel((5, 5)) == (60, 60, 60)
+    finally:
+        handle.stop()
