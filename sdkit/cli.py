@@ -44,6 +44,7 @@ _HELP = {
     "seed": "seed of image 1 (image i uses seed + i - 1); default: random, printed",
     "scheduler": "A1111 sampler name or diffusers class, e.g. 'Euler a', 'DPM++ 2M Karras'",
     "num_images": "images to make (1..16)",
+    "clip_skip": "stop CLIP this many layers from the end, A1111's numbering (2: penultimate); SD 1.x only",
     "strength": "how much to change the input, in (0, 1]",
     "resize_mode": f"an input of another size: {' | '.join(RESIZE_MODES)}",
     "mask_blur": "feather the mask edge by this many pixels",

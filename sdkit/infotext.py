@@ -229,7 +229,6 @@ def parse_infotext(text: str, cls: type[Request]) -> Request:
         "seed",
         "model",
         "num_images",
-        "clip_skip",  # not a mode field yet (no widget control); every prompted mode reads it
     )
 
     def take(key: str, name: str, convert) -> None:

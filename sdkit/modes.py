@@ -130,6 +130,7 @@ _PROMPTED = (
     "seed",
     "scheduler",
     "num_images",
+    "clip_skip",
 )
 _IMG2IMG = (*_PROMPTED, "image", "strength", "resize_mode")
 _INPAINT = (*_IMG2IMG, "mask", "mask_blur", "grow", "only_masked", "padding", "fill")

@@ -81,6 +81,18 @@ def test_txt2img_matches_the_engine_and_streams_progress(client, bridge_engine):
     assert np.array_equal(np.asarray(r[0]), np.asarray(local[0].convert("RGB")))
 
 
+def test_clip_skip_is_a_field_the_bridge_carries(client, bridge_engine):
+    fields = {m["name"]: m["fields"] for m in client.hello()["modes"]}
+    assert all("clip_skip" in fields[m] for m in ("txt2img", "img2img", "inpaint"))
+    r = client.txt2img(PROMPT, seed=11, clip_skip=2, **FAST)
+    assert r.request.clip_skip == 2 and "Clip skip: 2" in r.infotexts[0]
+    local = bridge_engine.txt2img(PROMPT, seed=11, clip_skip=2, progress=False, **FAST)
+    assert np.array_equal(np.asarray(r[0]), np.asarray(local[0].convert("RGB")))
+    with pytest.raises(BridgeError) as err:
+        client.txt2img(PROMPT, clip_skip=13, **FAST)
+    assert err.value.field == "request.clip_skip"  # the bridge names the header path
+
+
 def test_img2img_and_batch_seeds(client):
     r = client.img2img(
         _picture(1), PROMPT, strength=0.5, seed=3, num_images=2, num_inference_steps=4

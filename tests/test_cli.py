@@ -56,6 +56,8 @@ def test_txt2img_writes_pngs_and_prints_their_paths(files, tmp_path, capsys):
             "2",
             "--scheduler",
             "Euler a",
+            "--clip-skip",
+            "2",
             "--out",
             str(tmp_path),
             "--quiet",
@@ -66,17 +68,25 @@ def test_txt2img_writes_pngs_and_prints_their_paths(files, tmp_path, capsys):
     paths = out.split()
     assert len(paths) == 2 and all(p.endswith(".png") for p in paths)
     req = Request.from_png(paths[1])
-    assert (req.prompt, req.seed, req.num_inference_steps, req.scheduler) == (
+    assert (req.prompt, req.seed, req.num_inference_steps, req.scheduler, req.clip_skip) == (
         "a red circle",
         4,
         2,
         "Euler a",
+        2,
     )
     # `sdkit info` prints the parameters back
     code, out, _ = run(["info", paths[0]], capsys)
     assert code == 0 and "Seed: 3" in out and out.startswith("a red circle")
     code, out, _ = run(["info", paths[0], "--json"], capsys)
     assert code == 0 and '"seed": 3' in out
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint", "unconditional"])
+def test_clip_skip_is_a_flag_of_every_prompted_mode(mode, capsys):
+    with pytest.raises(SystemExit):
+        main([mode, "--help"])
+    assert ("--clip-skip" in capsys.readouterr().out) == (mode != "unconditional")
 
 
 def test_cli_modes_match_the_api(files, tmp_path, capsys):
@@ -175,6 +185,8 @@ CASES = [
     ("txt2img", ["x", "--height", "0"], {"height": 0}, "height"),
     ("txt2img", ["x", "--num-images", "17"], {"num_images": 17}, "num_images"),
     ("txt2img", ["x", "--scheduler", "Nope"], {"scheduler": "Nope"}, "scheduler"),
+    ("txt2img", ["x", "--clip-skip", "13"], {"clip_skip": 13}, "clip_skip"),
+    ("img2img", ["{in}", "x", "--clip-skip", "0"], {"clip_skip": 0}, "clip_skip"),
     ("img2img", ["{in}", "x", "--strength", "1.5"], {"strength": 1.5}, "strength"),
     ("img2img", ["{in}", "x", "--strength", "0"], {"strength": 0.0}, "strength"),
     ("img2img", ["{missing}", "x"], {}, "image"),

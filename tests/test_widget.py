@@ -458,6 +458,10 @@ CASES = [
     ("txt2img", "scheduler", "DDPM", False, False),  # unconditional models only
     ("txt2img", "scheduler", "Warp drive", False, False),
     ("txt2img", "prompt", "", False, False),
+    ("txt2img", "clip_skip", 2, True, True),
+    ("txt2img", "clip_skip", 12, True, True),
+    ("txt2img", "clip_skip", 0, False, False),
+    ("txt2img", "clip_skip", 13, False, False),
     ("img2img", "strength", 0.75, True, True),
     ("img2img", "strength", 1.0, True, True),
     ("img2img", "strength", 0.1, True, True),  # 0.1 x 10 steps = one step
@@ -523,7 +527,7 @@ def test_widget_validation_agrees_with_engine_check_on_every_field(which, engine
         wd.close()
     assert checked >= {
         "width", "height", "num_inference_steps", "guidance_scale", "strength", "seed",
-        "num_images", "mask_blur", "grow", "padding", "scheduler",
+        "num_images", "mask_blur", "grow", "padding", "scheduler", "clip_skip",
     }  # fmt: skip
 
 
@@ -665,7 +669,7 @@ def test_a1111_png_restores_settings(studio):
         "a yellow square on a black background\n"
         "Negative prompt: blurry\n"
         "Steps: 17, Sampler: DPM++ 2M Karras, CFG scale: 6, Seed: 1234, Size: 64x48, "
-        "Model hash: 0123abcd, Model: v1-5, Denoising strength: 0.5"
+        "Model hash: 0123abcd, Model: v1-5, Denoising strength: 0.5, Clip skip: 2"
     )
     data = png_with_parameters(Image.new("RGB", (64, 48)), text)
     upload(studio.settings_upload, "a1111.png", data)
@@ -675,7 +679,12 @@ def test_a1111_png_restores_settings(studio):
     assert (c.num_inference_steps.value, c.guidance_scale.value, c.seed.value) == (17, 6.0, 1234)
     assert (c.width.value, c.height.value) == (64, 48)
     assert c.scheduler.value == "DPM++ 2M Karras"
+    assert c.clip_skip.value == 2 and c.request().clip_skip == 2
     assert "restored" in studio.status.value
+    # a PNG without the key means the last layer again: the control is reset, not kept
+    data = png_with_parameters(Image.new("RGB", (64, 48)), text.replace(", Clip skip: 2", ""))
+    upload(studio.settings_upload, "plain.png", data)
+    assert c.clip_skip.value == 1 and c.request().clip_skip is None
 
 
 def test_png_without_parameters_is_reported_in_the_widget(studio):

@@ -26,12 +26,16 @@ FALLBACK_DEFAULTS = {
     "width": 64,
     "height": 64,
     "scheduler": "PNDM",
+    "clip_skip": 1,  # the last CLIP layer; the request says None
 }
 
 # Rows grouped under a heading; a group shows when the current mode uses one of its rows.
 GROUPS = {
     "prompts": ("", ("prompt", "negative_prompt")),
-    "sampling": ("Sampling", ("num_inference_steps", "guidance_scale", "scheduler", "seed")),
+    "sampling": (
+        "Sampling",
+        ("num_inference_steps", "guidance_scale", "scheduler", "seed", "clip_skip"),
+    ),
     "size": ("Size & batch", ("width", "height", "num_images")),
     "image": ("Input image", ("strength", "resize_mode")),
     "inpaint": ("Inpaint", ("mask_blur", "grow", "only_masked", "padding", "fill")),
@@ -99,6 +103,13 @@ class RequestControls:
             layout=w.Layout(width="18em"),
         )
         self.num_images = w.IntText(1, description="Images", style=_STYLE, layout=_NUM)
+        self.clip_skip = w.IntText(
+            1,
+            description="Clip skip",
+            tooltip="1: the last CLIP layer (off); 2: the penultimate (SD 1.x only)",
+            style=_STYLE,
+            layout=_NUM,
+        )
         self.strength = w.FloatSlider(
             0.75,
             min=0.0,
@@ -154,6 +165,7 @@ class RequestControls:
             "seed": row(self.seed, self.random_seed, self.reuse_seed, e["seed"]),
             "scheduler": row(self.scheduler, e["scheduler"]),
             "num_images": row(self.num_images, e["num_images"]),
+            "clip_skip": row(self.clip_skip, e["clip_skip"]),
             "strength": row(self.strength, e["strength"]),
             "resize_mode": row(self.resize_mode, e["resize_mode"]),
             "mask_blur": row(self.mask_blur, e["mask_blur"]),
@@ -234,6 +246,8 @@ class RequestControls:
                 continue
             if name == "seed":
                 values["seed"] = None if self.random_seed.value else self.seed.value
+            elif name == "clip_skip":  # 1 is the default layer: the request says None
+                values[name] = None if self.clip_skip.value == 1 else self.clip_skip.value
             else:
                 values[name] = getattr(self, name).value
         values.update(overrides)
