@@ -10,7 +10,7 @@ error code, a message naming what was wrong, the header field at fault and (when
 be read) the request id, so that the server can answer it.
 
 The transport-neutral client core, `Session`, lives in ``tracker.py``, and the server's
-decoder of client messages, `decode_request`, in ``inbound.py`` (both re-exported here).
+decoder of client messages, `decode_request`, in ``inbound.py``.
 This file is a little over 400 lines because it is what an editor copies as one piece:
 the wire's constants, types, encoders and the event decoder.
 """
@@ -418,16 +418,6 @@ def decode_event(frames: Sequence[Any], *, max_header_bytes: int = 16 * 2**20) -
 # ---------------------------------------------------------------------------- helpers
 
 
-def rgba_from_rgb(rgb: bytes | bytearray | memoryview, width: int, height: int) -> bytes:
-    """Straight-alpha RGBA8 from packed RGB8, alpha 255 (stdlib, for editor code)."""
-    out = bytearray(width * height * 4)
-    out[0::4] = rgb[0::3]
-    out[1::4] = rgb[1::3]
-    out[2::4] = rgb[2::3]
-    out[3::4] = b"\xff" * (width * height)
-    return bytes(out)
-
-
 def progress_fraction(event: Event) -> float:
     """0..1 from a ``progress`` event (for progress bars)."""
     step, total = event.header.get("step", 0), event.header.get("total", 0)
@@ -435,21 +425,3 @@ def progress_fraction(event: Event) -> float:
         return max(0.0, min(1.0, float(step) / float(total)))
     except (TypeError, ValueError, ZeroDivisionError):
         return 0.0
-
-
-# ---------------------------------------------------------------------------- Session
-
-_MOVED = {"Session": "tracker", "Pending": "tracker", "Transport": "tracker"}
-_MOVED["decode_request"] = "inbound"
-
-
-def __getattr__(name: str) -> Any:
-    """`Session` moved to tracker.py (one job tracker), `decode_request` to inbound.py (the
-    server's side); both still importable from here."""
-    if name in _MOVED:
-        import importlib
-
-        module = _MOVED[name]
-        found = importlib.import_module(f"{__package__}.{module}" if __package__ else module)
-        return getattr(found, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

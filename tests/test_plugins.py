@@ -63,7 +63,7 @@ def test_shared_modules_import_without_sdkit(tmp_path):
         "import editor_actions as ea, editor_connection as conn, editor_geometry as geo\n"
         "import pictures, protocol, tracker\n"
         "r = geo.context_region(geo.Rect(1, 2, 3, 4), 20, 20)\n"
-        "print(r.width, r.height, protocol.Session is tracker.Session, conn.zmtp.__name__)\n"
+        "print(r.width, r.height, conn.tracker is tracker, conn.zmtp.__name__)\n"
     )
     out = subprocess.run(
         [sys.executable, "-I", "-c", code], cwd=package, capture_output=True, text=True, check=True

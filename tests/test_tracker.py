@@ -141,10 +141,6 @@ def test_a_server_with_garbage_limits_gets_the_default_ones():
     assert s.limits == P.Limits()
 
 
-def test_protocol_session_is_the_tracker_session():
-    assert P.Session is tracker.Session
-
-
 # --- sdkit.bridge.Client against the real server -------------------------------------------
 
 
