@@ -23,6 +23,7 @@ from sdkit.embedded.train import MODEL_DIR
 from sdkit.embedded.train_adapters import (
     ADAPTERS_DIR,
     LORA_NAME,
+    LORA_WORD,
     NEW_COLOUR,
     NEW_SHAPE,
     TI_NAME,
@@ -74,7 +75,7 @@ def colour_pairs(n: int, seed: int = 3) -> list[tuple[str, str]]:
 def shape_cases(n: int) -> list[tuple[str, int]]:
     """`n` (prompt, seed) pairs asking for the new shape."""
     return [
-        (f"a {fg} {NEW_SHAPE} on a {bg} background", SEED0 + i)
+        (f"a {fg} {LORA_WORD} on a {bg} background", SEED0 + i)
         for i, (fg, bg) in enumerate(colour_pairs(n))
     ]
 

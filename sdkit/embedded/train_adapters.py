@@ -7,8 +7,8 @@ LoRA and textual-inversion support can be tested offline on a model that follows
   new shape, the cross (`shapes.EXTRA_SHAPES`), trained on crosses mixed half and half with
   ordinary scenes so other prompts keep working. Saved in the kohya format that A1111 and
   model sites use (`lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`).
-* `ti`: a textual-inversion embedding for a new colour, pink (`shapes.EXTRA_COLOURS`),
-  trained with everything else frozen on pink shapes captioned with the trigger word, saved
+* `ti`: a textual-inversion embedding for a new colour, dark green (`shapes.EXTRA_COLOURS`),
+  trained with everything else frozen on dark green shapes captioned with the trigger word, saved
   as A1111 saves embeddings (`.pt` with `string_to_param`).
 
 Both resume from their checkpoint in the work folder and export every `--export-every`
@@ -43,6 +43,11 @@ ADAPTERS_DIR = Path(__file__).parent / "adapters"
 NEW_SHAPE = shapes.EXTRA_SHAPES[0]
 NEW_COLOUR = next(iter(shapes.EXTRA_COLOURS))
 LORA_NAME = f"sdk{NEW_SHAPE}"
+# The prompt word for the new shape: one token, like the shape words the model knows. Spelt
+# out, "cross" is five byte tokens that push "on a green background" to other positions, and
+# the frozen model then loses the background (right in 9 % of images; 22 % after 700 steps
+# of a UNet-only LoRA trained on "cross").
+LORA_WORD = "x"
 TI_NAME = f"sdk{NEW_COLOUR}"
 # Every linear and convolution the text reaches, plus the resnets that draw the outline.
 LORA_TARGETS = [
@@ -106,16 +111,20 @@ def dataset(name: str, draw, n: int, seed: int, vae, work: Path) -> dict:
     return data
 
 
-def full_caption(scene: shapes.Scene, rng: np.random.Generator, colour: str | None = None) -> str:
+def full_caption(
+    scene: shapes.Scene,
+    rng: np.random.Generator,
+    colour: str | None = None,
+    shape: str | None = None,
+) -> str:
     """`shapes.caption`, never empty (an empty caption would teach the unconditional model
-    the new thing), with the colour word optionally replaced by a trigger word."""
+    the new thing), with the colour or shape word optionally replaced by a trigger word."""
     text = (
         shapes.caption(scene, rng)
         or f"a {scene.colour} {scene.shape} on a {scene.background} background"
     )
-    if colour is not None:
-        text = " ".join(colour if w == scene.colour else w for w in text.split(" "))
-    return text
+    swap = {scene.colour: colour, scene.shape: shape, scene.shape + ",": f"{shape},"}
+    return " ".join(swap.get(w) or w for w in text.split(" "))
 
 
 def token_ids(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -142,7 +151,6 @@ def kohya_state_dict(unet, dtype=torch.float16) -> dict[str, torch.Tensor]:
 
 def train_lora(args, work: Path) -> None:
     from peft import LoraConfig
-    from safetensors.torch import save_file
 
     base = load_base()
     unet, te, tok = base["unet"], base["te"], base["tokenizer"]
@@ -170,11 +178,12 @@ def train_lora(args, work: Path) -> None:
     half = args.batch // 2
     t0 = time.time()
     unet.train()
+    exported = None
     while step < args.steps:
         rng = rng_for(args.seed, 11, step)
         i_new = rng.integers(len(new["scenes"]), size=half)
         i_old = rng.integers(len(old["scenes"]), size=args.batch - half)
-        texts = [full_caption(new["scenes"][i], rng) for i in i_new]
+        texts = [full_caption(new["scenes"][i], rng, shape=LORA_WORD) for i in i_new]
         texts += [shapes.caption(old["scenes"][i], rng) for i in i_old]
         x0 = torch.cat([new["latents"][i_new], old["latents"][i_old]])
         with torch.no_grad():
@@ -204,18 +213,27 @@ def train_lora(args, work: Path) -> None:
             torch.save(state, work / "lora.tmp")
             os.replace(work / "lora.tmp", ckpt)
         if step % args.export_every == 0 or step == args.steps:
-            args.out.mkdir(parents=True, exist_ok=True)
-            path = args.out / f"{LORA_NAME}.safetensors"
-            meta = {
-                "ss_network_dim": str(args.rank),
-                "ss_network_alpha": str(args.rank),
-                "ss_steps": str(step),
-                "sdkit_trigger": f"a red {NEW_SHAPE}",
-                "sdkit_base_model": "sdkit embedded shapes-64",
-            }
-            save_file(kohya_state_dict(unet), str(path) + ".tmp", metadata=meta)
-            os.replace(str(path) + ".tmp", path)
-            log(f"exported {path} at step {step}")
+            export_lora(unet, step, args)
+            exported = step
+    if exported != step:  # resumed at the end, or stopped between exports
+        export_lora(unet, step, args)
+
+
+def export_lora(unet, step: int, args) -> None:
+    from safetensors.torch import save_file
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{LORA_NAME}.safetensors"
+    meta = {
+        "ss_network_dim": str(args.rank),
+        "ss_network_alpha": str(args.rank),
+        "ss_steps": str(step),
+        "sdkit_trigger": f"a red {LORA_WORD} on a blue background",
+        "sdkit_base_model": "sdkit embedded shapes-64",
+    }
+    save_file(kohya_state_dict(unet), str(path) + ".tmp", metadata=meta)
+    os.replace(str(path) + ".tmp", path)
+    log(f"exported {path} at step {step}")
 
 
 # ------------------------------------------------------------------ textual inversion
@@ -258,6 +276,7 @@ def train_ti(args, work: Path) -> None:
     sched, weight = noise_schedule()
     trigger = " ".join(tokens)
     t0 = time.time()
+    exported = None
     while step < args.steps:
         rng = rng_for(args.seed, 12, step)
         idx = rng.integers(len(new["scenes"]), size=args.batch)
@@ -285,21 +304,28 @@ def train_ti(args, work: Path) -> None:
             torch.save(state, work / "ti.tmp")
             os.replace(work / "ti.tmp", ckpt)
         if step % args.export_every == 0 or step == args.steps:
-            args.out.mkdir(parents=True, exist_ok=True)
-            path = args.out / f"{TI_NAME}.pt"
-            torch.save(
-                {
-                    "string_to_token": {"*": 265},
-                    "string_to_param": {"*": vectors},
-                    "name": TI_NAME,
-                    "step": step,
-                    "sd_checkpoint": None,
-                    "sd_checkpoint_name": "sdkit embedded shapes-64",
-                },
-                str(path) + ".tmp",
-            )
-            os.replace(str(path) + ".tmp", path)
-            log(f"exported {path} at step {step}")
+            export_ti(vectors, step, args)
+            exported = step
+    if exported != step:
+        export_ti(table[ids].detach().clone(), step, args)
+
+
+def export_ti(vectors: torch.Tensor, step: int, args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{TI_NAME}.pt"
+    torch.save(
+        {
+            "string_to_token": {"*": 265},
+            "string_to_param": {"*": vectors},
+            "name": TI_NAME,
+            "step": step,
+            "sd_checkpoint": None,
+            "sd_checkpoint_name": "sdkit embedded shapes-64",
+        },
+        str(path) + ".tmp",
+    )
+    os.replace(str(path) + ".tmp", path)
+    log(f"exported {path} at step {step}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -317,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (lora), 5e-3 (ti)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (= alpha)")
     p.add_argument("--vectors", type=int, default=2, help="embedding vectors")
-    p.add_argument("--init-from", nargs="+", default=["red", "purple"], help="TI start words")
+    p.add_argument("--init-from", nargs="+", default=["green", "black"], help="TI start words")
     p.add_argument("--dataset", type=int, default=2000, help="scenes per kind")
     p.add_argument("--offset-noise", type=float, default=0.15)
     p.add_argument("--save-every", type=int, default=25)
