@@ -6,6 +6,7 @@ that counts lost connections (pyzmq's from a monitor socket).
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,12 @@ def open_transport(
 
 
 class ZmqTransport:
-    """pyzmq DEALER with a monitor socket, so dropped connections bump ``epoch``."""
+    """pyzmq DEALER with a monitor socket, so dropped connections bump ``epoch``.
+
+    A dropped connection is replaced by a new socket under a fresh routing id: the server's
+    ROUTER refuses handover (`security.secure_router`), so libzmq's own reconnect, which
+    presents the old id, would be ignored until the server noticed the old connection gone.
+    """
 
     name = "zmq"
 
@@ -79,27 +85,41 @@ class ZmqTransport:
 
         self._zmq = zmq
         self.context = zmq.Context()
+        self.address = address
+        self._keys = keys
+        self._heartbeat = (heartbeat_ivl, heartbeat_timeout)
+        self._epoch = 0
+        self._open(identity)
+
+    def _open(self, identity: bytes) -> None:
+        zmq = self._zmq
         sock = self.context.socket(zmq.DEALER)
         sock.linger = 0
         sock.routing_id = identity
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, int(heartbeat_ivl * 1000))
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_timeout * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(self._heartbeat[0] * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self._heartbeat[1] * 1000))
         sock.sndtimeo = 10_000
-        if keys is not None:
+        if self._keys is not None:
             from sdkit.bridge import security
 
-            security.apply_client(sock, keys)
+            security.apply_client(sock, self._keys)
         events = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
         self._monitor = sock.get_monitor_socket(events)
-        sock.connect(address)
+        sock.connect(self.address)
         self.sock = sock
-        self._epoch = 0
+        self.routing_id = identity
         self.connected = False
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
+
+    def _reopen(self) -> None:
+        """The connection dropped: a new socket under a fresh id (what the old one still
+        holds was sent in the lost connection's epoch, so its requests fail anyway)."""
+        self._close_socket(linger=0)
+        self._open(b"sdkit-" + uuid.uuid4().hex.encode())
 
     def send_multipart(self, frames) -> None:
         try:
@@ -120,8 +140,9 @@ class ZmqTransport:
             if ev["event"] == self._zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.connected = True
             elif ev["event"] == self._zmq.EVENT_DISCONNECTED and self.connected:
-                self.connected = False
                 self._epoch += 1
+                self._reopen()  # the old monitor's later events are the old socket's
+                return
 
     @property
     def epoch(self) -> int:
@@ -144,17 +165,23 @@ class ZmqTransport:
             self._monitor_events()
         return out
 
-    def close(self) -> None:
+    def _close_socket(self, linger: int) -> None:
         try:
             self.sock.disable_monitor()
         except Exception:  # noqa: BLE001
             pass
         self._monitor.close(0)
-        self.sock.close(linger=500)  # let a last "bye" leave
+        self.sock.close(linger=linger)
+
+    def close(self) -> None:
+        self._close_socket(linger=500)  # let a last "bye" leave
         self.context.term()
 
 
 class ZmtpTransport(zmtp.Dealer):
+    """The stdlib `zmtp.Dealer`; like `ZmqTransport`, each new connection after a lost one
+    presents a fresh routing id (the server ignores one it still holds)."""
+
     name = "zmtp"
 
     @property  # type: ignore[override]
@@ -168,4 +195,6 @@ class ZmtpTransport(zmtp.Dealer):
 
     @epoch.setter
     def epoch(self, value: int) -> None:
+        if value != getattr(self, "_epoch", value):  # a connection was lost
+            self.identity = b"sdkit-" + uuid.uuid4().hex.encode()
         self._epoch = value

@@ -356,6 +356,96 @@ def test_server_restart_mid_session(bridge_engine, transport):
         c.close()
 
 
+class _Relay:
+    """A TCP relay between client and server whose client side can be cut while the server
+    side stays open, so the server does not notice that the client's connection is gone."""
+
+    def __init__(self, upstream: str):
+        import socket
+
+        host, port = upstream.removeprefix("tcp://").rsplit(":", 1)
+        self._upstream = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.downstream: list = []
+        self.upstream: list = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._closed:
+            try:
+                down, _ = self._listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(self._upstream)
+            self.downstream.append(down)
+            self.upstream.append(up)
+            for a, b in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return  # the other side stays open: the server is never told
+            try:
+                dst.sendall(data)
+            except OSError:
+                pass  # the cut client side: drop what the server says
+
+    def cut_clients(self) -> None:
+        """Close every client-side connection; the server-side ones stay open and silent."""
+        import socket
+
+        for down in self.downstream:
+            try:
+                down.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            down.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        for sock in self.downstream + self.upstream:
+            sock.close()
+
+
+@pytest.mark.parametrize("transport", ["zmq", "zmtp"])
+def test_a_dropped_connection_the_server_has_not_noticed_is_replaced_under_a_new_id(
+    server, transport
+):
+    """With ROUTER_HANDOVER off, the server ignores a connection presenting a routing id
+    it still holds; the client must therefore reconnect under a fresh id, or it is deaf
+    until the server's heartbeat (30 s) times the old connection out."""
+    relay = _Relay(server.address)
+    c = Client(relay.address, transport=transport, timeout=60)
+    try:
+        assert c.hello()["versions"] == [1]
+        before = server.server.stats.get("clients_gone", 0)
+        relay.cut_clients()
+        _wait(lambda: len(relay.upstream) >= 2, 10, "the client to reconnect", c.pump)
+        deadline = time.monotonic() + 10
+        while True:  # hello answered on the new connection, well before 30 s
+            try:
+                assert c.hello(timeout=1)["versions"] == [1]
+                break
+            except BridgeTimeout:
+                assert time.monotonic() < deadline, "the reconnected client was ignored"
+        assert server.server.stats.get("clients_gone", 0) == before  # not noticed
+        assert c.txt2img(PROMPT, **FAST)[0].size == (64, 64)
+    finally:
+        c.close()
+        relay.close()
+
+
 def test_request_to_a_server_that_never_answers_times_out():
     import socket
 
