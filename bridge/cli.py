@@ -105,16 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=_limits(args),
         models=_allowed(args.allow_model),
     )
-    server.start()
-    print(f"sdkit bridge: {server.address} ({engine.spec})", flush=True)
-    try:
-        _wait_for_signal()
-    finally:
-        # In order: the socket and its context (clients get ``shutdown``), then the engine's
-        # threads, so that nothing runs native code while the interpreter exits.
-        server.stop()
-        engine.close()
-    return 0
+    return _run_until_signal(server, engine, f"sdkit bridge: {{address}} ({engine.spec})")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -132,11 +123,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     server = Server(
         engine, connect=args.connect, client_keys=client_keys, models=_allowed(args.allow_model)
     )
+    banner = f"sdkit worker {server.name}: connected to {args.connect} ({engine.spec})"
+    return _run_until_signal(server, engine, banner)
+
+
+def _run_until_signal(server: Any, engine: Any, banner: str) -> int:
+    """Serve until SIGTERM/SIGINT; `banner` may name `{address}` (known once bound)."""
     server.start()
-    print(f"sdkit worker {server.name}: connected to {args.connect} ({engine.spec})", flush=True)
+    print(banner.replace("{address}", server.address), flush=True)
     try:
         _wait_for_signal()
     finally:
+        # In order: the socket and its context (clients get ``shutdown``), then the engine's
+        # threads, so that nothing runs native code while the interpreter exits.
         server.stop()
         engine.close()
     return 0

@@ -221,7 +221,12 @@ class Client:
                 ev = self._replies.pop(rid, None)
             if ev is not None:
                 if ev.event == "error":
-                    raise _error(ev)
+                    err = _error(ev)
+                    # A drop the stdlib client saw a protocol failure in: chain its cause.
+                    cause = getattr(self._transport, "error", None)
+                    if ev.code == "connection_lost" and isinstance(cause, Exception):
+                        raise err from cause
+                    raise err
                 return ev
             if deadline is not None and time.monotonic() >= deadline:
                 with self._lock:

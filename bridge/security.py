@@ -176,6 +176,7 @@ class Authenticator:
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self.handshakes = 0  # connections admitted (for tests and status)
+        self.refused = 0  # handshakes refused (a refused peer's messages never pass)
 
     def start(self) -> Authenticator:
         """Bind the ZAP endpoint of ``context``; raises if another handler holds it."""
@@ -236,6 +237,7 @@ class Authenticator:
             if key in self._allowed:
                 user = CURVE_PREFIX + key.decode()
         if user is None:
+            self.refused += 1
             return [b"1.0", request_id, b"400", b"not authorized", b"", b""]
         self.handshakes += 1
         return [b"1.0", request_id, b"200", b"OK", user.encode(), b""]

@@ -317,13 +317,16 @@ class Session:
         if epoch == self._epoch:
             return
         self._epoch = epoch
+        # The transport may know why it dropped (the stdlib client keeps its protocol error).
+        cause = getattr(self.transport, "error", None)
+        why = f" ({cause})" if cause is not None else "; the server may have restarted"
         for p in [p for p in self.pending.values() if p.epoch < epoch]:
             self._backlog.append(
                 self._synthetic(
                     p.id,
                     "connection_lost",
-                    f"the connection to the server dropped while {p.op} {p.id!r} was in flight; "
-                    "the server may have restarted, send it again",
+                    f"the connection to the server dropped while {p.op} {p.id!r} was in "
+                    f"flight{why}, send it again",
                 )
             )
 

@@ -275,7 +275,10 @@ def test_structured_json_logs(server):
             c.txt2img(PROMPT, **FAST)
             with pytest.raises(BridgeError):
                 c.txt2img(PROMPT, num_inference_steps=-1)
-        time.sleep(0.5)
+        # The server may log after it replied: wait for the records, do not sleep on it.
+        deadline = time.monotonic() + 30
+        while '"bad_request"' not in stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
