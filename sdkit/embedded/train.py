@@ -199,6 +199,13 @@ def train_vae(args, work: Path):
     return vae, loss_avg
 
 
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write through a temporary file, so a run stopped mid-write keeps its last checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------ phase 3
 
 
@@ -329,8 +336,7 @@ def train_unet(args, work: Path, tokenizer, data):
                 "step": step,
                 "loss": loss_avg,
             }
-            torch.save(state, work / "unet.tmp")
-            os.replace(work / "unet.tmp", ckpt)
+            save_checkpoint(state, ckpt)
         if step % args.export_every == 0 or step == args.unet_steps:
             yield step, ema_unet, ema_te, loss_avg
 

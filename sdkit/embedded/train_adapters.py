@@ -37,6 +37,7 @@ from sdkit.embedded.train import (
     lr_at,
     noise_schedule,
     rng_for,
+    save_checkpoint,
 )
 
 ADAPTERS_DIR = Path(__file__).parent / "adapters"
@@ -210,8 +211,7 @@ def train_lora(args, work: Path) -> None:
                 "step": step,
                 "loss": loss_avg,
             }
-            torch.save(state, work / "lora.tmp")
-            os.replace(work / "lora.tmp", ckpt)
+            save_checkpoint(state, ckpt)
         if step % args.export_every == 0 or step == args.steps:
             export_lora(unet, step, args)
             exported = step
@@ -301,8 +301,7 @@ def train_ti(args, work: Path) -> None:
             t0 = time.time()
         if step % args.save_every == 0 or step == args.steps:
             state = {"vectors": vectors, "opt": opt.state_dict(), "step": step, "loss": loss_avg}
-            torch.save(state, work / "ti.tmp")
-            os.replace(work / "ti.tmp", ckpt)
+            save_checkpoint(state, ckpt)
         if step % args.export_every == 0 or step == args.steps:
             export_ti(vectors, step, args)
             exported = step
