@@ -208,6 +208,8 @@ class Engine:
                 f"{req.strength} x {steps} steps leaves no denoising step; "
                 f"use strength >= {1 / steps:.3g} or more steps",
             )
+        if spec.check is not None:
+            req = spec.check(req, self)
         if req.seed is None:
             req.seed = random.randrange(0, 2**32 - req.num_images)
         if req.model is None:

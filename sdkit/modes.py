@@ -47,6 +47,9 @@ class ModeSpec:
     (an empty mapping: every family, for runners that need no diffusers pipeline).
     `run(ctx)` gets a `sdkit.runners.RunContext` and returns the job's images.
     `forced`: values this mode always runs with (e.g. unconditional: no guidance, no prompt).
+    `check(request, engine)`: the mode's own checks and fills once the model's defaults are in
+    (e.g. the output size an outpaint or upscale will have); returns the request as it will
+    run or raises `RequestError`. `Engine.check` calls it; None: nothing beyond the fields.
     """
 
     name: str
@@ -57,6 +60,7 @@ class ModeSpec:
     pipelines: Mapping[str, str]
     run: Runner
     forced: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[Request, Any], Request] | None = None
 
     def describe(self) -> dict:
         """JSON-safe summary (the widget's tabs, the bridge's `hello`, `Engine.info()`)."""

@@ -55,7 +55,20 @@ RANGES: dict[str, tuple[float, float]] = {
     "grow": (0, 256),  # pixels of dilation
     "padding": (0, 512),  # context pixels around the mask (only_masked)
     "clip_skip": (1, 12),  # A1111's numbering: 1 = the last CLIP layer, 2 = penultimate
+    "hires_scale": (1, 4),  # txt2img hires fix: second pass at this multiple of the size
+    "hires_steps": (0, MAX_STEPS),  # 0: as many as num_inference_steps (A1111)
+    "hires_denoise": (MIN_STRENGTH, 1),  # the second pass's img2img strength
+    "left": (0, MAX_SIZE),  # outpaint: pixels added on each side
+    "right": (0, MAX_SIZE),
+    "top": (0, MAX_SIZE),
+    "bottom": (0, MAX_SIZE),
+    "seam": (0, 256),  # outpaint: band of the original repainted under a soft mask
+    "upscale_factor": (1, 4),  # upscale: output size / input size
+    "tile_overlap": (0, 256),  # upscale: pixels shared by neighbouring tiles
 }
+LORA_WEIGHTS = (0, 4)  # [lo, hi] of each `loras` entry's weight (A1111's <lora:NAME:WEIGHT>)
+HIRES_UPSCALERS = ("Latent", "Lanczos")  # A1111's names
+EXTEND_FILLS = ("stretch", "noise", "colour")  # outpaint: what the new area starts from
 
 _IMAGE_FIELDS = ("image", "mask")
 
@@ -87,6 +100,20 @@ class Request:
     fill: str = "original"
     resize_mode: str = "resize"
     clip_skip: int | None = None  # None or 1: the last layer (sdkit.conditioning)
+    loras: list[dict] = field(default_factory=list)  # [{"name": str, "weight": float}]
+    hires_scale: float | None = None  # txt2img: None or 1 = no hires fix
+    hires_steps: int = 0
+    hires_denoise: float = 0.7
+    hires_upscaler: str = "Latent"
+    left: int = 0  # outpaint
+    right: int = 0
+    top: int = 0
+    bottom: int = 0
+    extend_fill: str = "stretch"
+    seam: int = 32
+    upscale_factor: float = 2.0  # upscale
+    tile_overlap: int = 32
+    control: list[dict] = field(default_factory=list)  # ControlNet units (sdkit.control)
     model: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -125,6 +152,19 @@ class Request:
         for name in ("mask_blur", "grow", "padding"):
             _check_range(name, getattr(self, name), integer=True, optional=False)
         _check_range("clip_skip", self.clip_skip, integer=True)
+        _check_loras(self.loras)
+        _check_range("hires_scale", self.hires_scale, integer=False)
+        _check_range("hires_steps", self.hires_steps, integer=True, optional=False)
+        _check_range("hires_denoise", self.hires_denoise, integer=False, optional=False)
+        _check_choice("hires_upscaler", self.hires_upscaler, HIRES_UPSCALERS)
+        for name in ("left", "right", "top", "bottom", "seam", "tile_overlap"):
+            _check_range(name, getattr(self, name), integer=True, optional=False)
+        _check_range("upscale_factor", self.upscale_factor, integer=False, optional=False)
+        _check_choice("extend_fill", self.extend_fill, EXTEND_FILLS)
+        if not isinstance(self.control, list):
+            raise RequestError(
+                "control", f"must be a list of units, got {type(self.control).__name__}"
+            )
         if not isinstance(self.only_masked, bool | np.bool_):
             raise RequestError("only_masked", f"must be True or False, got {self.only_masked!r}")
         if self.fill not in FILLS:
@@ -197,7 +237,9 @@ class Request:
             for k, v in defaults.items()
             if k in names and getattr(self, k) is None and v is not None
         }
-        return dataclasses.replace(self, extra=dict(self.extra), **fill)
+        return dataclasses.replace(
+            self, extra=dict(self.extra), loras=[dict(x) for x in self.loras], **fill
+        )
 
     def to_dict(self, *, images: bool = False) -> dict:
         """JSON-safe dict; `image`/`mask` as base64 PNG only when `images`, else left out."""
@@ -210,6 +252,8 @@ class Request:
                 continue
             if f.name == "extra":
                 value = dict(value)
+            elif f.name == "loras":
+                value = [dict(item) for item in value]
             elif isinstance(value, np.generic):
                 value = value.item()
             out[f.name] = value
@@ -328,6 +372,35 @@ def _check_range(name: str, v: Any, *, integer: bool, optional: bool = True) -> 
             raise RequestError(name, f"must be {allowed}, got {_shown(v)}")
     if not lo <= v <= hi:  # exact for ints of any size (no float conversion)
         raise RequestError(name, f"must be {allowed}, got {_shown(v)}")
+
+
+def _check_choice(name: str, v: Any, allowed: tuple[str, ...]) -> None:
+    if v not in allowed:
+        raise RequestError(name, f"unknown value {_shown(v)}; allowed: {', '.join(allowed)}")
+
+
+def _check_loras(loras: Any) -> None:
+    """`loras`: a list of {"name": non-empty str, "weight": number in RANGES["lora_weight"]}."""
+    if not isinstance(loras, list):
+        raise RequestError("loras", f"must be a list of {{name, weight}}, got {_shown(loras)}")
+    lo, hi = LORA_WEIGHTS
+    for i, item in enumerate(loras):
+        where = f"loras[{i}]"
+        if not isinstance(item, Mapping) or set(item) - {"name", "weight"}:
+            raise RequestError(
+                where, f"must be {{'name': str, 'weight': number}}, got {_shown(item)}"
+            )
+        name = item.get("name")
+        if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\:<>"):
+            raise RequestError(
+                f"{where}.name", f"must be a LoRA name (no path), got {_shown(name)}"
+            )
+        weight = item.get("weight", 1.0)
+        if not _is_number(weight) or not math.isfinite(weight) or not lo <= weight <= hi:
+            raise RequestError(
+                f"{where}.weight",
+                f"LoRA {name!r}: weight must be a number in {lo}..{hi}, got {_shown(weight)}",
+            )
 
 
 def filled(value: T | None, field: str) -> T:
