@@ -22,6 +22,25 @@ except ImportError:  # copied next to a plug-in script (GIMP): top-level modules
     from editor_connection import Connection, ModeInfo  # type: ignore[no-redef]
 
 
+def with_lora(prompt: str, name: str, weight: float = 1.0) -> str:
+    """``prompt`` with A1111's ``<lora:NAME:WEIGHT>`` tag appended (the server reads it and
+    removes it from the text CLIP sees); a prompt that already names the LoRA is kept."""
+    if f"<lora:{name}:" in prompt or f"<lora:{name}>" in prompt:
+        return prompt
+    tag = f"<lora:{name}:{weight:g}>"
+    return f"{prompt.rstrip()} {tag}" if prompt.strip() else tag
+
+
+def check_lora(conn: Connection, name: str) -> str:
+    """``name`` if the server lists it in ``hello``'s ``loras``, else EditorError naming the
+    ones it offers (a plug-in never sends a path: the server finds LoRAs by name)."""
+    offered = conn.adapters("loras")
+    if name not in offered:
+        listed = ", ".join(offered) if offered else "none"
+        raise geo.EditorError(f"the server has no LoRA {name!r} (it offers: {listed})")
+    return name
+
+
 @dataclass
 class Params:
     """The fields an editor dialog offers; None leaves the choice to the model's defaults."""

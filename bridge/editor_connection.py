@@ -245,6 +245,12 @@ class Connection:
                 return value[0], value[1]
         return None
 
+    def adapters(self, kind: str) -> list[str]:
+        """Names of the server's ``loras``, ``embeddings`` or ``controls`` (``hello``'s lists;
+        [] for a server that has none or predates them). Names only: a request names them."""
+        value = self.info.get(kind) if self.state == "connected" else None
+        return list(_names(value))
+
     def default_size(self) -> tuple[int, int]:
         defaults = self.model.get("defaults") or {}
         return int(defaults.get("width") or 512), int(defaults.get("height") or 512)

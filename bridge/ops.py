@@ -53,6 +53,7 @@ class Ops:
                     "result": list(P.RESULT_FORMATS),
                 },
                 worker=self.name,
+                **adapter_names(info),
             ),
         )
 
@@ -99,6 +100,16 @@ class Ops:
 
     def _op_generate(self, client: bytes, msg: P.Message) -> None:
         self._jobs.generate(client, self._clients.touch(client, time.monotonic()), msg)
+
+
+ADAPTER_KINDS = ("loras", "embeddings", "controls")  # Engine.info() keys, names only
+
+
+def adapter_names(info: dict) -> dict[str, list[str]]:
+    """The adapters a request may name (LoRAs, embeddings, control models), as `hello` lists
+    them: names only, never the folders or paths they were found in; [] when the engine
+    has none (or predates adapters)."""
+    return {kind: [n for n in info.get(kind) or [] if isinstance(n, str)] for kind in ADAPTER_KINDS}
 
 
 def _version() -> str:

@@ -10,6 +10,11 @@ Other parts add subcommands without the core importing them: each module named i
 `EXTENSIONS` may define `register(subparsers)`, which adds parsers and sets
 `func=handler` on them (`handler(args) -> int` exit code). They are imported inside
 `main()` only, so importing `sdkit.cli` never imports the bridge or zmq.
+
+List fields have flags of their own, one per item: `--lora NAME[:WEIGHT]` (the `loras`
+field, every prompted mode) and `--control FILE:MODEL[:WEIGHT]` (a `control` unit, modes
+whose spec lists `control`). `--lora-dir`, `--embedding-dir`, `--control-dir` add folders
+the engine searches; `sdkit list` prints what those folders hold.
 """
 
 from __future__ import annotations
@@ -25,7 +30,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from sdkit import modes
-from sdkit.request import FILLS, RANGES, RESIZE_MODES, Request, RequestError
+from sdkit.request import (
+    FILLS,
+    HIRES_UPSCALERS,
+    LORA_WEIGHTS,
+    RANGES,
+    RESIZE_MODES,
+    Request,
+    RequestError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +48,12 @@ EXTENSIONS = (
 )  # modules with register(subparsers), imported in main()
 
 _POSITIONAL = ("image", "mask", "prompt")  # in this order on the command line
+_UNITS = ("loras", "control")  # list fields: one repeatable flag per item (--lora, --control)
+_FOLDERS = {  # flag -> sdkit.load keyword: folders the engine searches for adapters
+    "lora_dir": "lora_dirs",
+    "embedding_dir": "embedding_dirs",
+    "control_dir": "control_dirs",
+}
 _HELP = {
     "negative_prompt": "what to steer away from",
     "num_inference_steps": "denoising steps (1..1000; default: the model's)",
@@ -52,7 +71,17 @@ _HELP = {
     "only_masked": "work on a crop around the mask at full resolution, then paste back",
     "padding": "context pixels around the mask for --only-masked",
     "fill": f"what the masked area starts from: {' | '.join(FILLS)}",
+    "hires_scale": "hires fix: a second pass at this multiple of the size (1: off)",
+    "hires_steps": "hires fix: steps of the second pass (0: as many as the first)",
+    "hires_denoise": "hires fix: how much the second pass changes, in (0, 1]",
+    "hires_upscaler": f"hires fix upscaler: {' | '.join(HIRES_UPSCALERS)}",
+    "upscale_factor": "upscale: output size / input size; Lanczos, then img2img per tile "
+    "at --strength (default 0.3 here)",
+    "tile_overlap": "upscale: pixels neighbouring tiles share at least (blended there)",
 }
+# Values a mode's subcommand uses for flags not given (Request's defaults otherwise): upscale
+# refines tiles lightly (sdkit.tiled_upscale.DEFAULT_STRENGTH; `sdkit.upscale()` does the same).
+_MODE_DEFAULTS: dict[str, dict[str, Any]] = {"upscale": {"strength": 0.3}}
 _INPUT_HELP = {
     "image": "input image file",
     "mask": "mask image file: white repaint, black keep, grey soft",
@@ -60,8 +89,8 @@ _INPUT_HELP = {
 
 
 def _flags(spec: modes.ModeSpec) -> tuple[str, ...]:
-    """The mode's fields less the positional prompt, image and mask."""
-    return tuple(f for f in spec.fields if f not in _POSITIONAL)
+    """The mode's fields less the positional prompt, image and mask and the list fields."""
+    return tuple(f for f in spec.fields if f not in _POSITIONAL and f not in _UNITS)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,6 +132,31 @@ def _add_fields(parser: argparse.ArgumentParser, spec: modes.ModeSpec) -> None:
             )
         else:
             parser.add_argument(flag, dest=name, type=_field_type(name), default=None, help=help)
+    if "prompt" in spec.fields or "loras" in spec.fields:
+        lo, hi = LORA_WEIGHTS
+        parser.add_argument(
+            "--lora",
+            dest="loras",
+            action="append",
+            metavar="NAME[:WEIGHT]",
+            help=f"apply the LoRA NAME (found in the LoRA folders) at WEIGHT [{lo}..{hi}], "
+            "default 1; repeatable. Same as <lora:NAME:WEIGHT> in the prompt",
+        )
+        parser.add_argument(
+            "--control",
+            action="append",
+            metavar="FILE:MODEL[:WEIGHT]",
+            help="a ControlNet unit: control image FILE for control model MODEL (found in the "
+            "control folders) at WEIGHT, default 1; repeatable",
+        )
+    _add_model_options(parser)
+    parser.add_argument(
+        "--out", default="outputs", help="folder (or .png path) to write to (default: ./outputs)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
@@ -119,10 +173,17 @@ def _add_fields(parser: argparse.ArgumentParser, spec: modes.ModeSpec) -> None:
     parser.add_argument(
         "--dtype", default=None, help="fp16, bf16, fp32 (default: fp16 on GPU, fp32 on CPU)"
     )
-    parser.add_argument(
-        "--out", default="outputs", help="folder (or .png path) to write to (default: ./outputs)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    for flag, what in (
+        ("--lora-dir", "LoRA files (.safetensors)"),
+        ("--embedding-dir", "textual-inversion embeddings (.pt, .safetensors)"),
+        ("--control-dir", "ControlNet models"),
+    ):
+        parser.add_argument(
+            flag,
+            action="append",
+            metavar="DIR",
+            help=f"also search DIR for {what}; repeatable (besides the model's own folders)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="print the parsed request as JSON")
     p.set_defaults(func=_info)
+    p = sub.add_parser(
+        "list",
+        aliases=["loras"],
+        help="list the LoRAs, embeddings and control models the model's folders hold",
+    )
+    _add_model_options(p)
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+    p.set_defaults(func=_list)
     return parser
 
 
@@ -156,12 +225,73 @@ def _register_extensions(parser: argparse.ArgumentParser) -> None:
 
 def _request_from_args(args: argparse.Namespace) -> Request:
     spec = modes.get(args.mode)
-    fields: dict[str, Any] = {}
+    fields: dict[str, Any] = dict(_MODE_DEFAULTS.get(str(args.mode), {}))
     for name in (*_flags(spec), *spec.inputs, "prompt"):
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
+    if getattr(args, "loras", None):
+        fields["loras"] = [_lora_unit(text, i) for i, text in enumerate(args.loras)]
+    if getattr(args, "control", None):
+        if "control" not in spec.fields:
+            takers = [str(s.name) for s in modes.registered() if "control" in s.fields]
+            raise RequestError(
+                "control",
+                f"{spec.name} takes no control units"
+                + (f"; modes that do: {', '.join(takers)}" if takers else " (no mode does yet)"),
+            )
+        fields["control"] = [_control_unit(text, i) for i, text in enumerate(args.control)]
     return Request(mode=args.mode, **fields)
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _lora_unit(text: str, i: int) -> dict:
+    """`--lora NAME[:WEIGHT]` -> a `loras` item; the name's own checks are Request.validate's."""
+    name, sep, weight = text.rpartition(":")
+    if not sep or any(c in weight for c in "/\\"):  # a Windows path: refused as a name
+        return {"name": text, "weight": 1.0}
+    value = _number(weight)
+    if value is None:
+        raise RequestError(
+            f"loras[{i}].weight", f"--lora {text!r}: WEIGHT {weight!r} is not a number"
+        )
+    return {"name": name, "weight": value}
+
+
+def _control_unit(text: str, i: int) -> dict:
+    """`--control FILE:MODEL[:WEIGHT]` -> a `control` unit with the image loaded. Split from
+    the right, so a FILE may hold colons (C:\\...); a MODEL is a name and holds none."""
+    parts = text.rsplit(":", 2)
+    weight = _number(parts[-1]) if len(parts) == 3 else None
+    if weight is None:
+        parts = text.rsplit(":", 1)
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise RequestError(f"control[{i}]", f"--control {text!r}: expected FILE:MODEL[:WEIGHT]")
+    from sdkit.images import load_image
+
+    unit: dict[str, Any] = {
+        "image": load_image(parts[0], f"control[{i}].image"),
+        "model": parts[1],
+    }
+    if weight is not None:
+        unit["weight"] = weight
+    return unit
+
+
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`sdkit.load` keywords from --config and the folder flags (only those given)."""
+    options: dict[str, Any] = {"config": args.config} if args.config else {}
+    for flag, keyword in _FOLDERS.items():
+        folders = getattr(args, flag, None)
+        if folders:
+            options[keyword] = list(folders)
+    return options
 
 
 def size_multiple_before_loading(spec: str | None) -> int | None:
@@ -197,8 +327,7 @@ def _generate(args: argparse.Namespace) -> int:
     request.validate(vae_factor=multiple or 1)  # cheap checks before loading the model
     from sdkit.api import load
 
-    options = {"config": args.config} if args.config else {}
-    engine = load(args.model, device=args.device, dtype=args.dtype, **options)
+    engine = load(args.model, device=args.device, dtype=args.dtype, **_load_options(args))
     request = engine.check(request)  # what only the loaded model knows, before the bar
     result = engine.generate(request, progress=not args.quiet)
     for path in result.save(args.out):
@@ -225,6 +354,24 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(Request.from_infotext(text).to_dict(), indent=2))
     else:
         print(text)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    """The adapters the engine finds by name (`Engine.info()`: names only, never paths)."""
+    from sdkit.api import load
+
+    engine = load(args.model, device=args.device, dtype=args.dtype, **_load_options(args))
+    info = engine.info()
+    found = {key: list(info.get(key) or []) for key in ("loras", "embeddings", "controls")}
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    titles = {"loras": "LoRAs", "embeddings": "Embeddings", "controls": "Control models"}
+    for key, names in found.items():
+        print(f"{titles[key]} ({len(names)}):")
+        for name in names:
+            print(f"  {name}")
     return 0
 
 

@@ -331,3 +331,130 @@ def test_console_script_prints_paths_and_a_summary_without_loading_noise(tmp_pat
     noise = [ln for ln in lines if "torchvision" in ln or "Loading" in ln or "[transformers]" in ln]
     assert noise == [], noise
     assert any("2/2" in ln for ln in lines)  # the generation's own bar stays
+
+
+# ------------------------------------------------------------------ adapters (issue 14.8)
+
+
+def _parsed(argv):
+    from sdkit.cli import _request_from_args, build_parser
+
+    return _request_from_args(build_parser().parse_args(argv))
+
+
+def test_lora_flags_become_the_loras_field():
+    req = _parsed(["txt2img", "x", "--lora", "sdkcross:0.5", "--lora", "other"])
+    assert req.loras == [{"name": "sdkcross", "weight": 0.5}, {"name": "other", "weight": 1.0}]
+    req = _parsed(["img2img", "in.png", "x", "--lora", "a:2"])
+    assert req.loras == [{"name": "a", "weight": 2.0}]
+    assert _parsed(["txt2img", "x"]).loras == []
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint", "unconditional"])
+def test_lora_and_folder_flags_are_offered_where_they_mean_something(mode, capsys):
+    with pytest.raises(SystemExit):
+        main([mode, "--help"])
+    text = capsys.readouterr().out
+    assert ("--lora NAME[:WEIGHT]" in text) == (mode != "unconditional")
+    assert "--loras" not in text  # the list field has its own per-item flag
+    for flag in ("--lora-dir", "--embedding-dir", "--control-dir"):
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    "value,field",
+    [
+        ("../evil:1", "loras[0].name"),  # never a path: a name the folders hold
+        ("C:\\loras\\x", "loras[0].name"),
+        ("x:heavy", "loras[0].weight"),
+        ("x:9", "loras[0].weight"),  # out of LORA_WEIGHTS
+        ("x:-1", "loras[0].weight"),
+    ],
+)
+def test_bad_lora_flags_are_refused_before_the_model_loads(value, field, monkeypatch, capsys):
+    import sdkit.api
+
+    loads = []
+    monkeypatch.setattr(sdkit.api, "load", lambda *a, **k: loads.append(a) or 1 / 0)
+    code, out, err = run(["txt2img", "x", "--lora", value, "--quiet"], capsys)
+    assert code == 2 and loads == [] and out == ""
+    assert err.startswith(f"error: {field}: "), err
+
+
+def test_folder_flags_reach_the_engine_load(monkeypatch, capsys, tmp_path):
+    import sdkit.api
+
+    seen = {}
+
+    def fake_load(*args, **kwargs):
+        seen.update(kwargs)
+        raise RequestError("model", "stop here")
+
+    monkeypatch.setattr(sdkit.api, "load", fake_load)
+    argv = ["txt2img", "x", "--lora-dir", "a", "--lora-dir", "b", "--control-dir", "c"]
+    code, _, err = run([*argv, "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "stop here" in err
+    assert seen["lora_dirs"] == ["a", "b"] and seen["control_dirs"] == ["c"]
+    assert "embedding_dirs" not in seen  # not given: the engine's own folders only
+    seen.clear()
+    code, _, _ = run(["list", "--embedding-dir", "e"], capsys)
+    assert code == 2 and seen["embedding_dirs"] == ["e"]
+
+
+def _control_mode():
+    """A registered mode whose spec takes control units (the unit parsing, without ControlNet)."""
+    from sdkit import modes
+
+    fields = ("prompt", "control", "num_inference_steps", "seed")
+    return modes.ModeSpec(
+        "test-control", "Test control", fields, ("prompt",), (), {}, lambda ctx: []
+    )
+
+
+@pytest.fixture
+def control_mode():
+    from sdkit import modes
+
+    spec = modes.register(_control_mode())
+    yield spec
+    modes.unregister(spec.name)
+
+
+def test_control_flags_become_units_with_their_images(control_mode, files):
+    d = files["dir"]
+    req = _parsed(
+        [
+            "test-control",
+            "x",
+            "--control",
+            f"{d / 'in.png'}:scribbler:0.6",
+            "--control",
+            f"{d / 'mask.png'}:edges",
+        ]
+    )
+    first, second = req.control
+    assert (first["model"], first["weight"], second["model"]) == ("scribbler", 0.6, "edges")
+    assert "weight" not in second  # the unit's default applies
+    assert first["image"].size == (32, 32) and first["image"].getpixel((0, 0)) == (200, 20, 20)
+
+
+@pytest.mark.parametrize(
+    "value,field",
+    [
+        ("{in}", "control[0]"),  # no model
+        ("{missing}:scribbler", "control[0].image"),
+        ("{broken}:scribbler:0.5", "control[0].image"),
+    ],
+)
+def test_bad_control_flags_name_the_unit(control_mode, files, capsys, value, field):
+    argv = ["test-control", "x", "--control", *_argv(files, [value]), "--quiet"]
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(f"error: {field}: "), err
+
+
+def test_control_on_a_mode_without_control_units_is_a_clear_error(files, capsys):
+    argv = ["txt2img", "x", "--control", *_argv(files, ["{in}:scribbler"]), "--quiet"]
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: control: txt2img takes no control units"), err
