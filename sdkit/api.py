@@ -28,6 +28,9 @@ def load(
     `spec`: None/"embedded"/"default" (the shipped model), a local diffusers folder, a
     `.safetensors`/`.ckpt` file (`config=` a local diffusers folder of the same family,
     else one next to the file), or a hub id from the local Hugging Face cache.
+    `options`: `Engine`'s keywords, e.g. `lora_dirs=`, `embedding_dirs=`, `control_dirs=`
+    (folders searched for adapters by name, before `SDKIT_LORA_DIRS` & co. and the
+    `loras/`, `embeddings/`, `controlnet/` folders next to a local model).
     """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

@@ -13,14 +13,16 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from sdkit import fast, modes, schedulers
+from sdkit import adapter_plan, fast, modes, schedulers
+from sdkit.adapter_loading import AdapterState
+from sdkit.adapters import AdapterFolders
 from sdkit.jobs import (
     Dispatcher,
     EventFn,
@@ -56,19 +58,38 @@ class Engine:
         *,
         config: str | Path | None = None,
         compile: bool | None = None,
+        lora_dirs: Iterable[str | Path] | None = None,
+        embedding_dirs: Iterable[str | Path] | None = None,
+        control_dirs: Iterable[str | Path] | None = None,
     ):
         model = load_model(spec, device, dtype, config=config)
-        self._setup(model, compile=compile)
+        dirs = {"lora_dirs": lora_dirs, "embedding_dirs": embedding_dirs}
+        self._setup(model, compile=compile, control_dirs=control_dirs, **dirs)
 
     @classmethod
-    def from_loaded(cls, model: LoadedModel, *, compile: bool | None = None) -> Engine:
+    def from_loaded(
+        cls,
+        model: LoadedModel,
+        *,
+        compile: bool | None = None,
+        lora_dirs: Iterable[str | Path] | None = None,
+        embedding_dirs: Iterable[str | Path] | None = None,
+        control_dirs: Iterable[str | Path] | None = None,
+    ) -> Engine:
         """An engine around an already loaded model (tests, embedding applications)."""
         self = cls.__new__(cls)
-        self._setup(model, compile=compile)
+        dirs = {"lora_dirs": lora_dirs, "embedding_dirs": embedding_dirs}
+        self._setup(model, compile=compile, control_dirs=control_dirs, **dirs)
         return self
 
-    def _setup(self, model: LoadedModel, *, compile: bool | None) -> None:
+    def _setup(self, model: LoadedModel, *, compile: bool | None, **dirs: Any) -> None:
         self.model = model
+        local = Path(model.spec) if model.spec != "embedded" else None
+        self.adapters = AdapterFolders(
+            **dirs,
+            model_path=local if local is not None and local.exists() else None,
+            embedded=model.spec == "embedded",
+        )
         self.spec = model.spec
         self.device = model.device
         self.dtype = model.dtype
@@ -101,6 +122,7 @@ class Engine:
         base.set_progress_bar_config(disable=True)
         self._pipes: dict[str, Any] = {type(base).__name__: base}
         self._base = base
+        self._adapter_state = AdapterState()
         self._lock = threading.RLock()
         self._queue = JobQueue()
         self._events = Dispatcher(f"sdkit-events-{id(self):x}")
@@ -156,6 +178,16 @@ class Engine:
             "modes": [s.describe() for s in self.served_modes()],
             "ranges": self.ranges(),
             "max_pixels": MAX_PIXELS,  # width x height x num_images of one job
+            **self._adapter_names(),
+        }
+
+    def _adapter_names(self) -> dict[str, list[str]]:
+        """Names (never paths) of the LoRAs, embeddings and ControlNet models found."""
+        text = self.family != "unconditional"
+        return {
+            "loras": self.adapters.names("lora") if text else [],
+            "embeddings": self.adapters.names("embedding") if text else [],
+            "controls": self.adapters.names("control") if text else [],
         }
 
     def check(self, request: Request) -> Request:
@@ -210,6 +242,7 @@ class Engine:
             )
         if spec.check is not None:
             req = spec.check(req, self)
+        adapter_plan.check(req, self)  # LoRAs and embeddings; writes their hashes to extra
         if req.seed is None:
             req.seed = random.randrange(0, 2**32 - req.num_images)
         if req.model is None:
@@ -388,8 +421,10 @@ class Engine:
         ctx = RunContext(self, job, generators)
         vae = getattr(self._base, "vae", None)
         unet = getattr(self._base, "unet", None)
-        with torch.inference_mode(), cancel_points(ctx, unet, getattr(vae, "decoder", None)):
-            images = spec.run(ctx)
+        used = adapter_plan.plan(req, self)
+        with torch.no_grad(), self._adapter_state.applied(self._base, used.loras, used.embeddings):
+            with torch.inference_mode(), cancel_points(ctx, unet, getattr(vae, "decoder", None)):
+                images = spec.run(ctx)
         ctx.check_cancel()
         now = time.perf_counter()
         steps = job.progress.total if job.progress else req.num_inference_steps

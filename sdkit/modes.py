@@ -135,6 +135,7 @@ _PROMPTED = (
     "scheduler",
     "num_images",
     "clip_skip",
+    "loras",
 )
 _IMG2IMG = (*_PROMPTED, "image", "strength", "resize_mode")
 _INPAINT = (*_IMG2IMG, "mask", "mask_blur", "grow", "only_masked", "padding", "fill")

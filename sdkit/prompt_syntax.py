@@ -307,3 +307,33 @@ def has_syntax(prompt: str, steps: int) -> bool:
     return schedule(prompt, steps) != [(steps, prompt)] or parse_attention(prompt) != [
         (prompt, 1.0)
     ]
+
+
+# ------------------------------------------------------------------------ LoRA tags
+
+# A1111's extra-network tag `<lora:NAME>` or `<lora:NAME:WEIGHT>` (its `<(\w+):([^>]+)>`,
+# `lora` only: other networks are not supported here and stay in the text).
+_LORA_TAG = re.compile(r"<lora:([^>]*)>")
+
+
+def lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """(`prompt` without its `<lora:NAME:WEIGHT>` tags, [(NAME, WEIGHT), ...]) in order; the
+    weight defaults to 1. Removed tags leave nothing behind, as in A1111 (a prompt without
+    tags comes back as the same string). ValueError for a tag without a name or whose
+    weight is not a number (A1111's te/unet/dyn extra arguments are not supported)."""
+    found: list[tuple[str, float]] = []
+    for m in _LORA_TAG.finditer(prompt):
+        parts = m.group(1).split(":")
+        name = parts[0].strip()
+        if not name or len(parts) > 2:
+            raise ValueError(f"{m.group(0)}: expected <lora:NAME> or <lora:NAME:WEIGHT>")
+        weight = _float(parts[1].strip()) if len(parts) == 2 else 1.0
+        if weight is None:
+            raise ValueError(f"{m.group(0)}: the weight {parts[1]!r} is not a number")
+        found.append((name, weight))
+    return (_LORA_TAG.sub("", prompt) if found else prompt), found
+
+
+def without_lora_tags(prompt: str) -> str:
+    """`prompt` as it reaches CLIP: its `<lora:...>` tags removed (A1111's rule)."""
+    return _LORA_TAG.sub("", prompt)

@@ -22,6 +22,7 @@ from sdkit import conditioning, fast, schedulers
 from sdkit.fitting import fit_image, inpaint_finish, inpaint_inputs
 from sdkit.jobs import EventKind, Interrupted, Job, ProgressEvent
 from sdkit.modes import Mode
+from sdkit.prompt_syntax import without_lora_tags
 from sdkit.request import filled
 
 if TYPE_CHECKING:
@@ -130,6 +131,7 @@ class RunContext:
         per step for prompt editing), plain prompts as text exactly as before."""
         req = self.request
         prompt, negative = ("", "") if unconditional else (req.prompt, req.negative_prompt)
+        prompt = without_lora_tags(prompt)  # LoRA tags never reach CLIP
         return kwargs | conditioning.prompt_kwargs(
             pipe,
             prompt,
