@@ -26,6 +26,7 @@ __all__ = [
     "img2img",
     "inpaint",
     "load",
+    "outpaint",
     "txt2img",
     "unconditional",
 ]
@@ -44,11 +45,20 @@ _LAZY = {
     "img2img": "sdkit.api",
     "inpaint": "sdkit.api",
     "unconditional": "sdkit.api",
+    "outpaint": "sdkit.api",
     "generate": "sdkit.api",
 }
 
 if TYPE_CHECKING:
-    from sdkit.api import generate, img2img, inpaint, load, txt2img, unconditional
+    from sdkit.api import (
+        generate,
+        img2img,
+        inpaint,
+        load,
+        outpaint,
+        txt2img,
+        unconditional,
+    )
     from sdkit.engine import Engine
     from sdkit.jobs import EventKind, Job, JobCancelled, JobState, ProgressEvent
     from sdkit.models import ModelNotFoundError

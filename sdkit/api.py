@@ -91,6 +91,14 @@ def unconditional(*, model: Any = None, progress: bool = True, **fields: Any) ->
     return _engine(model).generate(make_request("unconditional", **fields), progress=progress)
 
 
+def outpaint(
+    image: Any, prompt: str = "", *, model: Any = None, progress: bool = True, **fields: Any
+) -> Result:
+    """Extend the canvas by `left`/`right`/`top`/`bottom` px and paint the new area, with a
+    soft `seam` band into the original; the original outside that band stays exact."""
+    return _engine(model).outpaint(image, prompt, progress=progress, **fields)
+
+
 def generate(request: Request, *, model: Any = None, progress: bool = True) -> Result:
     """Run a ready `Request` (e.g. `Request.from_png(path)`) on `model` (default: the
     embedded model; the request's own `model` field is informational only)."""

@@ -324,6 +324,11 @@ class Engine:
     def unconditional(self, *, progress: bool = True, **fields: Any) -> Result:
         return self.generate(make_request("unconditional", **fields), progress=progress)
 
+    def outpaint(self, image: Any, prompt: str = "", *, progress: bool = True, **f: Any) -> Result:
+        """Extend the canvas by left/right/top/bottom px and paint it (`sdkit.outpainting`)."""
+        req = make_request("outpaint", image=image, prompt=prompt, **f)
+        return self.generate(req, progress=progress)
+
     def queue_length(self) -> int:
         """Jobs waiting (not counting the running one)."""
         return self._queue.waiting()

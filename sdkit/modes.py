@@ -33,6 +33,7 @@ class Mode(StrEnum):
     IMG2IMG = "img2img"
     INPAINT = "inpaint"
     UNCONDITIONAL = "unconditional"
+    OUTPAINT = "outpaint"
 
 
 Runner = Callable[..., "list[Image.Image]"]
@@ -210,5 +211,44 @@ register(
         ),
         run=_builtin_runner("run_unconditional"),
         forced={"guidance_scale": 1.0, "prompt": ""},
+    )
+)
+
+
+def _outpaint_check(request: Request, engine: Any) -> Request:
+    from sdkit import outpainting  # on first use, like the runners (sdkit.outpaint: the function)
+
+    return outpainting.check(request, engine)
+
+
+def _run_outpaint(ctx: Any) -> list:
+    from sdkit import outpainting
+
+    return outpainting.run(ctx)
+
+
+register(
+    ModeSpec(
+        name=Mode.OUTPAINT,
+        title="Outpaint",
+        fields=(
+            "image",
+            *(f for f in _PROMPTED if f not in ("width", "height")),  # the size is the output's
+            "strength",
+            "left",
+            "right",
+            "top",
+            "bottom",
+            "extend_fill",
+            "seam",
+            "mask_blur",
+        ),
+        required=("image",),
+        inputs=("image",),
+        pipelines=_family_table(
+            "StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline"
+        ),  # passes run through the inpaint pipeline (sdkit.outpainting)
+        run=_run_outpaint,
+        check=_outpaint_check,
     )
 )
