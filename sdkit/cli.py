@@ -78,6 +78,14 @@ _HELP = {
     "upscale_factor": "upscale: output size / input size; Lanczos, then img2img per tile "
     "at --strength (default 0.3 here)",
     "tile_overlap": "upscale: pixels neighbouring tiles share at least (blended there)",
+    "left": "outpaint: pixels added on the left",
+    "right": "outpaint: pixels added on the right",
+    "top": "outpaint: pixels added at the top",
+    "bottom": "outpaint: pixels added at the bottom",
+    "extend_fill": "outpaint: what the new area starts from: stretch (the edge pixels drawn "
+    "outward) | noise | colour (the edges' mean colour)",
+    "seam": "outpaint: pixels of the original next to the new area repainted under a soft "
+    "mask (nothing beyond them changes)",
 }
 # Values a mode's subcommand uses for flags not given (Request's defaults otherwise): upscale
 # refines tiles lightly (sdkit.tiled_upscale.DEFAULT_STRENGTH; `sdkit.upscale()` does the same).

@@ -159,41 +159,53 @@ def _builtin_runner(name: str) -> Runner:
     return run
 
 
+def _control_check(request: Request, engine: Any) -> Request:
+    """Control units' models exist and fit the engine (sdkit.control, imported on first use)."""
+    if not request.control:
+        return request
+    from sdkit import control
+
+    return control.check(request, engine)
+
+
 register(
     ModeSpec(
         name=Mode.TXT2IMG,
         title="Text to image",
-        fields=_PROMPTED,
+        fields=(*_PROMPTED, "control"),
         required=("prompt",),
         inputs=(),
         pipelines=_family_table("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
         run=_builtin_runner("run_txt2img"),
+        check=_control_check,
     )
 )
 register(
     ModeSpec(
         name=Mode.IMG2IMG,
         title="Image to image",
-        fields=_IMG2IMG,
+        fields=(*_IMG2IMG, "control"),
         required=("image",),
         inputs=("image",),
         pipelines=_family_table(
             "StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"
         ),
         run=_builtin_runner("run_img2img"),
+        check=_control_check,
     )
 )
 register(
     ModeSpec(
         name=Mode.INPAINT,
         title="Inpaint",
-        fields=_INPAINT,
+        fields=(*_INPAINT, "control"),
         required=("image", "mask"),
         inputs=("image", "mask"),
         pipelines=_family_table(
             "StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline"
         ),
         run=_builtin_runner("run_inpaint"),
+        check=_control_check,
     )
 )
 register(

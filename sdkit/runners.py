@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from sdkit import conditioning, fast, schedulers
+from sdkit import conditioning, control, fast, schedulers
 from sdkit.fitting import fit_image, inpaint_finish, inpaint_inputs
 from sdkit.jobs import EventKind, Interrupted, Job, ProgressEvent
 from sdkit.modes import Mode
@@ -52,6 +52,7 @@ class RunContext:
     engine: Engine
     job: Job
     generators: list[torch.Generator]
+    crop_box: tuple[int, int, int, int] | None = None  # inpaint only_masked: control crops too
 
     @property
     def request(self) -> Request:
@@ -78,6 +79,8 @@ class RunContext:
         fresh scheduler (default: the request's) seeded and sized for this job."""
         req = self.request
         pipe = self.engine.pipeline(name or req.mode)
+        if req.control:  # its ControlNet twin, same components (sdkit.control)
+            pipe = control.pipeline(self, pipe)
         name = filled(scheduler or req.scheduler, "scheduler")
         sched = schedulers.make_scheduler(name, self.engine.scheduler_config)
         seed_noise_sampler(sched, filled(req.seed, "seed"), req.num_images)
@@ -140,7 +143,7 @@ class RunContext:
             clip_skip=None if unconditional else req.clip_skip,
             callback=kwargs["callback_on_step_end"],
             family=self.engine.family,
-        )
+        ) | control.call_kwargs(self, pipe, kwargs)
 
 
 # The units of work a cancel waits for at most: one resnet, one attention or feed-forward
@@ -212,6 +215,7 @@ def run_img2img(ctx: RunContext) -> list[Image.Image]:
 def run_inpaint(ctx: RunContext) -> list[Image.Image]:
     req = ctx.request
     work = inpaint_inputs(req)
+    ctx.crop_box = work.box
     pipe = ctx.pipeline(Mode.INPAINT)
     kwargs = ctx.common_kwargs(denoise_steps(ctx.steps, req.strength))
     out = pipe(
