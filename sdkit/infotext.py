@@ -125,6 +125,10 @@ def format_infotext(req: Request, *, seed: int | None = None) -> str:
         add("Batch size", req.num_images)
     if req.clip_skip not in (None, 1):  # A1111 omits 1
         add("Clip skip", req.clip_skip)
+    if "control" in reads and req.control:
+        from sdkit.control import infotext_pairs
+
+        pairs += infotext_pairs(req)  # A1111 ControlNet extension's `ControlNet N` keys
     written = {k for k, _ in pairs}
     pairs += [(k, str(v)) for k, v in req.extra.items() if k not in written]
 
@@ -285,6 +289,10 @@ def parse_infotext(text: str, cls: type[Request]) -> Request:
     take("Batch size", "num_images", int)
     take("Clip skip", "clip_skip", int)
 
+    if "control" in reads:
+        from sdkit.control import parse_units
+
+        fields["control"] = parse_units(values)  # takes the `ControlNet N` keys it can run
     # Unknown keys and known ones that did not apply, in their original order.
     extra.update(values)
     order = list(dict.fromkeys(k for k, _ in pairs))

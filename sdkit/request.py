@@ -161,10 +161,9 @@ class Request:
             _check_range(name, getattr(self, name), integer=True, optional=False)
         _check_range("upscale_factor", self.upscale_factor, integer=False, optional=False)
         _check_choice("extend_fill", self.extend_fill, EXTEND_FILLS)
-        if not isinstance(self.control, list):
-            raise RequestError(
-                "control", f"must be a list of units, got {type(self.control).__name__}"
-            )
+        from sdkit.control import check_units
+
+        self.control = check_units(self.control, self.mode, "control" in spec.fields)
         if not isinstance(self.only_masked, bool | np.bool_):
             raise RequestError("only_masked", f"must be True or False, got {self.only_masked!r}")
         if self.fill not in FILLS:
@@ -238,11 +237,18 @@ class Request:
             if k in names and getattr(self, k) is None and v is not None
         }
         return dataclasses.replace(
-            self, extra=dict(self.extra), loras=[dict(x) for x in self.loras], **fill
+            self,
+            extra=dict(self.extra),
+            loras=[dict(x) for x in self.loras],
+            control=[dict(u) for u in self.control],
+            **fill,
         )
 
     def to_dict(self, *, images: bool = False) -> dict:
-        """JSON-safe dict; `image`/`mask` as base64 PNG only when `images`, else left out."""
+        """JSON-safe dict; `image`/`mask` (and control unit images) as base64 PNG only when
+        `images`, else left out."""
+        from sdkit import control
+
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -254,6 +260,8 @@ class Request:
                 value = dict(value)
             elif f.name == "loras":
                 value = [dict(item) for item in value]
+            elif f.name == "control":  # unit images like image/mask: base64 or left out
+                value = [control.unit_to_dict(u, images) for u in value]
             elif isinstance(value, np.generic):
                 value = value.item()
             out[f.name] = value
@@ -262,6 +270,8 @@ class Request:
     @classmethod
     def from_dict(cls, d: Mapping) -> Request:
         """Inverse of `to_dict`; unknown keys are a `RequestError` that names them."""
+        from sdkit import control
+
         if not isinstance(d, Mapping):
             raise RequestError("request", f"expected a mapping of fields, got {type(d).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
@@ -275,6 +285,8 @@ class Request:
         for name in _IMAGE_FIELDS:
             if kwargs.get(name) is not None:
                 kwargs[name] = load_image(kwargs[name], name)
+        if isinstance(kwargs.get("control"), list):
+            kwargs["control"] = [control.unit_from_dict(u, i) for i, u in enumerate(d["control"])]
         if "extra" in kwargs:
             extra = kwargs["extra"]
             if extra is None:

@@ -135,15 +135,19 @@ class RunContext:
         req = self.request
         prompt, negative = ("", "") if unconditional else (req.prompt, req.negative_prompt)
         prompt = without_lora_tags(prompt)  # LoRA tags never reach CLIP
-        return kwargs | conditioning.prompt_kwargs(
-            pipe,
-            prompt,
-            negative,
-            steps=self.steps,
-            clip_skip=None if unconditional else req.clip_skip,
-            callback=kwargs["callback_on_step_end"],
-            family=self.engine.family,
-        ) | control.call_kwargs(self, pipe, kwargs)
+        return (
+            kwargs
+            | conditioning.prompt_kwargs(
+                pipe,
+                prompt,
+                negative,
+                steps=self.steps,
+                clip_skip=None if unconditional else req.clip_skip,
+                callback=kwargs["callback_on_step_end"],
+                family=self.engine.family,
+            )
+            | control.call_kwargs(self, pipe, kwargs)
+        )
 
 
 # The units of work a cancel waits for at most: one resnet, one attention or feed-forward
