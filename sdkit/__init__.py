@@ -29,6 +29,7 @@ __all__ = [
     "outpaint",
     "txt2img",
     "unconditional",
+    "upscale",
 ]
 
 _LAZY = {
@@ -46,6 +47,7 @@ _LAZY = {
     "inpaint": "sdkit.api",
     "unconditional": "sdkit.api",
     "outpaint": "sdkit.api",
+    "upscale": "sdkit.api",
     "generate": "sdkit.api",
 }
 
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
         outpaint,
         txt2img,
         unconditional,
+        upscale,
     )
     from sdkit.engine import Engine
     from sdkit.jobs import EventKind, Job, JobCancelled, JobState, ProgressEvent

@@ -91,6 +91,24 @@ def unconditional(*, model: Any = None, progress: bool = True, **fields: Any) ->
     return _engine(model).generate(make_request("unconditional", **fields), progress=progress)
 
 
+def upscale(
+    image: Any,
+    prompt: str = "",
+    *,
+    factor: float = 2.0,
+    strength: float = 0.3,
+    model: Any = None,
+    progress: bool = True,
+    **fields: Any,
+) -> Result:
+    """Upscale x `factor` (1..4): Lanczos, then img2img in overlapping tiles of the model's
+    native size (`tile_overlap` px), blended seamlessly; `strength` defaults low (0.3) so
+    tiles refine rather than redraw (`sdkit.tiled_upscale`)."""
+    return _engine(model).upscale(
+        image, prompt, factor=factor, strength=strength, progress=progress, **fields
+    )
+
+
 def outpaint(
     image: Any, prompt: str = "", *, model: Any = None, progress: bool = True, **fields: Any
 ) -> Result:

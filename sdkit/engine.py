@@ -324,6 +324,27 @@ class Engine:
     def unconditional(self, *, progress: bool = True, **fields: Any) -> Result:
         return self.generate(make_request("unconditional", **fields), progress=progress)
 
+    def upscale(
+        self,
+        image: Any,
+        prompt: str = "",
+        *,
+        factor: float = 2.0,
+        strength: float = 0.3,  # sdkit.tiled_upscale.DEFAULT_STRENGTH: tiles want a light touch
+        progress: bool = True,
+        **fields: Any,
+    ) -> Result:
+        """Tiled upscale (`sdkit.tiled_upscale`): Lanczos x `factor`, then img2img per tile."""
+        req = make_request(
+            "upscale",
+            image=image,
+            prompt=prompt,
+            upscale_factor=factor,
+            strength=strength,
+            **fields,
+        )
+        return self.generate(req, progress=progress)
+
     def outpaint(self, image: Any, prompt: str = "", *, progress: bool = True, **f: Any) -> Result:
         """Extend the canvas by left/right/top/bottom px and paint it (`sdkit.outpainting`)."""
         req = make_request("outpaint", image=image, prompt=prompt, **f)

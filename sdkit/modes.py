@@ -33,6 +33,7 @@ class Mode(StrEnum):
     IMG2IMG = "img2img"
     INPAINT = "inpaint"
     UNCONDITIONAL = "unconditional"
+    UPSCALE = "upscale"
     OUTPAINT = "outpaint"
 
 
@@ -223,6 +224,46 @@ register(
         ),
         run=_builtin_runner("run_unconditional"),
         forced={"guidance_scale": 1.0, "prompt": ""},
+    )
+)
+
+
+def _upscale_check(request: Request, engine: Any) -> Request:
+    from sdkit import tiled_upscale  # imported on first use, like the runners
+
+    return tiled_upscale.check(request, engine)
+
+
+def _run_upscale(ctx: Any) -> list:
+    from sdkit import tiled_upscale
+
+    return tiled_upscale.run_upscale(ctx)
+
+
+register(
+    ModeSpec(
+        name=Mode.UPSCALE,
+        title="Upscale",
+        fields=(
+            "image",
+            "prompt",
+            "negative_prompt",
+            "num_inference_steps",
+            "guidance_scale",
+            "seed",
+            "scheduler",
+            "clip_skip",
+            "strength",
+            "upscale_factor",
+            "tile_overlap",
+        ),
+        required=("image",),
+        inputs=("image",),
+        pipelines=_family_table(
+            "StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline"
+        ),  # tiles run through the img2img runner (sdkit.tiled_upscale)
+        run=_run_upscale,
+        check=_upscale_check,
     )
 )
 
