@@ -454,7 +454,17 @@ def test_bad_control_flags_name_the_unit(control_mode, files, capsys, value, fie
 
 
 def test_control_on_a_mode_without_control_units_is_a_clear_error(files, capsys):
-    argv = ["txt2img", "x", "--control", *_argv(files, ["{in}:scribbler"]), "--quiet"]
-    code, out, err = run(argv, capsys)
+    from sdkit import modes
+
+    spec = modes.register(
+        modes.ModeSpec("test-plain", "Plain", ("prompt",), ("prompt",), (), {}, lambda ctx: [])
+    )
+    try:
+        argv = ["test-plain", "x", "--control", *_argv(files, ["{in}:scribbler"]), "--quiet"]
+        code, out, err = run(argv, capsys)
+    finally:
+        modes.unregister(spec.name)
     assert code == 2 and out == ""
-    assert err.startswith("error: control: txt2img takes no control units"), err
+    assert err.startswith("error: control: test-plain takes no control units"), err
+    takers = [str(s.name) for s in modes.registered() if "control" in s.fields]
+    assert all(name in err for name in takers)

@@ -146,3 +146,22 @@ def test_the_mode_argument_is_checked_against_the_servers_hello(gimp_run):
     assert status == "execution-error"
     message = (error or "") + log
     assert "does not offer 'outpaint-v9'" in message and "txt2img" in message
+
+
+def test_the_plugin_offers_the_servers_lora_list(gimp_run):
+    """Issue 14.8: sdkit-loras returns hello's ``loras`` (the embedded model's shipped
+    sdkcross); a LoRA chosen by name runs, one the server lacks is refused naming the list."""
+    _, _, report, log = gimp_run
+    loras = report["loras"]
+    assert loras["status"] == "success", f"{loras['error']}\n{log[-3000:]}"
+    import sdkit
+
+    assert loras["names"] == sdkit.load().info()["loras"]
+    assert "sdkcross" in loras["names"]
+    status, error = report["lora_generate"]
+    assert status == "success", f"{error}\n{log[-3000:]}"
+    assert report["lora_top_layer"][0].startswith("[sdkit] a red x")
+    status, error = report["unknown_lora"]
+    assert status == "execution-error"
+    message = (error or "") + log
+    assert "no LoRA '../nope'" in message and "sdkcross" in message

@@ -161,3 +161,16 @@ def test_docker_buttons_are_the_modes_the_servers_hello_describes(krita_run):
     assert list(buttons["after"].values()) == buttons["hello"]
     assert {"txt2img", "img2img", "inpaint"} <= set(buttons["after"])
     assert buttons["steps_max"] > 200  # the range from hello, not the built-in 200
+
+
+def test_docker_offers_the_servers_lora_list(krita_run):
+    """Issue 14.8: the docker's LoRA combo box lists hello's ``loras`` (names only); choosing
+    one adds A1111's tag to the prompt. The live server runs the embedded model, whose
+    shipped example LoRA is sdkcross."""
+    _, _, report, _ = krita_run
+    loras = report["docker_buttons"]["loras"]
+    assert loras["hello"] is not None, "the server's hello should list its LoRAs"
+    assert loras["docker"] == loras["hello"]
+    assert "sdkcross" in loras["docker"] and loras["enabled"]
+    assert loras["prompt"] == f"a red x <lora:{loras['chosen'][0]}:1>"
+    assert loras["combo_index"] == 0  # back on the placeholder, ready for the next one

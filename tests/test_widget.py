@@ -298,7 +298,8 @@ def test_mode_tabs_show_only_their_fields():
     for index, spec in enumerate(specs):
         c.mode = spec.name
         shown = {n for n, row in c.rows.items() if row.layout.display != "none"}
-        assert shown == set(spec.fields) - {"image", "mask"}, spec.name
+        # pictures are the painter's; control units are not a row of fields (issue 15.5)
+        assert shown == set(spec.fields) - {"image", "mask", "control"}, spec.name
         assert c.mode_tabs.children[index].children == (c.body,)
         assert all(not t.children for i, t in enumerate(c.mode_tabs.children) if i != index)
 
@@ -915,3 +916,123 @@ def test_callback_errors_are_caught_by_the_fixture(callback_errors):
     b.click()
     assert any("Exception in callback" in r.getMessage() for r in callback_errors)
     callback_errors.clear()
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+def test_adapter_buttons_insert_the_lora_tag_or_the_embedding_word():
+    from sdkit.widgets.adapterlist import AdapterList
+
+    prompt = {"text": "a red x"}
+    a = AdapterList(lambda text: prompt.update(text=f"{prompt['text']} {text}"))
+    assert a.widget.layout.display == "none"  # an engine without adapters: nothing shown
+    a.show({"loras": ["sdkcross", "other"], "embeddings": ["sdkdarkgreen"]})
+    assert a.widget.layout.display is None
+    assert a.names("loras") == ["sdkcross", "other"] and a.names("embeddings") == ["sdkdarkgreen"]
+    a.buttons["loras"]["sdkcross"].click()
+    a.buttons["embeddings"]["sdkdarkgreen"].click()
+    assert prompt["text"] == "a red x <lora:sdkcross:1> sdkdarkgreen"
+    a.for_mode(["num_inference_steps", "seed"])  # no prompt: nothing to put them in
+    assert a.widget.layout.display == "none"
+    a.show({"loras": [], "embeddings": None})  # a server without adapters (or an old one)
+    a.for_mode(["prompt"])
+    assert a.widget.layout.display == "none" and a.names("loras") == []
+
+
+def test_the_studio_lists_the_engines_adapters_and_a_click_fills_the_prompt(studio, engine):
+    info = engine.info()
+    a = studio.adapters
+    assert a.names("loras") == list(info.get("loras") or [])
+    assert a.names("embeddings") == list(info.get("embeddings") or [])
+    if "loras" in info:  # sdkit.adapters: the embedded model ships one LoRA, one embedding
+        assert "sdkcross" in a.names("loras") and "sdkdarkgreen" in a.names("embeddings")
+        studio.controls.prompt.value = "a cross"
+        a.buttons["loras"]["sdkcross"].click()
+        a.buttons["loras"]["sdkcross"].click()  # once is enough
+        a.buttons["embeddings"]["sdkdarkgreen"].click()
+        assert studio.controls.prompt.value == "a cross <lora:sdkcross:1> sdkdarkgreen"
+        assert studio.request().prompt == "a cross <lora:sdkcross:1> sdkdarkgreen"
+
+
+HIRES_MODE = {
+    "name": "txt2img",
+    "title": "Text to image",
+    "fields": [
+        "prompt",
+        "seed",
+        "loras",
+        "hires_scale",
+        "hires_steps",
+        "hires_denoise",
+        "hires_upscaler",
+    ],
+    "required": ["prompt"],
+    "inputs": [],
+}
+
+
+def test_hires_rows_show_for_a_mode_whose_spec_has_them():
+    c = RequestControls(modes=[HIRES_MODE, modes.get("img2img").describe()])
+    shown = {n for n, row in c.rows.items() if row.layout.display != "none"}
+    assert {"hires_scale", "hires_steps", "hires_denoise", "hires_upscaler"} <= shown
+    assert c.groups["hires"].layout.display is None
+    assert c.request().hires_scale is None  # shows 1: no hires fix, as a plain request
+    c.prompt.value = "x"
+    c.hires_scale.value, c.hires_steps.value, c.hires_denoise.value = 2.0, 3, 0.45
+    c.hires_upscaler.value = "Lanczos"
+    r = c.request()
+    assert (r.hires_scale, r.hires_steps, r.hires_denoise, r.hires_upscaler) == (
+        2.0,
+        3,
+        0.45,
+        "Lanczos",
+    )
+    c.mode = "img2img"  # its spec has no hires fields: no rows, the request's defaults
+    assert c.groups["hires"].layout.display == "none"
+    assert c.request().hires_scale is None and c.request().hires_steps == 0
+    c.mode = "txt2img"
+    c.set_request(Request(prompt="y"))  # a request without hires fix resets the rows
+    assert (c.hires_scale.value, c.hires_steps.value, c.hires_upscaler.value) == (1.0, 0, "Latent")
+
+
+def test_the_loras_row_is_the_loras_field_and_its_errors_show_next_to_it():
+    c = RequestControls(modes=[HIRES_MODE])
+    c.prompt.value = "x"
+    c.loras.value = "sdkcross:0.5, other"
+    assert c.request().loras == [
+        {"name": "sdkcross", "weight": 0.5},
+        {"name": "other", "weight": 1.0},
+    ]
+    c.set_request(Request(prompt="x", loras=[{"name": "a", "weight": 0.25}]))
+    assert c.loras.value == "a:0.25"
+    for text, field in (("sdkcross:heavy", "loras[0].weight"), ("ok, ../evil:1", "loras[1].name")):
+        c.loras.value = text
+        err = c.validate(c.request())
+        assert err is not None and err.field == field
+        c.show_error(err)
+        assert field in _text(c.errors["loras"].value)
+    c.loras.value = ""
+    assert c.request().loras == [] and c.validate(c.request()) is None
+
+
+def test_a1111_png_with_lora_hires_and_clip_skip_fills_every_field(studio):
+    text = (
+        "a red x <lora:sdkcross:0.8>, sdkdarkgreen\n"
+        "Negative prompt: blurry\n"
+        "Steps: 6, Sampler: Euler a, CFG scale: 6, Seed: 77, Size: 64x64, Clip skip: 2, "
+        "Hires upscale: 2, Hires steps: 3, Hires upscaler: Lanczos, Denoising strength: 0.45, "
+        "Version: v1.10.1"
+    )
+    data = png_with_parameters(Image.new("RGB", (64, 64)), text)
+    upload(studio.settings_upload, "a1111.png", data)
+    assert "restored" in studio.status.value
+    want, got = Request.from_png(data), studio.request()
+    assert got.mode == want.mode == "txt2img"
+    for name in studio.controls.spec["fields"]:
+        if name not in ("image", "mask", "control"):
+            assert getattr(got, name) == getattr(want, name), name
+    assert got.prompt == "a red x <lora:sdkcross:0.8>, sdkdarkgreen" and got.clip_skip == 2
+    if "hires_scale" in studio.controls.spec["fields"]:  # the hires fix in the txt2img spec
+        assert (got.hires_scale, got.hires_steps, got.hires_upscaler) == (2.0, 3, "Lanczos")
+        assert got.hires_denoise == 0.45

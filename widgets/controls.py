@@ -16,6 +16,8 @@ import ipywidgets as w
 from sdkit import schedulers
 from sdkit.request import FILLS, RESIZE_MODES, Request, RequestError
 
+from . import morerows
+
 ModeInfo = Mapping[str, Any]  # ModeSpec.describe(): name, title, fields, required, inputs
 Check = Callable[[Request], Any]  # Engine.check: raises RequestError, as submit would
 
@@ -31,7 +33,7 @@ FALLBACK_DEFAULTS = {
 
 # Rows grouped under a heading; a group shows when the current mode uses one of its rows.
 GROUPS = {
-    "prompts": ("", ("prompt", "negative_prompt")),
+    "prompts": ("", ("prompt", "negative_prompt", "loras")),
     "sampling": (
         "Sampling",
         ("num_inference_steps", "guidance_scale", "scheduler", "seed", "clip_skip"),
@@ -39,6 +41,7 @@ GROUPS = {
     "size": ("Size & batch", ("width", "height", "num_images")),
     "image": ("Input image", ("strength", "resize_mode")),
     "inpaint": ("Inpaint", ("mask_blur", "grow", "only_masked", "padding", "fill")),
+    **morerows.GROUPS,
 }
 
 _STYLE = {"description_width": "7.5em"}
@@ -140,6 +143,8 @@ class RequestControls:
             layout=w.Layout(width="16em"),
         )
         self._set_scheduler(d.get("scheduler"))
+        for name in morerows.FIELDS:  # LoRAs, hires fix, outpaint, upscale
+            setattr(self, name, morerows.make(name))
 
         # One error slot per control (image/mask slots are placed by the studio, next to the
         # painter); "request" catches errors that name no control.
@@ -177,6 +182,7 @@ class RequestControls:
             ),
             "padding": row(self.padding, e["padding"]),
             "fill": row(self.fill, e["fill"]),
+            **{n: row(getattr(self, n), e[n]) for n in morerows.FIELDS},
         }
         self.groups = {
             key: _group(title, [self.rows[n] for n in rows])
@@ -248,6 +254,8 @@ class RequestControls:
                 values["seed"] = None if self.random_seed.value else self.seed.value
             elif name == "clip_skip":  # 1 is the default layer: the request says None
                 values[name] = None if self.clip_skip.value == 1 else self.clip_skip.value
+            elif name in morerows.FIELDS:
+                values[name] = morerows.read(name, getattr(self, name))
             else:
                 values[name] = getattr(self, name).value
         values.update(overrides)
@@ -260,6 +268,9 @@ class RequestControls:
             if name == "seed":
                 continue
             value = getattr(request, name)
+            if name in morerows.FIELDS:
+                morerows.write(name, getattr(self, name), value)
+                continue
             if value is None:
                 value = self.defaults.get(name)
             if value is None:
@@ -321,7 +332,9 @@ class RequestControls:
         self.shown_error = None
         if err is None:
             return
-        slot = self.errors.get(err.field, self.errors["request"])
+        base = err.field.split("[")[0].split(".")[0]  # loras[1].weight -> the loras row
+        slot = self.errors.get(err.field if err.field in self.errors else base)
+        slot = slot if slot is not None else self.errors["request"]
         slot.value = _error_text(str(err))
         self.shown_error = err.field
 

@@ -30,12 +30,17 @@ from PIL import Image
 from sdkit.jobs import TERMINAL_EVENTS, EventKind
 from sdkit.request import Request, RequestError, load_image
 
+from .adapterlist import AdapterList, add_to_prompt
 from .controls import RequestControls
 from .follow import JobFollower
 from .gallery import Gallery, GalleryItem
 from .modelrow import ModelRow
+from .outpaint import ExtendButtons
+from .outpaint import extend as extend_image
 from .painter import MaskPainter
 from .runpanel import CSS, RunPanel, upload_button
+from .upscale import UpscaleAction
+from .upscale import upscale as upscale_image
 
 OUTPUTS_ENV = "SDKIT_OUTPUTS"  # default folder for auto-saved results ("outputs" if unset)
 
@@ -91,6 +96,7 @@ class SDWidget(w.VBox):
         self.saved: list[Path] = []  # every file auto-saved to outputs_dir
 
         self.controls = RequestControls()
+        self.adapters = AdapterList(self.insert_in_prompt)
         self.painter = MaskPainter(display_size=display_size)
         self.gallery = Gallery()
         self.panel = RunPanel()
@@ -132,10 +138,19 @@ class SDWidget(w.VBox):
         self.gallery.on("use", self._use_as_input)
         self.gallery.on("inpaint", self._send_to_inpaint)
         self.gallery.on("rerun", self.rerun)
+        self.extend_buttons = ExtendButtons(self)  # outpaint the current image by N px
+        self.upscale_action = UpscaleAction(self)  # joins the gallery's actions
 
-        left = w.VBox([self.controls.mode_tabs], layout=w.Layout(width="52%", min_width="420px"))
+        left = w.VBox(
+            [self.controls.mode_tabs, self.adapters.widget],
+            layout=w.Layout(width="52%", min_width="420px"),
+        )
         right = w.VBox(
-            [self.input_box, w.HBox([self.preview], layout=w.Layout(margin="6px 0"))],
+            [
+                self.input_box,
+                self.extend_buttons.widget,
+                w.HBox([self.preview], layout=w.Layout(margin="6px 0")),
+            ],
             layout=w.Layout(margin="0 0 0 10px"),
         )
         footer = w.HBox(
@@ -186,7 +201,11 @@ class SDWidget(w.VBox):
                 self._unsubscribe()
             self.engine = engine
             self._unsubscribe = engine.subscribe(self.follower.listener)
-        self.controls.apply_model(engine.info(), engine.check)
+        info = engine.info()
+        self.controls.apply_model(info, engine.check)
+        self.adapters.show(info)
+        self.extend_buttons.show_for(info["modes"])
+        self.upscale_action.show_for(info["modes"])
         self.model_row.show_engine(engine)
         self._on_control_change("mode")
 
@@ -227,11 +246,16 @@ class SDWidget(w.VBox):
             if request.mask is not None:
                 self.painter.set_mask(request.mask)
 
+    def insert_in_prompt(self, text: str) -> None:
+        """Add a LoRA tag or an embedding's name to the prompt (the adapter buttons)."""
+        self.controls.prompt.value = add_to_prompt(self.controls.prompt.value, text)
+
     def _on_control_change(self, field: str) -> None:
         inputs = self.controls.spec["inputs"]
         if field in ("width", "height"):
             self.painter.resize_blank(self.controls.width.value, self.controls.height.value)
         if field == "mode":
+            self.adapters.for_mode(self.controls.spec["fields"])
             self.input_box.layout.display = None if "image" in inputs else "none"
             for child in self.painter.widget.children[1:]:
                 child.layout.display = None if "mask" in inputs else "none"
@@ -279,6 +303,16 @@ class SDWidget(w.VBox):
         if job.state == "queued":
             self._set_status(f"queued ({self.engine.queue_length()} waiting)")
         return job
+
+    @_guard
+    def extend(self, side: str, pixels: int) -> Any:
+        """Outpaint the current image by `pixels` on `side` (the extend buttons); the Job."""
+        return extend_image(self, side, pixels)
+
+    @_guard
+    def upscale(self, factor: float) -> Any:
+        """Upscale the selected gallery image by `factor` (its Upscale button); the Job."""
+        return upscale_image(self, factor)
 
     @_guard
     def cancel(self) -> None:

@@ -61,6 +61,22 @@ def call(name, image, layer, **props):
     return status.value_nick, error
 
 
+def loras(server):
+    """The plug-in's sdkit-loras procedure, non-interactive: (status, names, error)."""
+    proc = Gimp.get_pdb().lookup_procedure("sdkit-loras")
+    if proc is None:
+        return "missing", None, "procedure sdkit-loras is not registered"
+    config = proc.create_config()
+    config.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
+    config.set_property("server", server)
+    result = proc.run(config)
+    status = result.index(0)
+    if status != Gimp.PDBStatusType.SUCCESS:
+        return status.value_nick, None, str(result.index(1)) if result.length() > 1 else None
+    text = result.index(1) or ""
+    return status.value_nick, [n for n in text.split("\n") if n], None
+
+
 def layer_info(layer):
     _, x, y = layer.get_offsets()
     return [layer.get_name(), x, y, layer.get_width(), layer.get_height()]
@@ -134,6 +150,27 @@ def scenario(out):
     # The mode is the server's: one it does not offer is refused, naming those it does.
     report["unknown_mode"] = call(
         "sdkit-generate", image, bg, prompt="x", mode="outpaint-v9", server=server
+    )
+
+    # The server's LoRA list (issue 14.8), and a LoRA chosen by name on Generate.
+    status, names, error = loras(server)
+    report["loras"] = {"status": status, "names": names, "error": error}
+    if names:
+        report["lora_generate"] = call(
+            "sdkit-generate",
+            image,
+            bg,
+            prompt="a red x",
+            lora=names[0],
+            steps=2,
+            seed=5,
+            width=32,
+            height=32,
+            server=server,
+        )
+        report["lora_top_layer"] = layer_info(image.get_layers()[0])
+    report["unknown_lora"] = call(
+        "sdkit-generate", image, bg, prompt="x", lora="../nope", steps=1, server=server
     )
     image.delete()
     return report

@@ -224,7 +224,20 @@ def docker_buttons():
     before = [b.text() for b in docker.buttons.values()]
     spin(lambda: shared.conn.state == "connected", 30)
     spin(lambda: [b.text() for b in docker.buttons.values()] != before, 5)
+    chosen = docker.lora_names()[:1]
+    docker.prompt.setPlainText("a red x")
+    if chosen:  # the artist picks the first LoRA from the combo box
+        docker.loras.setCurrentIndex(1)
+        docker.loras.activated.emit(1)
     return {
+        "loras": {
+            "hello": shared.conn.info.get("loras"),
+            "docker": docker.lora_names(),
+            "enabled": docker.loras.isEnabled(),
+            "chosen": chosen,
+            "prompt": docker.prompt.toPlainText(),
+            "combo_index": docker.loras.currentIndex(),
+        },
         "before": before,
         "after": {name: b.text() for name, b in docker.buttons.items()},
         "hello": [m.get("title") for m in shared.conn.info.get("modes", []) if isinstance(m, dict)],

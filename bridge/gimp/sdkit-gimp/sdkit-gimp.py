@@ -10,7 +10,9 @@ no BGRA u8), the selection as "Y u8".
 GIMP registers procedures when it starts, before any server answers, so there is one
 procedure per kind of dialog (a new layer, or the selection redrawn or repainted), each
 with a ``mode`` argument: the server's mode to run, checked against the modes its
-``hello`` offers.
+``hello`` offers. Likewise the ``lora`` argument names one of the server's LoRAs (its
+``hello`` lists them; the interactive dialog offers them in a combo box); it becomes
+A1111's ``<lora:NAME:1>`` tag in the prompt. ``sdkit-loras`` returns (and shows) the list.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ PROCEDURES = {
     "sdkit-img2img": ("img2img", "strength", "_Img2img selection…", "Redraw the selection"),
     "sdkit-inpaint": ("inpaint", "strength", "I_npaint selection…", "Repaint the selection"),
 }
+LORAS_PROCEDURE = "sdkit-loras"  # the server's LoRA names, one per line
+NO_LORA = "(none)"
 RGBA = "R'G'B'A u8"
 MASK = "Y u8"
 
@@ -128,12 +132,15 @@ def run_action(
     margin: int = geo.DEFAULT_MARGIN,
     timeout: float | None = None,
     progress: bool = True,
+    lora: str = "",
 ):
     """Everything a procedure does after its dialog: read, send, wait, add the layer."""
     check_image(image)
     conn = Connection(address, client="sdkit-gimp")
     try:
         conn.wait_ready()
+        if lora:
+            params.prompt = ea.with_lora(params.prompt, ea.check_lora(conn, lora))
         if params.width is None or params.height is None:
             w, h = conn.default_size()
             params.width = params.width or w
@@ -165,6 +172,45 @@ def run_action(
 # --- the plug-in ----------------------------------------------------------------------
 
 
+def server_loras(address: str, timeout: float | None = None) -> list[str]:
+    """The LoRA names the server at ``address`` lists in its ``hello``."""
+    conn = Connection(address, client="sdkit-gimp")
+    try:
+        conn.wait_ready(timeout)
+        return conn.adapters("loras")
+    finally:
+        conn.close()
+
+
+def _lora_combo(window, config) -> None:
+    """The dialog's LoRA chooser: a combo box of the server's LoRAs that sets ``lora``.
+
+    Only when the server answers at once; otherwise the plain text field stays."""
+    try:
+        names = server_loras(config.get_property("server"), timeout=2.0)
+    except geo.EditorError:
+        return
+    gi.require_version("Gtk", "3.0")
+    from gi.repository import Gtk
+
+    combo = Gtk.ComboBoxText()
+    for name in (NO_LORA, *names):
+        combo.append_text(name)
+    current = config.get_property("lora")
+    combo.set_active(names.index(current) + 1 if current in names else 0)
+    combo.connect(
+        "changed",
+        lambda c: config.set_property(
+            "lora", "" if c.get_active_text() == NO_LORA else c.get_active_text()
+        ),
+    )
+    row = Gtk.Box(orientation=Gtk.Orientation.HORIZONTAL, spacing=6)
+    row.pack_start(Gtk.Label(label="Server's LoRAs"), False, False, 0)
+    row.pack_start(combo, True, True, 0)
+    window.get_content_area().pack_start(row, False, False, 6)
+    row.show_all()
+
+
 def _config_params(config, dialog: str) -> tuple[ea.Params, str, str]:
     """(params, mode, server address) from a procedure's arguments."""
     steps = config.get_property("steps")
@@ -193,26 +239,67 @@ def _run(procedure, run_mode, image, drawables, config, data):
         GimpUi.init("sdkit-gimp")
         window = GimpUi.ProcedureDialog(procedure=procedure, config=config)
         window.fill(None)
+        _lora_combo(window, config)
         ok = window.run()
         window.destroy()
         if not ok:
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     params, mode, address = _config_params(config, dialog)
     try:
-        run_action(image, mode, params, address=address)
+        run_action(image, mode, params, address=address, lora=config.get_property("lora").strip())
     except geo.EditorError as e:
         return procedure.new_return_values(Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(str(e)))
     return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
 
 
+def _run_loras(procedure, config, data):
+    """The server's LoRA names as the return value (one per line); shown to a user."""
+    try:
+        names = server_loras(config.get_property("server"))
+    except geo.EditorError as e:
+        return procedure.new_return_values(Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(str(e)))
+    if config.get_property("run-mode") == Gimp.RunMode.INTERACTIVE:
+        listed = "\n".join(names) or "none"
+        Gimp.message(f"The server's LoRAs (the Generate dialogs offer them):\n{listed}")
+    retval = procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+    retval.remove(1)
+    retval.insert(1, GObject.Value(GObject.TYPE_STRING, "\n".join(names)))
+    return retval
+
+
+def _loras_procedure(plugin):
+    procedure = Gimp.Procedure.new(
+        plugin, LORAS_PROCEDURE, Gimp.PDBProcType.PLUGIN, _run_loras, None
+    )
+    procedure.set_menu_label("_LoRAs of the server…")
+    procedure.add_menu_path("<Image>/Filters/sdkit")
+    procedure.set_documentation(
+        "List the server's LoRAs",
+        "The LoRA names a running `sdkit serve` offers (its hello), one per line.",
+        LORAS_PROCEDURE,
+    )
+    procedure.set_attribution("sdkit", "sdkit", "2026")
+    rw = GObject.ParamFlags.READWRITE
+    procedure.add_enum_argument(
+        "run-mode", "Run mode", "The run mode", Gimp.RunMode, Gimp.RunMode.INTERACTIVE, rw
+    )
+    procedure.add_string_argument(
+        "server", "Ser_ver", "Address of `sdkit serve`", DEFAULT_ADDRESS, rw
+    )
+    procedure.add_string_return_value("loras", "LoRAs", "The server's LoRA names", "", rw)
+    return procedure
+
+
 class SdkitPlugIn(Gimp.PlugIn):
     def do_query_procedures(self):
-        return list(PROCEDURES)
+        return [*PROCEDURES, LORAS_PROCEDURE]
 
     def do_set_i18n(self, name):
         return False
 
     def do_create_procedure(self, name):
+        if name == LORAS_PROCEDURE:
+            return _loras_procedure(self)
         mode, dialog, label, blurb = PROCEDURES[name]
         procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, _run, None)
         procedure.set_image_types("RGB*")
@@ -244,6 +331,9 @@ class SdkitPlugIn(Gimp.PlugIn):
             procedure.add_int_argument(
                 "height", "_Height", "0: the model's default", 0, 4096, 0, rw
             )
+        procedure.add_string_argument(
+            "lora", "_LoRA", "One of the server's LoRAs (see its hello); empty: none", "", rw
+        )
         procedure.add_int_argument("steps", "S_teps", "0: the model's default", 0, 200, 0, rw)
         procedure.add_int_argument("seed", "S_eed", "-1: random", -1, 2**31 - 1, -1, rw)
         procedure.add_string_argument(

@@ -69,6 +69,11 @@ class SdkitDocker(DockWidget):
         self.negative = W.QPlainTextEdit()
         self.negative.setMaximumHeight(45)
         form.addRow("Negative", self.negative)
+        self.loras = W.QComboBox()
+        self.loras.setToolTip("The server's LoRAs: choosing one adds <lora:NAME:1> to the prompt")
+        self.loras.activated.connect(self._on_lora)
+        self._show_loras()
+        form.addRow("LoRA", self.loras)
 
         self.strength = W.QDoubleSpinBox()
         self.strength.setRange(0.01, 1.0)
@@ -133,6 +138,29 @@ class SdkitDocker(DockWidget):
         if steps is not None:
             self.steps.setMaximum(int(steps[1]))
 
+    def _show_loras(self) -> None:
+        """The server's LoRA names (hello's ``loras``) after a placeholder first entry."""
+        names = self.controller.conn.adapters("loras")
+        if self.loras.count() and names == self.lora_names():
+            return
+        self.loras.clear()
+        self.loras.addItem("add a LoRA…" if names else "(the server has no LoRAs)")
+        self.loras.addItems(names)
+        self.loras.setEnabled(bool(names))
+
+    def lora_names(self) -> list[str]:
+        """The LoRA names the combo box offers (without its placeholder)."""
+        return [self.loras.itemText(i) for i in range(1, self.loras.count())]
+
+    def _on_lora(self, index: int) -> None:
+        if index > 0:
+            self.choose_lora(self.loras.itemText(index))
+        self.loras.setCurrentIndex(0)
+
+    def choose_lora(self, name: str) -> None:
+        """Add ``<lora:NAME:1>`` to the prompt (the weight can be edited there)."""
+        self.prompt.setPlainText(ea.with_lora(self.prompt.toPlainText(), name))
+
     def params(self) -> ea.Params:
         steps, seed = self.steps.value(), self.seed.value()
         return ea.Params(
@@ -153,6 +181,7 @@ class SdkitDocker(DockWidget):
         self.model.setText(self.controller.model_text())
         if ok:
             self._show_modes()
+            self._show_loras()
 
     def _on_progress(self, fraction: float, status: str, preview) -> None:
         self.progress.setValue(int(fraction * 1000))
