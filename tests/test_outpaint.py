@@ -279,3 +279,44 @@ def test_embedded_model_beyond_its_native_size():
     for side in (out[:, :56], out[:, -56:]):
         names = np.array(list(shapes.COLOURS))[shapes.nearest_colours(side.astype(float))]
         assert (names == "blue").mean() > 0.5
+
+
+# ------------------------------------------------------------------------ the widget
+
+
+def test_widget_extend_buttons_outpaint_the_current_image(sd_engine, ddpm_engine):
+    from sdkit.widgets import SDWidget
+
+    wd = SDWidget(engine=sd_engine, prompt=PROMPT, seed=4, outputs_dir=None)
+    try:
+        wd.extend_buttons.buttons["left"].click()  # no picture yet: the error names it
+        assert wd.last_job is None and "image" in wd.status.value
+        image = _image(seed=6)
+        wd.painter.set_image(image)
+        wd.extend_buttons.pixels.value = 16
+        wd.controls.seam.value = 8
+        wd.extend_buttons.buttons["bottom"].click()
+        job = wd.last_job
+        assert job is not None and job.request.mode == "outpaint"
+        wd.wait(120)
+        made = wd.gallery.items[0].image
+        assert made.size == (32, 48) and job.state == "done"
+        assert wd.controls.mode == "outpaint" and wd.controls.bottom.value == 16
+        assert wd.controls.left.value == wd.controls.top.value == wd.controls.right.value == 0
+        assert job.request.seam == 8
+        assert np.array_equal(np.asarray(made)[:24], np.asarray(image)[:24])
+        # no input picture: the gallery's selected image (the result just made)
+        wd.painter.set_image(None)
+        wd.extend_buttons.buttons["right"].click()
+        wd.wait(120)
+        assert wd.gallery.items[0].image.size == (48, 48)
+        assert np.array_equal(
+            np.asarray(wd.gallery.items[0].image)[:, :24], np.asarray(made)[:, :24]
+        )
+    finally:
+        wd.close()
+    other = SDWidget(engine=ddpm_engine, outputs_dir=None)
+    try:  # a model that cannot outpaint shows no extend buttons
+        assert other.extend_buttons.widget.layout.display == "none"
+    finally:
+        other.close()
