@@ -48,6 +48,11 @@ def _error(ev: P.Event) -> BridgeError:
     return cls(ev.code or "error", ev.message or "", ev.field, ev.id)
 
 
+def _unit_header(unit: Any) -> Any:
+    """A control unit as the header carries it: without its image (that is a frame)."""
+    return {k: v for k, v in unit.items() if k != "image"} if isinstance(unit, dict) else unit
+
+
 def image_to_picture(value: Any, name: str) -> P.Picture:
     """An image argument (PIL, array, path) as a frame: ``l8`` for the mask, else ``rgba8``."""
     from sdkit.request import load_image
@@ -268,14 +273,23 @@ class Client:
             raise BridgeError("closed", "this client is closed")
         if request is None:
             request = {}
+        units = fields.get("control")
         if hasattr(request, "to_dict"):
             req_obj = request
             request = request.to_dict()
             image = req_obj.image if image is None else image
             mask = req_obj.mask if mask is None else mask
+            units = req_obj.control if units is None else units
         request = {
             k: v for k, v in {**dict(request), **fields}.items() if k not in ("image", "mask")
         }
+        units = request.get("control") if units is None else units
+        control = {}  # each unit's image travels as a `control` frame with its index
+        if isinstance(units, list):
+            request["control"] = [_unit_header(u) for u in units]
+            for i, u in enumerate(units):
+                if isinstance(u, dict) and u.get("image") is not None:
+                    control[i] = image_to_picture(u["image"], f"control[{i}].image")
         if not request.get("model"):
             request.pop("model", None)
         if not request.get("extra"):
@@ -291,6 +305,7 @@ class Client:
                     request,
                     image=img,
                     mask=msk,
+                    control=control,
                     preview=1 if preview is True else int(preview or 0),
                     result_format=result_format,
                     timeout=timeout,

@@ -113,11 +113,12 @@ class Jobs:
         except TypeError as e:
             raise P.ProtocolError("bad_field", str(e), "request", rid) from None
         for name, pic in msg.pictures.items():
-            if name not in spec.inputs:
+            unit = name.startswith("control[")  # control[i]: request.control[i]'s image
+            if not (unit and "control" in spec.fields) and name not in spec.inputs:
                 raise P.ProtocolError(
                     "bad_frames",
-                    f"{request.mode} takes no {name} frame "
-                    f"(frames: {', '.join(spec.inputs) or 'none'})",
+                    f"{request.mode} takes no {'control' if unit else name} frame "
+                    f"(frames: {', '.join(_frame_names(spec)) or 'none'})",
                     "frames",
                     rid,
                 )
@@ -128,7 +129,10 @@ class Jobs:
                 where=f"frames[{name}]",
                 request_id=rid,
             )
-            setattr(request, name, image)
+            if not unit:
+                setattr(request, name, image)
+            elif isinstance(request.control[i := int(name[8:-1])], dict):
+                request.control[i] = {**request.control[i], "image": image}
         return request
 
     def _admit(self, entry: Entry, state: Client | None = None) -> None:
@@ -376,3 +380,8 @@ def _check_limits(request: Any, limits: P.Limits, rid: str) -> None:
             "request.num_inference_steps",
             rid,
         )
+
+
+def _frame_names(spec: Any) -> list[str]:
+    """The frames a mode takes: its picture inputs, and `control` when it takes units."""
+    return [*spec.inputs, *(["control"] if "control" in spec.fields else [])]

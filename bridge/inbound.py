@@ -14,6 +14,7 @@ from typing import Any
 from .protocol import (
     _COMMON_KEYS,
     _OP_KEYS,
+    MAX_CONTROL_INDEX,
     MAX_ID_LENGTH,
     OPS,
     REQUEST_FRAMES,
@@ -128,12 +129,22 @@ def _decode_generate(msg: Message, frames: Sequence[Any], limits: Limits) -> Non
             "request",
             rid,
         )
-    for key in REQUEST_FRAMES:
+    for key in ("image", "mask"):
         if key in request:
             raise ProtocolError(
                 "bad_field",
                 f"send the {key} as a binary frame described in 'frames', not inside 'request'",
                 f"request.{key}",
+                rid,
+            )
+    units = request.get("control")
+    for i, unit in enumerate(units if isinstance(units, list) else []):
+        if isinstance(unit, dict) and "image" in unit:
+            raise ProtocolError(
+                "bad_field",
+                f"send control unit {i}'s image as a frame "
+                f'{{"name": "control", "index": {i}, ...}}, not inside \'request\'',
+                f"request.control[{i}].image",
                 rid,
             )
     for key in ("width", "height"):
@@ -207,6 +218,8 @@ def _decode_generate(msg: Message, frames: Sequence[Any], limits: Limits) -> Non
             max_pixels=limits.max_pixels,
             rid=rid,
         )
+        if name == "control":
+            name = _control_key(d, units, where, rid)
         if name in msg.pictures:
             raise ProtocolError(
                 "bad_frames", f"{where}: a second '{name}' frame", f"{where}.name", rid
@@ -220,3 +233,25 @@ def _decode_generate(msg: Message, frames: Sequence[Any], limits: Limits) -> Non
             "frames",
             rid,
         )
+
+
+def _control_key(d: Mapping[str, Any], units: Any, where: str, rid: str | None) -> str:
+    """``control[i]`` for a control frame: its ``index`` names a unit of ``request.control``."""
+    index = d.get("index")
+    count = len(units) if isinstance(units, list) else 0
+    if not _is_int(index) or not 0 <= index <= MAX_CONTROL_INDEX:
+        raise ProtocolError(
+            "bad_field",
+            f"{where}.index must be the control unit's index 0..{MAX_CONTROL_INDEX}, got {index!r}",
+            f"{where}.index",
+            rid,
+        )
+    if index >= count:
+        raise ProtocolError(
+            "bad_frames",
+            f"{where} is the image of control unit {index}, but request.control has "
+            f"{count} unit(s)",
+            f"{where}.index",
+            rid,
+        )
+    return f"control[{index}]"

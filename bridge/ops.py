@@ -50,6 +50,7 @@ class Ops:
                 formats={
                     "image": list(P.REQUEST_FRAMES["image"]),
                     "mask": list(P.REQUEST_FRAMES["mask"]),
+                    "control": list(P.REQUEST_FRAMES["control"]),
                     "result": list(P.RESULT_FORMATS),
                 },
                 worker=self.name,

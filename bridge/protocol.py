@@ -69,8 +69,10 @@ ERROR_CODES = {
 
 # Picture formats: bytes per pixel, None for encoded (PNG) data.
 FORMATS = {"rgba8": 4, "l8": 1, "png": None}
-# Which picture may travel under which name in a request, and in which formats.
-REQUEST_FRAMES = {"image": ("rgba8", "png"), "mask": ("l8", "png")}
+# Which picture may travel under which name in a request, and in which formats. A `control`
+# frame is the image of the control unit `request.control[index]` (its descriptor's "index").
+REQUEST_FRAMES = {"image": ("rgba8", "png"), "mask": ("l8", "png"), "control": ("rgba8", "png")}
+MAX_CONTROL_INDEX = 15  # a control frame's "index" is 0..this (units beyond are bad_frames)
 RESULT_FORMATS = ("rgba8", "png")
 
 _COMMON_KEYS = ("v", "op", "id")
@@ -210,13 +212,22 @@ def request_frames(
     pictures: Mapping[str, Picture] | None = None,
     **fields: Any,
 ) -> list[Any]:
-    """Frames of a client -> server message; ``pictures`` maps frame names to `Picture`s."""
+    """Frames of a client -> server message; ``pictures`` maps frame names to `Picture`s
+    (``control[i]``: unit i's control image, sent as name ``control`` with ``index`` i)."""
     header: dict[str, Any] = {"v": VERSION, "op": op, "id": request_id}
     header.update({k: v for k, v in fields.items() if v is not None})
     pics = list((pictures or {}).items())
     if op == "generate":
-        header["frames"] = [p.descriptor(name) for name, p in pics]
+        header["frames"] = [_request_descriptor(name, p) for name, p in pics]
     return [dumps(header), *(p.data for _, p in pics)]
+
+
+_CONTROL_KEY = re.compile(r"^control\[(\d+)\]$")
+
+
+def _request_descriptor(name: str, pic: Picture) -> dict[str, Any]:
+    m = _CONTROL_KEY.match(name)
+    return pic.descriptor("control", index=int(m.group(1))) if m else pic.descriptor(name)
 
 
 def generate_frames(
@@ -225,15 +236,19 @@ def generate_frames(
     *,
     image: Picture | None = None,
     mask: Picture | None = None,
+    control: Mapping[int, Picture] | None = None,
     preview: int = 0,
     result_format: str = "rgba8",
 ) -> list[Any]:
-    """A ``generate`` message: Request fields in the header, image and mask as frames."""
+    """A ``generate`` message: Request fields in the header, image, mask and the control
+    units' images (``control``: unit index -> picture) as frames."""
     pictures = {}
     if image is not None:
         pictures["image"] = image
     if mask is not None:
         pictures["mask"] = mask
+    for i, pic in sorted((control or {}).items()):
+        pictures[f"control[{i}]"] = pic
     return request_frames(
         "generate",
         request_id,

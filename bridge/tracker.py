@@ -276,18 +276,27 @@ class Session:
         *,
         image: P.Picture | None = None,
         mask: P.Picture | None = None,
+        control: Mapping[int, P.Picture] | None = None,
         preview: int = 0,
         result_format: str = "rgba8",
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> str:
-        """Send a request; raises ``too_large`` `ProtocolError` at once if it breaks a limit."""
+        """Send a request; raises ``too_large`` `ProtocolError` at once if it breaks a limit.
+        ``control``: control unit index -> its image (``request["control"]`` holds the units)."""
         rid = request_id or P.new_request_id()
         frames = P.generate_frames(
-            rid, request, image=image, mask=mask, preview=preview, result_format=result_format
+            rid,
+            request,
+            image=image,
+            mask=mask,
+            control=control,
+            preview=preview,
+            result_format=result_format,
         )
         if self.limits is not None:
             pictures = {k: v for k, v in (("image", image), ("mask", mask)) if v is not None}
+            pictures.update({f"control[{i}]": v for i, v in (control or {}).items()})
             check_request(frames, self.limits, rid, request, pictures)
         self._send("generate", frames, rid)
         self.jobs[rid] = TrackedJob(rid)

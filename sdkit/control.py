@@ -111,9 +111,23 @@ def check_units(units: Any, mode: str, takes_control: bool) -> list[dict]:
             )
         if u.get("image") is None:
             raise RequestError(f"{where}.image", "missing: a control unit needs its image")
-        image = load_image(u["image"], f"{where}.image")
-        u["image"] = image if image.mode == "RGB" else image.convert("RGB")
+        u["image"] = _rgb(load_image(u["image"], f"{where}.image"), u["module"])
         out.append(u)
+    return out
+
+
+def _rgb(image: Any, module: str) -> Any:
+    """RGB; transparent pixels (an editor's control layer) become "no line": black, or white
+    for `invert`, whose drawings are black lines on white."""
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    out = Image.new("RGB", rgba.size, (255, 255, 255) if module == "invert" else (0, 0, 0))
+    out.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
     return out
 
 
