@@ -26,6 +26,7 @@ def child(size: int, factor: float, steps: int, strength: float, overlap: int, m
     from PIL import Image
 
     import sdkit
+    from sdkit import tiled_upscale
 
     engine = sdkit.load(None if model == "embedded" else model, device="cpu")
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -44,9 +45,11 @@ def child(size: int, factor: float, steps: int, strength: float, overlap: int, m
     seconds = time.perf_counter() - start
     w, h = result[0].size
     assert isinstance(result[0], Image.Image)
+    tiles = tiled_upscale.layout(w, h, *tiled_upscale.tile_size(engine, w, h), overlap)
     return {
         "size": size,
         "output": [w, h],
+        "tiles": len(tiles),
         "seconds": seconds,
         "megapixels": w * h / 1e6,
         "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -109,13 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tiled upscale x{a.factor:g}, {a.steps} steps at strength {a.strength}, "
           f"overlap {a.overlap}, {a.model} on CPU")  # fmt: skip
     print(
-        f"{'input':>6} {'output':>10} {'s':>8} {'s/Mpx':>8} {'x':>6} {'peak RSS MiB':>13} {'x':>6}"
+        f"{'input':>6} {'output':>10} {'tiles':>6} {'s':>8} {'s/tile':>7} {'s/Mpx':>8} {'x':>6} "
+        f"{'peak RSS MiB':>13} {'x':>6}"
     )
     for r in rows:
         per_mpx = r["seconds"] / r["megapixels"]
         print(
-            f"{r['size']:>6} {r['output'][0]:>4}x{r['output'][1]:<5} {r['seconds']:>8.1f} "
-            f"{per_mpx:>8.1f} {per_mpx / per_mpx0:>6.2f} {r['peak_rss_kib'] / 1024:>13.0f} "
+            f"{r['size']:>6} {r['output'][0]:>4}x{r['output'][1]:<5} {r['tiles']:>6} "
+            f"{r['seconds']:>8.1f} {r['seconds'] / r['tiles']:>7.3f} {per_mpx:>8.1f} {per_mpx / per_mpx0:>6.2f} {r['peak_rss_kib'] / 1024:>13.0f} "
             f"{r['peak_rss_kib'] / base['peak_rss_kib']:>6.2f}"
         )
     return 0

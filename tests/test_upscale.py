@@ -226,6 +226,30 @@ def test_api_function_and_engine_method(sd_engine):
     assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
 
 
+def test_the_widget_upscales_the_selected_gallery_image(sd_engine):
+    pytest.importorskip("ipywidgets")
+    from sdkit.widgets.studio import SDWidget
+
+    studio = SDWidget(engine=sd_engine, prompt=PROMPT, seed=4, outputs_dir=None)
+    action = studio.upscale_action
+    assert action.widget.layout.display is None  # the engine serves upscale
+    assert action.widget in studio.gallery.detail.children[1].children[1].children
+    studio.controls.width.value = studio.controls.height.value = 16
+    studio.generate_button.click()
+    studio.wait(120)
+    first = studio.gallery.selected
+    assert first.image.size == (16, 16)
+    action.factor.value = 2.0
+    action.button.click()
+    studio.wait(120)
+    item = studio.gallery.selected
+    assert item is not first and studio.last_job.state == "done"
+    assert item.request.mode == "upscale" and item.image.size == (32, 32)
+    assert item.request.strength == tu.DEFAULT_STRENGTH and item.request.image.size == (16, 16)
+    expected = sd_engine.upscale(first.image, PROMPT, factor=2, seed=4, progress=False)
+    assert np.array_equal(np.asarray(item.image), np.asarray(expected[0]))
+
+
 # ------------------------------------------------------------------------ embedded model
 
 
