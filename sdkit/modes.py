@@ -169,16 +169,28 @@ def _control_check(request: Request, engine: Any) -> Request:
     return control.check(request, engine)
 
 
+def _txt2img_check(request: Request, engine: Any) -> Request:
+    """Control units, then the hires-fix target size (sdkit.hires, imported on first use)."""
+    request = _control_check(request, engine)
+    if request.hires_scale is None:
+        return request
+    from sdkit import hires
+
+    return hires.check(request, engine)
+
+
+_HIRES = ("hires_scale", "hires_steps", "hires_denoise", "hires_upscaler")
+
 register(
     ModeSpec(
         name=Mode.TXT2IMG,
         title="Text to image",
-        fields=(*_PROMPTED, "control"),
+        fields=(*_PROMPTED, "control", *_HIRES),
         required=("prompt",),
         inputs=(),
         pipelines=_family_table("StableDiffusionPipeline", "StableDiffusionXLPipeline"),
         run=_builtin_runner("run_txt2img"),
-        check=_control_check,
+        check=_txt2img_check,
     )
 )
 register(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from sdkit import conditioning, control, fast, schedulers
+from sdkit import conditioning, control, fast, hires, schedulers
 from sdkit.fitting import fit_image, inpaint_finish, inpaint_inputs
 from sdkit.jobs import EventKind, Interrupted, Job, ProgressEvent
 from sdkit.modes import Mode
@@ -100,8 +100,11 @@ class RunContext:
         job.progress = event
         engine._post(EventKind.PROGRESS, job, event)
 
-    def step_callback(self, denoise_steps: int) -> Callable:
-        """callback_on_step_end: cancel check every iteration, events as diffusers counts."""
+    def step_callback(
+        self, denoise_steps: int, *, offset: int = 0, total: int | None = None
+    ) -> Callable:
+        """callback_on_step_end: cancel check every iteration, events as diffusers counts
+        (as `offset + step` of `total` when one job makes several passes, e.g. hires fix)."""
         counter = itertools.count(1)
 
         def callback(pipe: Any, i: int, t: Any, kwargs: dict) -> dict:
@@ -111,7 +114,7 @@ class RunContext:
             warmup = iters - denoise_steps * order
             if i == iters - 1 or ((i + 1) > warmup and (i + 1) % order == 0):
                 step = min(next(counter), denoise_steps)
-                self.progress(step, denoise_steps, kwargs.get("latents"))
+                self.progress(offset + step, total or denoise_steps, kwargs.get("latents"))
             return {}
 
         return callback
@@ -129,9 +132,12 @@ class RunContext:
             "output_type": "pil",
         }
 
-    def with_prompts(self, pipe: Any, kwargs: dict, *, unconditional: bool = False) -> dict:
+    def with_prompts(
+        self, pipe: Any, kwargs: dict, *, unconditional: bool = False, steps: int | None = None
+    ) -> dict:
         """`kwargs` plus the prompts: A1111 syntax or clip skip as `prompt_embeds` (switched
-        per step for prompt editing), plain prompts as text exactly as before."""
+        per step for prompt editing over `steps`, default the request's), plain prompts as
+        text exactly as before."""
         req = self.request
         prompt, negative = ("", "") if unconditional else (req.prompt, req.negative_prompt)
         prompt = without_lora_tags(prompt)  # LoRA tags never reach CLIP
@@ -141,7 +147,7 @@ class RunContext:
                 pipe,
                 prompt,
                 negative,
-                steps=self.steps,
+                steps=steps or self.steps,
                 clip_skip=None if unconditional else req.clip_skip,
                 callback=kwargs["callback_on_step_end"],
                 family=self.engine.family,
@@ -198,6 +204,8 @@ def cancel_points(ctx: RunContext, *modules: Any) -> Iterator[None]:
 def run_txt2img(ctx: RunContext) -> list[Image.Image]:
     if ctx.engine.inpainting_unet:
         return _with_inpainting_unet(ctx)
+    if hires.enabled(ctx.request):
+        return hires.run(ctx)
     pipe = ctx.pipeline()
     return pipe(**ctx.with_prompts(pipe, ctx.common_kwargs(ctx.steps))).images
 
