@@ -468,3 +468,54 @@ def test_control_on_a_mode_without_control_units_is_a_clear_error(files, capsys)
     assert err.startswith("error: control: test-plain takes no control units"), err
     takers = [str(s.name) for s in modes.registered() if "control" in s.fields]
     assert all(name in err for name in takers)
+
+
+# The embedded model ships the example LoRA sdkcross (sdkit/embedded/adapters).
+EMBEDDED_FAST = ["--seed", "3", "--num-inference-steps", "2", "--device", "cpu", "--quiet"]
+
+
+def test_lora_flag_runs_the_lora_as_the_api_does(tmp_path, capsys):
+    pytest.importorskip("sdkit.adapters")
+    code, out, err = run(
+        ["txt2img", "a red x", "--lora", "sdkcross:1", *EMBEDDED_FAST, "--out", str(tmp_path)],
+        capsys,
+    )
+    assert code == 0, err
+    cli = np.asarray(Image.open(out.strip()).convert("RGB"))
+    engine = sdkit.load(device="cpu")
+    fast = {"seed": 3, "num_inference_steps": 2, "progress": False}
+    api = engine.txt2img("a red x", loras=[{"name": "sdkcross", "weight": 1.0}], **fast)
+    plain = engine.txt2img("a red x", **fast)
+    assert np.array_equal(cli, np.asarray(api[0]))
+    assert not np.array_equal(cli, np.asarray(plain[0]))  # the LoRA did something
+    assert "sdkcross" in Request.from_png(out.strip()).to_infotext()
+
+
+def test_an_unknown_lora_names_it_and_the_folders_searched(tmp_path, capsys):
+    pytest.importorskip("sdkit.adapters")
+    argv = ["txt2img", "x", "--lora", "nope", "--lora-dir", str(tmp_path), *EMBEDDED_FAST]
+    code, out, err = run([*argv, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: loras") and "'nope'" in err and str(tmp_path) in err, err
+
+
+def test_list_prints_the_adapters_the_folders_hold(tmp_path, capsys):
+    pytest.importorskip("sdkit.adapters")
+    from sdkit.embedded.train_adapters import ADAPTERS_DIR, LORA_NAME
+
+    (tmp_path / "mine.safetensors").write_bytes(
+        (ADAPTERS_DIR / f"{LORA_NAME}.safetensors").read_bytes()
+    )
+    code, out, err = run(["list", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "LoRAs (1):\n  sdkcross\n" in out and "  sdkdarkgreen\n" in out
+    code, out, err = run(
+        ["loras", "--device", "cpu", "--lora-dir", str(tmp_path), "--json"], capsys
+    )
+    assert code == 0, err
+    import json
+
+    found = json.loads(out)
+    assert set(found) == {"loras", "embeddings", "controls"}
+    assert {"mine", "sdkcross"} <= set(found["loras"]) and "sdkdarkgreen" in found["embeddings"]
+    assert str(tmp_path) not in out  # names, never paths

@@ -7,6 +7,7 @@ only log) fail the test. What must not happen is waited for on an event, with a 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import threading
@@ -1036,3 +1037,31 @@ def test_a1111_png_with_lora_hires_and_clip_skip_fills_every_field(studio):
     if "hires_scale" in studio.controls.spec["fields"]:  # the hires fix in the txt2img spec
         assert (got.hires_scale, got.hires_steps, got.hires_upscaler) == (2.0, 3, "Lanczos")
         assert got.hires_denoise == 0.45
+
+
+def test_load_png_settings_reruns_an_a1111_png_with_its_lora(studio, engine):
+    """Issue 14.8: an A1111 PNG (LoRA tag with its hash, clip skip, sampler, seed) loaded
+    through the button, then Generate: the picture the engine makes from Request.from_png."""
+    pytest.importorskip("sdkit.adapters")
+    from sdkit.adapters import short_hash
+    from sdkit.embedded.train_adapters import ADAPTERS_DIR, LORA_NAME
+
+    digest = short_hash(ADAPTERS_DIR / f"{LORA_NAME}.safetensors", "lora")
+    text = (
+        f"a red x <lora:{LORA_NAME}:1>\n"
+        "Steps: 3, Sampler: Euler a, CFG scale: 7, Seed: 21, Size: 64x64, Clip skip: 2, "
+        f'Lora hashes: "{LORA_NAME}: {digest}", Version: v1.10.1'
+    )
+    data = png_with_parameters(Image.new("RGB", (64, 64)), text)
+    upload(studio.settings_upload, "a1111.png", data)
+    studio.generate_button.click()
+    studio.wait(300)
+    assert studio.last_job.state == "done", studio.status.value
+    got = np.asarray(studio.last_job.result(timeout=0)[0].convert("RGB"))
+    request = Request.from_png(data)
+    want = engine.generate(request, progress=False)
+    assert np.array_equal(got, np.asarray(want[0].convert("RGB")))
+    plain = engine.generate(
+        dataclasses.replace(request, prompt="a red x", extra={}), progress=False
+    )
+    assert not np.array_equal(got, np.asarray(plain[0].convert("RGB")))  # the LoRA acted
