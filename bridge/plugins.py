@@ -22,6 +22,7 @@ SHARED_MODULES = (
     "editor_geometry.py",
     "editor_connection.py",
     "editor_actions.py",
+    "editor_expand.py",
 )
 EDITORS = ("krita", "gimp")
 

@@ -320,3 +320,60 @@ def test_widget_extend_buttons_outpaint_the_current_image(sd_engine, ddpm_engine
         assert other.extend_buttons.widget.layout.display == "none"
     finally:
         other.close()
+
+
+# ------------------------------------------------------------------------ the editors' side
+
+
+@pytest.fixture(scope="module")
+def bridge(sd_engine):
+    from sdkit.bridge import serve
+
+    handle = serve(sd_engine, bind="tcp://127.0.0.1:0")
+    yield handle.address
+    handle.stop()
+
+
+def test_expand_canvas_action_through_a_real_server(bridge):
+    """The plug-ins' Expand canvas (stdlib side): hello offers outpaint, the request carries
+    the sides, the layer covers the grown canvas and is opaque only where the server may
+    have repainted (new area + seam band); the rest of the original shows through."""
+    from sdkit.bridge import editor_actions as ea
+    from sdkit.bridge import editor_connection as ec
+    from sdkit.bridge import editor_expand as ex
+    from sdkit.bridge import editor_geometry as geo
+
+    w, h = 29, 21  # not multiples of 8
+    image = _image(w, h, seed=8)
+    rgba = image.convert("RGBA").tobytes()
+    conn = ec.Connection(bridge)
+    conn.wait_ready()
+    try:
+        mode = conn.mode("outpaint")
+        assert {"left", "right", "top", "bottom", "seam"} <= set(mode.fields)
+        params = ea.Params(prompt=PROMPT, num_inference_steps=4, seed=2)
+        sides = ex.Sides(left=8, top=4, bottom=11)
+        with pytest.raises(geo.EditorError, match="at least one side"):
+            ex.plan_expand(mode, params, ex.Sides(), (w, h), lambda r: rgba)
+        action = ex.plan_expand(
+            mode, params, sides, (w, h), lambda r: geo.crop(rgba, w, h, r, 4), seam=4
+        )
+        assert action.request_kwargs()["request"]["left"] == 8
+        placement = ea.run_blocking(conn, action, timeout=120)
+        big = ex.plan_expand(mode, params, ex.Sides(right=4096), (w, h), lambda r: rgba)
+        with pytest.raises(geo.EditorError, match="right"):
+            ea.run_blocking(conn, big, timeout=60)  # the server's error names the side
+    finally:
+        conn.close()
+    assert (placement.x, placement.y, placement.width, placement.height) == (0, 0, 37, 36)
+    assert placement.name == f"[sdkit] {PROMPT} (2)"
+    layer = np.frombuffer(placement.rgba, np.uint8).reshape(36, 37, 4)
+    kept = action.kept_rect()
+    assert (kept.x, kept.y, kept.width, kept.height) == (12, 8, 25, 13)
+    alpha = layer[..., 3]
+    assert (alpha[8:21, 12:37] == 0).all()
+    opaque = np.ones_like(alpha, bool)
+    opaque[8:21, 12:37] = False
+    assert (alpha[opaque] == 255).all()
+    # what shows through (the original) is what the server left exact
+    assert np.array_equal(layer[8:21, 12:37, :3], np.asarray(image)[4:17, 4:29])

@@ -68,3 +68,26 @@ def add_layer(doc, placement: geo.Placement):
     doc.refreshProjection()
     doc.waitForDone()
     return node
+
+
+def grow_and_add_layer(doc, action):
+    """Expand canvas: grow ``doc`` by the action's sides, then add its placement as a layer.
+
+    Checked first (the document must still have the size that was sent); if adding the layer
+    fails, the document goes back to its old size, so nothing is left half-written.
+    """
+    width, height = action.canvas_size
+    if (doc.width(), doc.height()) != (width, height):
+        raise geo.EditorError(
+            f"the document is now {doc.width()}x{doc.height()}, not the {width}x{height} that "
+            "was sent: expand it again"
+        )
+    s = action.sides
+    doc.resizeImage(-s.left, -s.top, width + s.left + s.right, height + s.top + s.bottom)
+    doc.waitForDone()
+    try:
+        return add_layer(doc, action.placement)
+    except Exception:
+        doc.resizeImage(s.left, s.top, width, height)
+        doc.waitForDone()
+        raise

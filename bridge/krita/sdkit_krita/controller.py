@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import canvas
 from . import editor_actions as ea
+from . import editor_expand as ex
 from . import editor_geometry as geo
 from .editor_connection import DEFAULT_ADDRESS, Connection
 from .pictures import rgba8
@@ -76,8 +77,12 @@ class Controller(QObject):
             self.status_changed.emit(*status)
 
     # -- actions
-    def run(self, mode: str, params: ea.Params, doc=None, *, margin: int = geo.DEFAULT_MARGIN):
+    def run(
+        self, mode: str, params: ea.Params, doc=None, *, margin: int = geo.DEFAULT_MARGIN, plan=None
+    ):
         """Start ``mode`` on ``doc`` (default: the active document). False if refused.
+
+        ``plan(mode_info, doc)`` makes the action instead of ``plan_action`` (Expand canvas).
 
         Without a connection the action waits (without blocking Krita) until the server
         has answered hello, or fails with the connection's message.
@@ -96,31 +101,45 @@ class Controller(QObject):
             return False
         self.document = doc
         if self.conn.state != "connected":
-            self._waiting = (mode, params, doc, margin)
+            self._waiting = (mode, params, doc, margin, plan)
             if self.conn.state != "connecting":
                 self.connect_to()
             self.busy_changed.emit(True)
             self.progress_changed.emit(0.0, self.conn.status_text(), None)
             self.timer.start()
             return True
-        return self._start(mode, params, doc, margin)
+        return self._start(mode, params, doc, margin, plan)
 
-    def _start(self, mode: str, params: ea.Params, doc, margin: int) -> bool:
+    def expand(self, params: ea.Params, sides: ex.Sides, doc=None, *, seam: int = ex.DEFAULT_SEAM):
+        """Expand canvas: outpaint the whole document by ``sides``; the document grows and
+        gets the new area (and the seam) as a layer once the result is in."""
+
+        def plan(mode, doc):
+            size = (doc.width(), doc.height())
+            read = lambda rect: canvas.read_rgba(doc, rect)  # noqa: E731
+            return ex.plan_expand(mode, params, sides, size, read, seam=seam)
+
+        return self.run(ex.MODE, params, doc, plan=plan)
+
+    def _start(self, mode: str, params: ea.Params, doc, margin: int, plan=None) -> bool:
         try:
             if params.width is None or params.height is None:
                 w, h = self.conn.default_size()
                 params.width = params.width or w
                 params.height = params.height or h
-            action = ea.plan_action(
-                self.conn.mode(mode),
-                params,
-                (doc.width(), doc.height()),
-                canvas.selection_rect(doc),
-                lambda rect: canvas.read_rgba(doc, rect),
-                lambda rect: canvas.read_mask(doc, rect),
-                margin=margin,
-                multiple=self.conn.size_multiple,
-            )
+            if plan is not None:
+                action = plan(self.conn.mode(mode), doc)
+            else:
+                action = ea.plan_action(
+                    self.conn.mode(mode),
+                    params,
+                    (doc.width(), doc.height()),
+                    canvas.selection_rect(doc),
+                    lambda rect: canvas.read_rgba(doc, rect),
+                    lambda rect: canvas.read_mask(doc, rect),
+                    margin=margin,
+                    multiple=self.conn.size_multiple,
+                )
             action.start(self.conn)
         except geo.EditorError as e:
             self.busy_changed.emit(False)
@@ -179,7 +198,10 @@ class Controller(QObject):
         if action.state == "done" and action.placement is not None:
             try:
                 canvas.check_document(self.document)
-                self.last_layer = canvas.add_layer(self.document, action.placement)
+                if isinstance(action, ex.ExpandAction):
+                    self.last_layer = canvas.grow_and_add_layer(self.document, action)
+                else:
+                    self.last_layer = canvas.add_layer(self.document, action.placement)
             except Exception as e:  # noqa: BLE001 - the document may have been closed
                 self.failed.emit(f"could not add the layer: {e}")
                 return

@@ -9,6 +9,7 @@ from __future__ import annotations
 from krita import DockWidget
 
 from . import editor_actions as ea
+from . import editor_expand as ex
 from .controller import shared
 from .qt import Qt, QtGui, QtWidgets
 
@@ -91,6 +92,8 @@ class SdkitDocker(DockWidget):
         self.seed.setValue(-1)
         form.addRow("Seed", self.seed)
 
+        self._build_expand(form)
+
         self.button_grid = W.QGridLayout()
         self.buttons: dict[str, QtWidgets.QPushButton] = {}
         self._show_modes()
@@ -172,7 +175,37 @@ class SdkitDocker(DockWidget):
         )
 
     def run(self, mode: str) -> None:
+        if mode == ex.MODE:  # the server's outpaint mode is Expand canvas here
+            self.expand()
+            return
         self.controller.run(mode, self.params())
+
+    # -- Expand canvas
+    def _build_expand(self, form) -> None:
+        """The Expand row: pixels to add per side and the Expand canvas button."""
+        W = QtWidgets
+        row = W.QHBoxLayout()
+        self.expand_sides: dict[str, QtWidgets.QSpinBox] = {}
+        for side, label in (("left", "←"), ("right", "→"), ("top", "↑"), ("bottom", "↓")):
+            box = W.QSpinBox()
+            box.setRange(0, 4096)
+            box.setSingleStep(8)
+            box.setPrefix(label + " ")
+            box.setToolTip(f"pixels to add on the {side}")
+            row.addWidget(box)
+            self.expand_sides[side] = box
+        self.expand_button = W.QPushButton("Expand canvas")
+        self.expand_button.setToolTip(
+            "grow the document by these pixels and paint the new area (a new layer)"
+        )
+        self.expand_button.clicked.connect(lambda _=False: self.expand())
+        row.addWidget(self.expand_button)
+        form.addRow("Expand", row)
+
+    def expand(self) -> None:
+        """Grow the document by the chosen pixels; the new area comes back as a layer."""
+        sides = ex.Sides(**{side: box.value() for side, box in self.expand_sides.items()})
+        self.controller.expand(self.params(), sides)
 
     # -- controller signals
     def _on_status(self, text: str, ok: bool) -> None:
@@ -198,6 +231,7 @@ class SdkitDocker(DockWidget):
     def _on_busy(self, busy: bool) -> None:
         for b in self.buttons.values():
             b.setEnabled(not busy)
+        self.expand_button.setEnabled(not busy)
         self.cancel.setEnabled(busy)
 
     def _on_failed(self, message: str) -> None:
