@@ -9,6 +9,10 @@ the request's). Models are found by name in the engine's control folders
 (`sdkit.adapters`), loaded once per engine in its dtype/device, and run through
 `StableDiffusion[XL]ControlNet[Img2Img|Inpaint]Pipeline.from_pipe(the mode's pipeline)`:
 the same components, no second copy; several units are diffusers' MultiControlNet.
+Models and their pipelines are kept per engine (a few, least recently used dropped).
+
+A little over 400 lines: a unit's whole life (check, find, load, run, infotext, dict) is
+here, so that the runners, `Request` and `sdkit.infotext` each keep a one-line hook.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ _CONTROL_CLASS = {  # the mode's pipeline -> its ControlNet twin
     "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLControlNetImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline": "StableDiffusionXLControlNetInpaintPipeline",
 }
-_CACHED_MODELS = 4  # ControlNet models kept per engine (least recently used dropped)
+_CACHED_MODELS = 4  # ControlNet models (and pipelines) kept per engine, least recent dropped
 
 
 # ---------------------------------------------------------------------------- checking
@@ -209,7 +213,8 @@ def _seq(v: Any) -> tuple:
     return tuple(v) if isinstance(v, list | tuple) else (v,)
 
 
-_models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> LRU of models
+_pipes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> LRU of pipelines
 _lock = threading.Lock()
 
 
@@ -292,6 +297,12 @@ def pipeline(ctx: RunContext, pipe: Any) -> Any:
     engine = ctx.engine
     units = ctx.request.control
     models = [load_model(engine, u["model"], f"control[{i}].model") for i, u in enumerate(units)]
+    key = (cls_name, id(pipe), *(id(m) for m in models))  # the pipeline holds what it names
+    with _lock:
+        cache = _pipes.setdefault(engine, collections.OrderedDict())
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
     from sdkit.models import quiet_loading
 
     with quiet_loading():  # from_pipe's dtype pass warns about fp32 modules it does not have
@@ -299,6 +310,10 @@ def pipeline(ctx: RunContext, pipe: Any) -> Any:
             pipe, controlnet=models[0] if len(models) == 1 else models, dtype=engine.dtype
         )
     control.set_progress_bar_config(disable=True)
+    with _lock:
+        cache[key] = control
+        while len(cache) > _CACHED_MODELS:
+            cache.popitem(last=False)
     return control
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sdkit import control, preprocessors
-from sdkit.engine import Engine
+from sdkit.engine import Engine, JobCancelled
 from sdkit.fitting import fit_image, inpaint_finish, inpaint_inputs
 from sdkit.jobs import EventKind
 from sdkit.request import Request, RequestError
@@ -306,6 +306,109 @@ def test_progress_counts_steps_with_control(engine):
     job.wait_delivered(10)
     steps = [e.step for kind, e in events if kind == EventKind.PROGRESS]
     assert steps == [1, 2, 3, 4]
+
+
+def test_cancel_and_previews_with_control(engine):
+    steps, previews, at_cancel = [], [], []
+
+    def on_event(kind, job, ev):
+        if kind == EventKind.PROGRESS:
+            steps.append(ev.step)
+            previews.append(ev.preview)
+            if ev.step == 2:
+                at_cancel.append(job.progress.step)
+                job.cancel()
+
+    req = Request(
+        prompt=PROMPT,
+        num_inference_steps=200,
+        scheduler="Euler",
+        control=[{**UNIT, "image": scribble()}],
+    )
+    job = engine.submit(req, callback=on_event)
+    with pytest.raises(JobCancelled):
+        job.result(timeout=120)
+    assert job.wait_delivered(30) and job.state == "cancelled"
+    assert steps[:2] == [1, 2] and max(steps) <= at_cancel[0] + 1 < 200
+    assert all(p is not None and p.size == (32, 32) for p in previews)
+
+
+def test_the_controlnet_pipeline_is_kept_and_shares_the_engines_components(engine):
+    ctx_units = [{**UNIT, "image": scribble()}]
+    first = engine.txt2img(PROMPT, seed=1, control=ctx_units, progress=False)
+    pipes = dict(control._pipes[engine])
+    again = engine.txt2img(PROMPT, seed=1, control=ctx_units, progress=False)
+    assert dict(control._pipes[engine]) == pipes  # nothing built the second time
+    assert np.array_equal(arr(first[0]), arr(again[0]))
+    base = engine.pipeline("txt2img")
+    for pipe in pipes.values():
+        assert pipe.unet is base.unet and pipe.vae is base.vae
+        assert pipe.text_encoder is base.text_encoder
+
+
+def test_only_masked_inpaint_crops_the_control_image_like_the_image(engine, control_dir):
+    image, big_scribble = picture((64, 48)), scribble((64, 48), (36, 6, 56, 26))
+    m = Image.new("L", (64, 48), 0)
+    ImageDraw.Draw(m).rectangle((40, 8, 52, 20), fill=255)
+    req = Request(
+        mode="inpaint",
+        prompt=PROMPT,
+        image=image,
+        mask=m,
+        seed=3,
+        strength=0.9,
+        only_masked=True,
+        padding=4,
+        width=32,
+        height=32,
+        control=[{**UNIT, "image": big_scribble}],
+    )
+    ours = engine.generate(req, progress=False)
+    checked = engine.check(req)
+    work = inpaint_inputs(checked)
+    assert work.box is not None
+    cropped = big_scribble.crop(work.box).resize((32, 32), Image.Resampling.LANCZOS)
+    raw = direct(
+        engine,
+        control_dir,
+        "inpaint",
+        ["tinycn"],
+        seed=3,
+        image=work.image,
+        mask_image=work.mask,
+        control_image=cropped,
+        strength=0.9,
+        width=32,
+        height=32,
+        controlnet_conditioning_scale=0.8,
+        control_guidance_start=0.1,
+        control_guidance_end=0.9,
+    )
+    assert np.array_equal(arr(ours[0]), arr(inpaint_finish(checked, work, raw)))
+
+
+def test_a_nine_channel_inpainting_model_takes_control(tiny_models, control_dir):
+    e = Engine(tiny_models["sd_inpaint"], device="cpu", control_dirs=[control_dir])
+    try:
+        unit = [{**UNIT, "image": scribble()}]
+        plain = e.txt2img(PROMPT, seed=1, progress=False)
+        ours = e.txt2img(PROMPT, seed=1, control=unit, progress=False)
+        assert ours[0].size == (32, 32) and not np.array_equal(arr(plain[0]), arr(ours[0]))
+        r = e.inpaint(picture(), mask(), PROMPT, seed=1, control=unit, progress=False)
+        assert r[0].size == (32, 32)
+    finally:
+        e.close()
+
+
+def test_a_transparent_control_picture_counts_as_no_line():
+    layer = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
+    layer.putpixel((2, 2), (255, 255, 255, 255))
+    for module, background in (("none", (0, 0, 0)), ("invert", (255, 255, 255))):
+        req = Request(prompt=PROMPT, control=[{**UNIT, "image": layer, "module": module}])
+        req.validate()
+        image = req.control[0]["image"]
+        assert image.mode == "RGB" and image.getpixel((0, 0)) == background
+        assert image.getpixel((2, 2)) == (255, 255, 255)
 
 
 @pytest.mark.parametrize(
