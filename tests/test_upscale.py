@@ -250,6 +250,47 @@ def test_the_widget_upscales_the_selected_gallery_image(sd_engine):
     assert np.array_equal(np.asarray(item.image), np.asarray(expected[0]))
 
 
+def test_the_krita_upscale_action_round_trips_through_the_real_bridge(sd_engine, tmp_path):
+    """Krita's Upscale (sdkit_krita.upscale, as `sdkit plugin install` lays it out) against
+    the real bridge server: the request carries the factor, the placement is the whole
+    upscaled picture, equal to Engine.upscale's."""
+    pytest.importorskip("zmq")
+    import importlib
+
+    from sdkit.bridge import plugins, serve
+
+    package = plugins.install("krita", tmp_path / "pykrita")
+    sys.path.insert(0, str(package.parent))
+    try:
+        up = importlib.import_module("sdkit_krita.upscale")
+        ec = importlib.import_module("sdkit_krita.editor_connection")
+        ea = importlib.import_module("sdkit_krita.editor_actions")
+    finally:
+        sys.path.remove(str(package.parent))
+    source = picture(16)
+    rgba = source.convert("RGBA").tobytes()
+    handle = serve(sd_engine, bind="tcp://127.0.0.1:0")
+    conn = ec.Connection(handle.address)
+    try:
+        conn.wait_ready()
+        mode = conn.mode("upscale")
+        assert "upscale_factor" in mode.fields
+        params = ea.Params(prompt=PROMPT, seed=9, strength=up.DEFAULT_STRENGTH)
+        with pytest.raises(Exception, match="1..4"):
+            up.plan_upscale(mode, params, 5.0, (16, 16), lambda r: rgba)
+        action = up.plan_upscale(mode, params, 2.0, (16, 16), lambda r: rgba, target="layer")
+        assert action.request_kwargs()["request"]["upscale_factor"] == 2.0
+        placement = ea.run_blocking(conn, action, timeout=120)
+    finally:
+        conn.close()
+        handle.stop()
+    assert (placement.x, placement.y, placement.width, placement.height) == (0, 0, 32, 32)
+    assert placement.name == f"[sdkit] {PROMPT} (9)"
+    expected = sd_engine.upscale(source, PROMPT, factor=2, seed=9, progress=False)[0]
+    got = Image.frombytes("RGBA", (32, 32), placement.rgba).convert("RGB")
+    assert np.array_equal(np.asarray(got), np.asarray(expected))
+
+
 # ------------------------------------------------------------------------ embedded model
 
 
