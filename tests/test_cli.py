@@ -519,3 +519,44 @@ def test_list_prints_the_adapters_the_folders_hold(tmp_path, capsys):
     assert set(found) == {"loras", "embeddings", "controls"}
     assert {"mine", "sdkcross"} <= set(found["loras"]) and "sdkdarkgreen" in found["embeddings"]
     assert str(tmp_path) not in out  # names, never paths
+
+
+def test_hires_flags_run_the_hires_fix_as_the_api_does(files, tmp_path, capsys):
+    if "hires_scale" not in modes_fields("txt2img"):
+        pytest.skip("the hires fix is not in the txt2img spec yet")
+    hires = ["--hires-scale", "2", "--hires-steps", "2", "--hires-denoise", "0.5"]
+    argv = ["txt2img", "a red circle", *hires, "--hires-upscaler", "Lanczos", "--model"]
+    argv += [files["model"], "--device", "cpu", "--seed", "4", "--num-inference-steps", "2"]
+    code, out, err = run([*argv, "--quiet", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    cli = Image.open(out.strip())
+    req = Request.from_png(out.strip())
+    assert (req.hires_scale, req.hires_steps, req.hires_denoise, req.hires_upscaler) == (
+        2.0,
+        2,
+        0.5,
+        "Lanczos",
+    )
+    api = sdkit.txt2img(
+        "a red circle",
+        model=files["model"],
+        seed=4,
+        num_inference_steps=2,
+        hires_scale=2.0,
+        hires_steps=2,
+        hires_denoise=0.5,
+        hires_upscaler="Lanczos",
+        progress=False,
+    )
+    assert cli.size == api[0].size == (64, 64)  # the tiny model's 32 x 32, twice
+    assert np.array_equal(np.asarray(cli.convert("RGB")), np.asarray(api[0]))
+    code, _, err = run(["txt2img", "x", "--hires-scale", "5", "--quiet"], capsys)
+    assert code == 2 and err.startswith("error: hires_scale: "), err
+    code, _, err = run(["txt2img", "x", "--hires-upscaler", "ESRGAN", "--quiet"], capsys)
+    assert code == 2 and err.startswith("error: hires_upscaler: "), err
+
+
+def modes_fields(mode: str) -> tuple[str, ...]:
+    from sdkit import modes
+
+    return modes.get(mode).fields
