@@ -174,3 +174,35 @@ def test_docker_offers_the_servers_lora_list(krita_run):
     assert "sdkcross" in loras["docker"] and loras["enabled"]
     assert loras["prompt"] == f"a red x <lora:{loras['chosen'][0]}:1>"
     assert loras["combo_index"] == 0  # back on the placeholder, ready for the next one
+
+
+def test_expand_canvas_grows_the_document_and_the_old_pixels_stay(krita_run):
+    """Issue 15.5: Expand canvas grows the document by the chosen sides and adds the new
+    area (and the seam) as one layer; outside the seam the old pixels are exactly as they
+    were. A request the server refuses, or one with nothing to add, changes nothing."""
+    import numpy as np
+
+    _, out, report, _ = krita_run
+    expand = report["expand"]
+    for refused in expand["refused"]:
+        assert refused["failed"], refused
+        assert refused["size"] == [W, H] and refused["layers_same"] and refused["pixels_same"]
+    assert "at least one side" in expand["refused"][0]["failed"]
+    assert "right" in expand["refused"][1]["failed"]
+    assert not expand["watchdog"], "the controller never reported the end"
+    assert expand["failed"] is None, expand["failed"]
+    left, right, top, bottom = expand["sides"]
+    new_w, new_h = W + left + right, H + top + bottom
+    assert expand["size"] == [new_w, new_h]
+    assert expand["layer"] == "[sdkit] a red circle (3)"
+    assert expand["layers"] == [*expand["before_layers"], expand["layer"]]
+    before = np.frombuffer((out / "expand_before.bin").read_bytes(), np.uint8).reshape(H, W, 4)
+    after = np.frombuffer((out / "expand_after.bin").read_bytes(), np.uint8)
+    after = after.reshape(new_h, new_w, 4)
+    seam = expand["seam"]
+    old = after[top : top + H, left : left + W]
+    assert np.array_equal(old[: H - seam, seam:], before[: H - seam, seam:])
+    new = np.ones((new_h, new_w), bool)
+    new[top : top + H, left : left + W] = False
+    assert (after[new][:, 3] == 255).all()  # the new area is painted, not transparent
+    assert after[new][:, :3].std() > 5  # and not one flat colour

@@ -51,8 +51,9 @@ def painting(width, height):
     return bytes(px)
 
 
-def run_controller(controller, mode, params, doc, cancel_after_first_progress=False):
-    """Run one action through the Controller and spin Qt until it ends."""
+def run_controller(controller, mode, params, doc, cancel_after_first_progress=False, start=None):
+    """Run one action through the Controller and spin Qt until it ends (``start()``: how to
+    start it, default ``controller.run(mode, params, doc)``)."""
     from sdkit_krita.qt import QtCore
 
     loop = QtCore.QEventLoop()
@@ -87,7 +88,7 @@ def run_controller(controller, mode, params, doc, cancel_after_first_progress=Fa
     watchdog.timeout.connect(lambda: (seen.update(watchdog=True), loop.quit()))
     watchdog.start(180_000)
     try:
-        if controller.run(mode, params, doc):
+        if (start or (lambda: controller.run(mode, params, doc)))():
             loop.exec() if hasattr(loop, "exec") else loop.exec_()
     finally:
         for signal, slot in (
@@ -245,6 +246,68 @@ def docker_buttons():
     }
 
 
+def expand_canvas(app, controller, out):
+    """Expand canvas on a fresh document: refused requests leave it as it was; a good one
+    grows it by the sides, adds one layer, and the old pixels stay (the test judges)."""
+    from sdkit_krita import canvas
+    from sdkit_krita import editor_actions as ea
+    from sdkit_krita import editor_expand as ex
+    from sdkit_krita import editor_geometry as geo
+    from sdkit_krita.pictures import rgba_to_bgra
+
+    doc = app.createDocument(W, H, "sdkit expand", "RGBA", "U8", "", 72.0)
+    doc.rootNode().childNodes()[0].setPixelData(rgba_to_bgra(painting(W, H)), 0, 0, W, H)
+    doc.refreshProjection()
+    doc.waitForDone()
+    before = canvas.read_rgba(doc, geo.Rect(0, 0, W, H))
+    with open(os.path.join(out, "expand_before.bin"), "wb") as f:
+        f.write(before)
+    params = ea.Params(prompt="a red circle", num_inference_steps=6, seed=3)
+    report = {"refused": []}
+
+    def layers():
+        return [n.name() for n in doc.rootNode().childNodes()]
+
+    names = layers()
+    for sides in (ex.Sides(), ex.Sides(right=4096)):  # nothing to add; over the size limit
+        seen = run_expand(controller, params, sides, doc)
+        report["refused"].append(
+            {
+                "failed": seen["failed"],
+                "size": [doc.width(), doc.height()],
+                "layers_same": layers() == names,
+                "pixels_same": canvas.read_rgba(doc, geo.Rect(0, 0, W, H)) == before,
+            }
+        )
+    sides = ex.Sides(left=24, bottom=16)
+    seen = run_expand(controller, params, sides, doc, seam=8)
+    doc.refreshProjection()
+    doc.waitForDone()
+    size = [doc.width(), doc.height()]
+    with open(os.path.join(out, "expand_after.bin"), "wb") as f:
+        f.write(canvas.read_rgba(doc, geo.Rect(0, 0, *size)))
+    report.update(
+        watchdog=seen["watchdog"],
+        failed=seen["failed"],
+        state=seen["state"],
+        size=size,
+        sides=[sides.left, sides.right, sides.top, sides.bottom],
+        seam=8,
+        layer=seen["layer"].name() if seen["layer"] else None,
+        layer_bounds=bounds(seen["layer"]) if seen["layer"] else None,
+        layers=layers(),
+        before_layers=names,
+    )
+    doc.close()
+    return report
+
+
+def run_expand(controller, params, sides, doc, seam=32):
+    """`run_controller` for Expand canvas (what the docker's button calls)."""
+    start = lambda: controller.expand(params, sides, doc, seam=seam)  # noqa: E731
+    return run_controller(controller, None, params, doc, start=start)
+
+
 def bounds(node):
     r = node.bounds()
     return [r.x(), r.y(), r.width(), r.height()]
@@ -339,6 +402,7 @@ def scenario(out):
         "watchdog": seen["watchdog"],
     }
     report["layers"] = [[n.name(), n.type()] for n in doc.rootNode().childNodes()]
+    report["expand"] = expand_canvas(app, controller, out)
     report["docker_buttons"] = docker_buttons()
     dump(out, report)  # what follows may kill Krita: keep what was seen so far
     report["server_gone"] = server_gone(doc)
