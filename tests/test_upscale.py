@@ -349,3 +349,82 @@ def test_peak_memory_stays_flat_as_the_picture_grows():
     ratio = large["peak_rss_kib"] / small["peak_rss_kib"]
     print(f"peak RSS 128 -> 256 px (x4): {ratio:.3f}")
     assert ratio <= 1.5
+
+
+@pytest.mark.slow
+@pytest.mark.editor
+def test_krita_upscale_to_a_new_document_and_to_a_layer(tmp_path):
+    """In a real Krita (kritarunner, offscreen) against a live server on the embedded model:
+    the docker's Upscale makes a new document with the server's exact result, or scales the
+    document and adds it as a layer; a cancel and a refusal change nothing."""
+    import json
+    import os
+    import shutil
+    import subprocess
+
+    from sdkit.bridge import plugins
+
+    from tests.editors import checks
+
+    runner = shutil.which("kritarunner")
+    if runner is None:
+        pytest.skip("Krita is not installed (kritarunner not on PATH): scripts/setup-editors.sh")
+    repo = Path(__file__).resolve().parents[1]
+    pykrita = tmp_path / "pykrita"
+    plugins.install("krita", pykrita)
+    out = tmp_path / "out"
+    out.mkdir()
+    home = Path(os.environ.get("SDKIT_KRITA_HOME", repo / ".cache" / "krita-home"))
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)
+    with checks.live_server() as address:
+        env = {
+            **os.environ,
+            "QT_QPA_PLATFORM": "offscreen",
+            "PYTHONPATH": os.pathsep.join([str(pykrita), str(repo / "tests" / "editors")]),
+            "HOME": str(home),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "XDG_DATA_HOME": str(home / ".local" / "share"),
+            "XDG_RUNTIME_DIR": str(home),
+            "SDKIT_ADDRESS": address,
+            "SDKIT_OUT": str(out),
+        }
+        proc = subprocess.run(
+            [runner, "-s", "krita_upscale_scenario"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+    assert (out / "report.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert "exception" not in report, report["exception"]
+
+    doc = report["document"]
+    assert doc["failed"] is None and not doc["watchdog"] and doc["state"] == "done", doc
+    assert doc["new_document"] and doc["new_size"] == [64, 48] and doc["new_name"] == "source x2"
+    assert doc["layer"] == {"name": "[sdkit] a red circle (21)", "bounds": [0, 0, 64, 48]}
+    assert doc["source_size"] == [32, 24] and doc["source_layers"] == 1
+    import sdkit
+
+    source = Image.frombytes("RGBA", (32, 24), (out / "source.bin").read_bytes())
+    expected = sdkit.upscale(
+        source.convert("RGB"), "a red circle", factor=2, seed=21, strength=0.5,
+        num_inference_steps=8, progress=False,
+    )[0]  # fmt: skip
+    got = Image.frombytes("RGBA", (64, 48), (out / "result.bin").read_bytes())
+    assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(expected))
+
+    layer = report["layer"]
+    assert layer["failed"] is None and layer["state"] == "done", layer
+    assert layer["size"] == [64, 48] and layer["layers_added"] == 1
+    assert layer["layer"]["bounds"] == [0, 0, 64, 48]
+
+    cancel = report["cancel"]
+    assert cancel["cancelled"] and cancel["state"] == "cancelled", cancel
+    assert cancel["size"] == [96, 96] and cancel["layers"] == 1
+    assert not cancel["new_document"]
+
+    refused = report["refused"]
+    assert refused["state"] == "failed" and "upscale_factor" in refused["failed"], refused
+    assert refused["size"] == [2100, 600] and refused["layers"] == 1

@@ -42,6 +42,7 @@ class UpscaleAction(ea.Action):
         self.factor = float(factor)
         self.target = target
         self.canvas_size = canvas_size
+        self.result_document = None  # target "document": the new one, once made
 
     def request_kwargs(self) -> dict:
         kwargs = super().request_kwargs()
@@ -114,6 +115,7 @@ def add_result(doc, action: UpscaleAction):
         name = f"{doc.name() or 'image'} x{action.factor:g}"
         new = app.createDocument(p.width, p.height, name, "RGBA", "U8", "", doc.resolution())
         layer = canvas.add_layer(new, p)
+        action.result_document = new
         window = app.activeWindow()
         if window is not None:
             window.addView(new)
