@@ -58,7 +58,7 @@ np.savez("check.npz", painted=w.painter.mask, request_mask=np.asarray(job.reques
          before=np.asarray(job.request.image.convert("RGB")),
          after=np.asarray(item.image.convert("RGB")), shown=np.asarray(w.painter.image),
          errors=np.array(w.errors, dtype=str))
-print("CHECK", job.state, job.request.mode, item.seed, item.source)"""
+print("CHECK", job.state, job.request.mode, item.seed, item.source, job.request.prompt)"""
 
 
 def _free_port() -> int:
@@ -239,7 +239,14 @@ def _paint_and_inpaint(url, root, page, page_errors):
     # the embedded model loads in the background; the widget says when it is there
     page.locator(".sdkit-model-status", has_text="loaded in").wait_for(timeout=900_000)
 
-    _step("model loaded: inpaint tab, upload")
+    _step("model loaded: a LoRA button puts its tag into the prompt")
+    page.locator(".sdkit-loras-button", has_text="sdkcross").click()
+    page.wait_for_function(  # the kernel handled the click and the prompt synced back
+        "() => document.querySelector('.sdkit-studio textarea').value"
+        ".endsWith('a yellow circle on a blue background <lora:sdkcross:1>')"
+    )
+
+    _step("inpaint tab, upload")
     page.locator(".sdkit-studio .lm-TabBar-tab", has_text="inpaint").click()
     with page.expect_file_chooser() as chooser:
         page.locator(".sdkit-image-upload").click()
@@ -273,6 +280,7 @@ def _paint_and_inpaint(url, root, page, page_errors):
     page.locator(".jp-OutputArea-output", has_text="CHECK").wait_for(timeout=300_000)
     output = page.locator(".jp-OutputArea-output", has_text="CHECK").inner_text()
     assert "CHECK done inpaint 3 widget" in output, output
+    assert output.rstrip().endswith("<lora:sdkcross:1>"), output  # the clicked LoRA ran
     assert page_errors == [], page_errors
 
     data = np.load(root / "check.npz")
