@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class AdapterState:
                 for emb in embeddings:
                     self._ensure_embedding(pipe, emb)
                 names = [self._ensure_lora(pipe, use, keep=loras) for use in loras]
+                self._evict(pipe, loras)
             try:
                 if names:
                     _set_enabled(pipe, True)
@@ -119,16 +121,13 @@ class AdapterState:
             self._loaded.move_to_end(key)
             return adapter
         sd = self._read(use, key)
-        keep_keys = {file_key(u.path) for u in keep}
-        while len(self._loaded) >= self.max_loaded:
-            old = next((k for k in self._loaded if k not in keep_keys), None)
-            if old is None:
-                break
-            _delete_adapter(pipe, self._loaded.pop(old))
+        self._evict(pipe, keep, room=1)
         self._count += 1
         adapter = f"{re.sub(r'[^0-9A-Za-z_]', '_', use.name)}_{self._count}"
         try:
-            pipe.load_lora_weights(dict(sd), adapter_name=adapter)
+            with warnings.catch_warnings():  # peft: "multiple adapters" is what we want
+                warnings.filterwarnings("ignore", message=".*peft_config.*")
+                pipe.load_lora_weights(dict(sd), adapter_name=adapter)
         except Exception as err:  # noqa: BLE001 - undo the partial load, then report it
             _delete_adapter(pipe, adapter)
             _set_enabled(pipe, False)
@@ -138,6 +137,15 @@ class AdapterState:
         self.injections += 1
         self._loaded[key] = adapter
         return adapter
+
+    def _evict(self, pipe: Any, keep: list[LoraUse], room: int = 0) -> None:
+        """Delete least recently used adapters (not in `keep`) until `room` more fit."""
+        keep_keys = {file_key(u.path) for u in keep}
+        while len(self._loaded) + room > self.max_loaded:
+            old = next((k for k in self._loaded if k not in keep_keys), None)
+            if old is None:
+                break
+            _delete_adapter(pipe, self._loaded.pop(old))
 
     # ------------------------------------------------------------------ embeddings
 
@@ -202,9 +210,11 @@ def _set_enabled(pipe: Any, enabled: bool) -> None:
 def _delete_adapter(pipe: Any, adapter: str) -> None:
     """Remove `adapter` from every layer and component config that holds it (also after a
     load that failed part-way, e.g. in the text encoder after the UNet took it)."""
-    for layer in _tuner_layers(pipe):
-        if adapter in getattr(layer, "lora_A", {}) or adapter in getattr(layer, "lora_B", {}):
-            layer.delete_adapter(adapter)
+    with warnings.catch_warnings():  # peft: "was active ... setting active adapter to"
+        warnings.simplefilter("ignore", UserWarning)
+        for layer in _tuner_layers(pipe):
+            if adapter in getattr(layer, "lora_A", {}) or adapter in getattr(layer, "lora_B", {}):
+                layer.delete_adapter(adapter)
     for name in _COMPONENTS:
         config = getattr(getattr(pipe, name, None), "peft_config", None)
         if isinstance(config, dict):
