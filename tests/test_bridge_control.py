@@ -90,6 +90,7 @@ def test_an_old_client_still_works(engine, server):  # noqa: F811
     try:
         hello = raw.ask(protocol.request_frames("hello", "h1", client="old/1"), "h1")
         assert hello.event == "hello" and "control" in hello.header["formats"]
+        assert hello.header["controls"] == ["tinycn", "tinycn2", "tinyxl"]
         request = {"mode": "img2img", "prompt": PROMPT, "seed": 6, "strength": 0.6}
         frames = [
             protocol.dumps(

@@ -475,6 +475,28 @@ def test_sdxl_txt2img_equals_diffusers_controlnet_pipeline(xl_engine, control_di
     assert np.array_equal(arr(ours[0]), arr(theirs))
 
 
+def test_sdxl_img2img_and_inpaint_take_control(xl_engine, control_dir):
+    unit = {**UNIT, "model": "tinyxl", "image": scribble()}
+    ours = xl_engine.img2img(picture(), PROMPT, seed=2, control=[unit], progress=False)
+    theirs = direct(
+        xl_engine,
+        control_dir,
+        "img2img",
+        ["tinyxl"],
+        seed=2,
+        image=picture(),
+        control_image=scribble(),
+        strength=0.75,
+        controlnet_conditioning_scale=0.8,
+        control_guidance_start=0.1,
+        control_guidance_end=0.9,
+    )
+    assert np.array_equal(arr(ours[0]), arr(theirs))
+    r = xl_engine.inpaint(picture(), mask(), PROMPT, seed=2, control=[unit], progress=False)
+    plain = xl_engine.inpaint(picture(), mask(), PROMPT, seed=2, progress=False)
+    assert not np.array_equal(arr(r[0]), arr(plain[0]))
+
+
 def test_controls_listed_in_info(engine):
     assert engine.info()["controls"] == ["tinycn", "tinycn2", "tinyxl"]
 
