@@ -165,3 +165,34 @@ def test_the_plugin_offers_the_servers_lora_list(gimp_run):
     assert status == "execution-error"
     message = (error or "") + log
     assert "no LoRA '../nope'" in message and "sdkcross" in message
+
+
+def test_expand_canvas_grows_the_image_and_the_old_pixels_stay(gimp_run):
+    """Issue 15.5: sdkit-expand grows the image by the chosen sides and adds the new area
+    (and the seam) as one layer; outside the seam the old pixels are exactly as they were.
+    A request the server refuses, or one with nothing to add, changes nothing."""
+    import numpy as np
+
+    _, out, report, log = gimp_run
+    expand = report["expand"]
+    for refused in expand["refused"]:
+        assert refused["status"] == "execution-error", refused
+        assert refused["size"] == [W, H] and refused["layers"] == 1 and refused["pixels_same"]
+    assert "at least one side" in ((expand["refused"][0]["error"] or "") + log)
+    assert "right" in (expand["refused"][1]["error"] or "")
+    status, error = expand["result"]
+    assert status == "success", f"{error}\n{log[-3000:]}"
+    left, right, top, bottom = expand["sides"]
+    new_w, new_h = W + left + right, H + top + bottom
+    assert expand["size"] == [new_w, new_h]
+    assert expand["layers"][0] == ["[sdkit] a red circle (3)", 0, 0, new_w, new_h]
+    assert len(expand["layers"]) == 2
+    before = np.frombuffer((out / "expand_before.bin").read_bytes(), np.uint8).reshape(H, W, 4)
+    after = np.frombuffer((out / "expand_after.bin").read_bytes(), np.uint8)
+    after = after.reshape(new_h, new_w, 4)
+    seam = expand["seam"]
+    old = after[top : top + H, left : left + W]
+    assert np.array_equal(old[: H - seam, seam:], before[: H - seam, seam:])
+    new = np.ones((new_h, new_w), bool)
+    new[top : top + H, left : left + W] = False
+    assert (after[new][:, 3] == 255).all() and after[new][:, :3].std() > 5

@@ -82,6 +82,53 @@ def layer_info(layer):
     return [layer.get_name(), x, y, layer.get_width(), layer.get_height()]
 
 
+def expand_canvas(server, out):
+    """Expand canvas on a fresh image: refused requests leave it as it was; a good one grows
+    it by the sides with one new layer, and the old pixels stay (the test judges)."""
+
+    def pixels(image):
+        copy = image.duplicate()
+        layer = copy.merge_visible_layers(Gimp.MergeType.CLIP_TO_IMAGE)
+        rect = Gegl.Rectangle.new(0, 0, image.get_width(), image.get_height())
+        data = bytes(layer.get_buffer().get(rect, 1.0, RGBA, Gegl.AbyssPolicy.NONE))
+        copy.delete()
+        return data
+
+    image = Gimp.Image.new(W, H, Gimp.ImageBaseType.RGB)
+    bg = Gimp.Layer.new(image, "bg", W, H, Gimp.ImageType.RGBA_IMAGE, 100.0, Gimp.LayerMode.NORMAL)
+    image.insert_layer(bg, None, 0)
+    buf = bg.get_buffer()
+    buf.set(Gegl.Rectangle.new(0, 0, W, H), RGBA, painting(W, H))
+    buf.flush()
+    before = pixels(image)
+    with open(os.path.join(out, "expand_before.bin"), "wb") as f:
+        f.write(before)
+    common = {"prompt": "a red circle", "steps": 6, "seed": 3, "server": server}
+    report = {"refused": []}
+    for sides in ({}, {"right": 4096}):  # nothing to add; over the size limit
+        status, error = call("sdkit-expand", image, bg, **common, **sides)
+        report["refused"].append(
+            {
+                "status": status,
+                "error": error,
+                "size": [image.get_width(), image.get_height()],
+                "layers": len(image.get_layers()),
+                "pixels_same": pixels(image) == before,
+            }
+        )
+    report["result"] = call("sdkit-expand", image, bg, **common, left=24, bottom=16, seam=8)
+    report.update(
+        size=[image.get_width(), image.get_height()],
+        sides=[24, 0, 0, 16],
+        seam=8,
+        layers=[layer_info(layer) for layer in image.get_layers()],
+    )
+    with open(os.path.join(out, "expand_after.bin"), "wb") as f:
+        f.write(pixels(image))
+    image.delete()
+    return report
+
+
 def scenario(out):
     report = {}
     image = Gimp.Image.new(W, H, Gimp.ImageBaseType.RGB)
@@ -173,6 +220,7 @@ def scenario(out):
         "sdkit-generate", image, bg, prompt="x", lora="../nope", steps=1, server=server
     )
     image.delete()
+    report["expand"] = expand_canvas(server, out)
     return report
 
 

@@ -13,6 +13,11 @@ with a ``mode`` argument: the server's mode to run, checked against the modes it
 ``hello`` offers. Likewise the ``lora`` argument names one of the server's LoRAs (its
 ``hello`` lists them; the interactive dialog offers them in a combo box); it becomes
 A1111's ``<lora:NAME:1>`` tag in the prompt. ``sdkit-loras`` returns (and shows) the list.
+``sdkit-expand`` (Expand canvas) grows the image by the chosen sides and paints the new area
+through the server's outpaint mode (``editor_expand``).
+
+Over 400 lines because GIMP runs one file as the plug-in's program: its procedures share
+the pixel helpers (read, add a layer) that live here.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import editor_actions as ea  # noqa: E402
+import editor_expand as ex  # noqa: E402
 import editor_geometry as geo  # noqa: E402
 from editor_connection import DEFAULT_ADDRESS, Connection  # noqa: E402
 
@@ -38,6 +44,7 @@ PROCEDURES = {
     "sdkit-inpaint": ("inpaint", "strength", "I_npaint selection…", "Repaint the selection"),
 }
 LORAS_PROCEDURE = "sdkit-loras"  # the server's LoRA names, one per line
+EXPAND_PROCEDURE = "sdkit-expand"  # Expand canvas: outpaint the whole image by some sides
 NO_LORA = "(none)"
 RGBA = "R'G'B'A u8"
 MASK = "Y u8"
@@ -290,9 +297,141 @@ def _loras_procedure(plugin):
     return procedure
 
 
+# --- Expand canvas -------------------------------------------------------------------
+
+
+def run_expand(
+    image,
+    params: ea.Params,
+    sides: ex.Sides,
+    *,
+    seam: int = ex.DEFAULT_SEAM,
+    address: str = DEFAULT_ADDRESS,
+    timeout: float | None = None,
+    progress: bool = True,
+):
+    """Outpaint the whole image by ``sides``; the image grows only once the result is in."""
+    check_image(image)
+    size = (image.get_width(), image.get_height())
+    conn = Connection(address, client="sdkit-gimp")
+    try:
+        conn.wait_ready()
+        read = lambda rect: read_rgba(image, rect)  # noqa: E731
+        action = ex.plan_expand(conn.mode(ex.MODE), params, sides, size, read, seam=seam)
+
+        def on_progress(a: ea.Action) -> None:
+            if progress:
+                Gimp.progress_set_text(f"sdkit: {a.status}")
+                Gimp.progress_update(a.fraction)
+
+        if progress:
+            Gimp.progress_init("sdkit: expand canvas")
+        placement = ea.run_blocking(conn, action, on_progress=on_progress, timeout=timeout)
+    finally:
+        conn.close()
+    return grow_and_add_layer(image, action, placement)
+
+
+def grow_and_add_layer(image, action: ex.ExpandAction, placement: geo.Placement):
+    """Grow the image by the action's sides and add the layer, as one undo step; if the
+    layer cannot be added the image goes back to its old size."""
+    width, height = action.canvas_size
+    if (image.get_width(), image.get_height()) != (width, height):
+        raise geo.EditorError("the image changed size while sdkit worked: expand it again")
+    s = action.sides
+    image.undo_group_start()
+    try:
+        image.resize(width + s.left + s.right, height + s.top + s.bottom, s.left, s.top)
+        try:
+            return add_layer(image, placement)
+        except Exception:
+            image.resize(width, height, -s.left, -s.top)
+            raise
+    finally:
+        image.undo_group_end()
+
+
+def _run_expand(procedure, run_mode, image, drawables, config, data):
+    if run_mode == Gimp.RunMode.INTERACTIVE:
+        gi.require_version("GimpUi", "3.0")
+        from gi.repository import GimpUi
+
+        GimpUi.init("sdkit-gimp")
+        window = GimpUi.ProcedureDialog(procedure=procedure, config=config)
+        window.fill(None)
+        ok = window.run()
+        window.destroy()
+        if not ok:
+            return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+    steps, seed = config.get_property("steps"), config.get_property("seed")
+    params = ea.Params(
+        prompt=config.get_property("prompt").strip(),
+        negative_prompt=config.get_property("negative-prompt").strip(),
+        strength=config.get_property("strength"),
+        num_inference_steps=steps or None,
+        seed=None if seed < 0 else seed,
+    )
+    sides = ex.Sides(**{side: config.get_property(side) for side in ex.Sides().as_request()})
+    try:
+        run_expand(
+            image,
+            params,
+            sides,
+            seam=config.get_property("seam"),
+            address=config.get_property("server"),
+        )
+    except geo.EditorError as e:
+        return procedure.new_return_values(Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(str(e)))
+    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+
+
+def _expand_procedure(plugin):
+    procedure = Gimp.ImageProcedure.new(
+        plugin, EXPAND_PROCEDURE, Gimp.PDBProcType.PLUGIN, _run_expand, None
+    )
+    procedure.set_image_types("RGB*")
+    procedure.set_sensitivity_mask(
+        Gimp.ProcedureSensitivityMask.DRAWABLE
+        | Gimp.ProcedureSensitivityMask.DRAWABLES
+        | Gimp.ProcedureSensitivityMask.NO_DRAWABLES
+    )
+    procedure.set_menu_label("_Expand canvas…")
+    procedure.add_menu_path("<Image>/Filters/sdkit")
+    procedure.set_documentation(
+        "Grow the image and paint the new area",
+        "Adds pixels on the chosen sides and paints them (and a seam band of the old image) "
+        "with Stable Diffusion through a running `sdkit serve` (its outpaint mode), as a new "
+        "layer; the image is resized only once the result is in.",
+        EXPAND_PROCEDURE,
+    )
+    procedure.set_attribution("sdkit", "sdkit", "2026")
+    rw = GObject.ParamFlags.READWRITE
+    procedure.add_string_argument("prompt", "_Prompt", "What to draw", "", rw)
+    procedure.add_string_argument("negative-prompt", "_Negative prompt", "What to avoid", "", rw)
+    for side, label in (
+        ("left", "_Left"),
+        ("right", "_Right"),
+        ("top", "_Top"),
+        ("bottom", "_Bottom"),
+    ):
+        procedure.add_int_argument(side, label, f"Pixels to add on the {side}", 0, 4096, 0, rw)
+    procedure.add_int_argument(
+        "seam", "Sea_m", "Pixels of the old image repainted softly", 0, 256, ex.DEFAULT_SEAM, rw
+    )
+    procedure.add_double_argument(
+        "strength", "_Strength", "How much to change the filled area (0..1)", 0.01, 1.0, 0.75, rw
+    )
+    procedure.add_int_argument("steps", "S_teps", "0: the model's default", 0, 200, 0, rw)
+    procedure.add_int_argument("seed", "S_eed", "-1: random", -1, 2**31 - 1, -1, rw)
+    procedure.add_string_argument(
+        "server", "Ser_ver", "Address of `sdkit serve`", DEFAULT_ADDRESS, rw
+    )
+    return procedure
+
+
 class SdkitPlugIn(Gimp.PlugIn):
     def do_query_procedures(self):
-        return [*PROCEDURES, LORAS_PROCEDURE]
+        return [*PROCEDURES, LORAS_PROCEDURE, EXPAND_PROCEDURE]
 
     def do_set_i18n(self, name):
         return False
@@ -300,6 +439,8 @@ class SdkitPlugIn(Gimp.PlugIn):
     def do_create_procedure(self, name):
         if name == LORAS_PROCEDURE:
             return _loras_procedure(self)
+        if name == EXPAND_PROCEDURE:
+            return _expand_procedure(self)
         mode, dialog, label, blurb = PROCEDURES[name]
         procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, _run, None)
         procedure.set_image_types("RGB*")
