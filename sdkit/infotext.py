@@ -8,10 +8,22 @@ The format, as A1111 writes it::
     Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512, Model: sd15, Version: v1.10.1
 
 The last line is `Key: value` pairs separated by commas; a value holding a comma, colon,
-newline or quote is JSON-quoted.  Keys sdkit has no field for (A1111's `Hires upscale`,
-`Lora hashes`, `Version`, ...) land in `Request.extra` and are written back unchanged.
-Known keys that do not apply to the parsed mode (e.g. A1111's hires-fix `Denoising strength`
-on a txt2img image) are kept in `extra` too, so nothing is lost on a round trip.
+newline or quote is JSON-quoted.  Keys sdkit has no field for (A1111's `Lora hashes`,
+`TI hashes`, `Version`, ...) land in `Request.extra` and are written back unchanged.
+Known keys that do not apply to the parsed mode are kept in `extra` too, so nothing is
+lost on a round trip.
+
+Without a `Mode` key the mode is what A1111's tabs imply: mask keys (`Mask blur`,
+`Masked content`, `Inpaint area`, ...) -> inpaint; `Denoising strength` without hires keys
+-> img2img; else txt2img, where `Hires upscale`, `Hires steps` (omitted when 0) and
+`Hires upscaler` are the hires fix and `Denoising strength` is its second pass's strength.
+An upscaler sdkit lacks (A1111's ESRGAN family, `Latent (bicubic)`, ...) runs as the
+nearest it has (`Latent` for latent ones, else `Lanczos`); its name stays in `extra` and
+is written back while the field still maps to it.
+
+LoRAs of the `loras` field are written as `<lora:NAME:WEIGHT>` tags appended to the prompt
+(A1111 has no other place for them); reading keeps tags in the prompt and never fills
+`loras`, so a LoRA is never applied twice.
 
 sdkit adds keys for what A1111 does not record: `Mode`, `Mask grow`, `Inpaint area`,
 `Masked area padding`, `Masked content`, `Resize mode`, `Batch size`.
@@ -34,6 +46,9 @@ _DECODER = json.JSONDecoder()
 _AREA = {"Only masked": True, "Whole picture": False}
 _FILL_OUT = {"original": "original", "fill": "fill", "noise": "latent noise"}
 _FILL_IN = {"original": "original", "fill": "fill", "latent noise": "noise", "noise": "noise"}
+_LEADING = ("Steps", "Sampler", "CFG scale", "Seed", "Size", "Model")
+# A1111 writes these only for a job with a mask (its inpaint tab); sdkit adds "Mask grow".
+MASK_KEYS = ("Mask blur", "Mask mode", "Masked content", "Inpaint area", "Masked area padding")
 
 
 def _mode_fields(mode: Any) -> tuple[str, ...]:
@@ -65,7 +80,39 @@ KNOWN_KEYS = (
     "Masked content",
     "Batch size",
     "Clip skip",
+    "Hires upscale",
+    "Hires steps",
+    "Hires upscaler",
 )
+
+
+def nearest_upscaler(name: str) -> str:
+    """The hires upscaler sdkit runs for A1111's `name` (latent ones -> Latent)."""
+    return "Latent" if name.startswith("Latent") else "Lanczos"
+
+
+def with_lora_tags(prompt: str, loras: list[dict]) -> str:
+    """`prompt` with the `loras` field's entries appended as A1111 `<lora:NAME:WEIGHT>` tags
+    (after a space: the text that reaches CLIP is unchanged once the tags are removed)."""
+    tags = " ".join(f"<lora:{x['name']}:{_num(x.get('weight', 1.0))}>" for x in loras)
+    return f"{prompt} {tags}" if prompt and tags else prompt or tags
+
+
+def _is_float(text: str | None) -> bool:
+    try:
+        float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def infer_mode(keys: Any) -> str:
+    """The mode A1111's tabs imply for infotext without a `Mode` key."""
+    keys = set(keys)
+    if keys & {*MASK_KEYS, "Mask grow"}:
+        return "inpaint"
+    hires = any(k.startswith("Hires ") for k in keys) or "First pass size" in keys
+    return "img2img" if "Denoising strength" in keys and not hires else "txt2img"
 
 
 # ---------------------------------------------------------------------------- writing
@@ -107,8 +154,11 @@ def format_infotext(req: Request, *, seed: int | None = None) -> str:
     if req.mode != "txt2img":
         add("Mode", req.mode)
     reads = _mode_fields(req.mode)  # mode-specific keys follow the fields the mode reads
+    hires = "hires_scale" in reads and req.hires_scale is not None
     if "strength" in reads:
         add("Denoising strength", _num(req.strength))
+    elif hires:  # A1111 writes the hires pass's strength under this key on txt2img
+        add("Denoising strength", _num(req.hires_denoise))
     if "resize_mode" in reads and req.resize_mode != "resize":
         add("Resize mode", req.resize_mode)
     if "mask_blur" in reads:
@@ -123,16 +173,27 @@ def format_infotext(req: Request, *, seed: int | None = None) -> str:
         add("Masked content", _FILL_OUT.get(req.fill, req.fill))
     if req.num_images != 1:
         add("Batch size", req.num_images)
-    if req.clip_skip not in (None, 1):  # A1111 omits 1
+    if "clip_skip" in reads and req.clip_skip not in (None, 1):  # A1111 omits 1
         add("Clip skip", req.clip_skip)
+    if hires:
+        add("Hires upscale", _num(req.hires_scale))
+        if req.hires_steps:  # A1111 omits 0 (= as many as Steps)
+            add("Hires steps", req.hires_steps)
+        named = req.extra.get("Hires upscaler")  # A1111's own name, when it still applies
+        keep = named is not None and nearest_upscaler(named) == req.hires_upscaler
+        add("Hires upscaler", named if keep else req.hires_upscaler)
     if "control" in reads and req.control:
         from sdkit.control import infotext_pairs
 
         pairs += infotext_pairs(req)  # A1111 ControlNet extension's `ControlNet N` keys
     written = {k for k, _ in pairs}
     pairs += [(k, str(v)) for k, v in req.extra.items() if k not in written]
+    if req.mode == "txt2img" and infer_mode(k for k, _ in pairs) != "txt2img":
+        # keys kept in extra would make a reader infer another mode: say it (after Model)
+        at = next((i for i, (k, _) in enumerate(pairs) if k not in _LEADING), len(pairs))
+        pairs.insert(at, ("Mode", "txt2img"))
 
-    lines = [req.prompt or ""]
+    lines = [with_lora_tags(req.prompt or "", req.loras if "loras" in reads else [])]
     if req.negative_prompt:
         lines.append(f"{NEGATIVE} {req.negative_prompt}")
     if pairs:
@@ -224,7 +285,7 @@ def parse_infotext(text: str, cls: type[Request]) -> Request:
             fields["mode"] = mode
         else:
             extra["Mode"] = mode
-    mode = fields.get("mode", "txt2img")
+    mode = fields.setdefault("mode", infer_mode(values))
     reads = _mode_fields(mode)
     always = (
         "num_inference_steps",
@@ -279,6 +340,15 @@ def parse_infotext(text: str, cls: type[Request]) -> Request:
             values.pop("Size")
             fields["width"], fields["height"] = int(m.group(1)), int(m.group(2))
     take("Model", "model", str)
+    if "hires_scale" in reads and _is_float(values.get("Hires upscale")):
+        take("Hires upscale", "hires_scale", float)
+        take("Hires steps", "hires_steps", int)
+        take("Denoising strength", "hires_denoise", float)
+        named = values.get("Hires upscaler")
+        if named is not None:
+            fields["hires_upscaler"] = nearest_upscaler(named)
+            if named == fields["hires_upscaler"]:
+                values.pop("Hires upscaler")  # else kept in extra, written back as it was
     take("Denoising strength", "strength", float)
     take("Resize mode", "resize_mode", choice(RESIZE_MODES))
     take("Mask blur", "mask_blur", int)

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from sdkit.infotext import KNOWN_KEYS, parse_params, quote, split_infotext
-from sdkit.request import FILLS, MODES, RESIZE_MODES, Request, RequestError
+from sdkit.infotext import KNOWN_KEYS, parse_params, quote, split_infotext, with_lora_tags
+from sdkit.request import FILLS, HIRES_UPSCALERS, MODES, RESIZE_MODES, Request, RequestError
 from sdkit.schedulers import scheduler_names
 
 # ---------------------------------------------------------------------------- A1111's own text
@@ -41,6 +41,26 @@ Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 99, S
 
 A1111_OLD_BATCH = """a red apple on a wooden table
 Steps: 50, Sampler: PLMS, CFG scale: 7.5, Seed: 3000000005, Size: 512x512, Batch size: 4, Batch pos: 2, Model hash: 7460a6fa, ENSD: 31337"""
+
+# Real infotexts, verbatim as published (found with the `search` tool; sources named).
+# A1111 v1.6.0 txt2img, hires fix (Latent) + LoRA tag + Lora/TI hashes + extensions' keys
+# (a public README's "使用的Prompt" block, Chinese SD tutorial).
+REAL_HIRES_LORA_TI = """8k, masterpiece,a woman in a black outfit with a hood, looking at viewer, standing in a hallway, Constance Copeman, darkness, a character portrait, rococo <lora:neg4all_bdsqlsz_V3.5:1>
+Negative prompt: easynegative
+Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 11, Seed: 3773110473, Size: 512x768, Model hash: a1535d0a42, Model: AnythingV5Ink_ink, Denoising strength: 0.7, ADetailer model: face_yolov8n.pt, ADetailer confidence: 0.3, ADetailer dilate/erode: 4, ADetailer mask blur: 4, ADetailer denoising strength: 0.4, ADetailer inpaint only masked: True, ADetailer inpaint padding: 32, ADetailer version: 23.9.3, ControlNet 0: "Module: none, Model: None, Weight: 1, Resize Mode: Crop and Resize, Low Vram: False, Guidance Start: 0, Guidance End: 1, Pixel Perfect: False, Control Mode: Balanced", LLuL Enabled: True, LLuL Multiply: 2, LLuL Weight: 0.15, LLuL Layers: ['OUT'], LLuL Apply to: ['out'], LLuL Start steps: 5, LLuL Max steps: 30, LLuL Upscaler: bilinear, LLuL Downscaler: bilinear, LLuL Interpolation: lerp, LLuL x: 128, LLuL y: 192, Hires upscale: 2, Hires upscaler: Latent, Lora hashes: "neg4all_bdsqlsz_V3.5: b1b5db66e2f6", TI hashes: "easynegative: c74b4e810b03", Version: v1.6.0"""
+
+# A1111 v1.3.1 txt2img: clip skip, hires steps, an ESRGAN upscaler, LoRA (a civitai
+# model-finder skill's PNG metadata test fixture).
+REAL_CLIP_SKIP_HIRES = """masterpiece,gufeng boy,<lora:gufeng boy_20230805210621:0.8>,armor
+Negative prompt: (worst quality:2),lowres
+Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 1008176401, Size: 512x768, Model hash: 87ce93011a, Model: majicMIX alpha 麦橘男团, Denoising strength: 0.45, Clip skip: 2, Hires upscale: 2, Hires steps: 10, Hires upscaler: R-ESRGAN 4x+, Lora hashes: "gufeng boy_20230805210621: 60129e9d06ab", Version: v1.3.1"""
+
+# A1111 v1.6.0 img2img (no mask), CRLF line ends (a Telegram bot's unit test input).
+REAL_IMG2IMG = "cat, dog, cute beavers\r\nNegative prompt: horse\r\nSteps: 5, Sampler: DPM++ SDE Karras, CFG scale: 2.0, Seed: 3342802166, Size: 1024x768, Model: dreamshaperXL_turboDpmppSDE, Denoising strength: 0.35, Version: v1.6.0-2-g4afaaf8a"
+
+# A1111 v1.9.4 inpaint, no Mode key (a product-photo inpainting README's parameters table).
+REAL_INPAINT = """professional product photo of perfume bottle in snow, gifting box, studio lighting
+Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1122959677, Size: 985x1266, Model hash: b513c6287d, Model: realism_engine, Denoising strength: 0.75, Mask blur: 4, Masked content: fill, Version: v1.9.4"""
 
 
 def test_basic_a1111_text():
@@ -76,17 +96,30 @@ def test_multi_line_prompts_hires_keys_and_quoted_values():
     assert "Schedule type" not in r.extra
     assert r.extra["Lora hashes"] == "add_detail: 7c6bad76eb54, more_details: 3b8aa1d351ef"
     assert r.extra["TI hashes"] == "easynegative: c74b4e810b03"
-    assert r.extra["Hires upscaler"] == "R-ESRGAN 4x+ Anime6B"
-    assert r.extra["Hires upscale"] == "2" and r.clip_skip == 2  # a field now
+    # an upscaler sdkit lacks runs as the nearest it has; A1111's name is kept and written
+    assert r.extra["Hires upscaler"] == "R-ESRGAN 4x+ Anime6B" and r.hires_upscaler == "Lanczos"
+    assert (r.mode, r.hires_scale, r.hires_steps, r.clip_skip) == ("txt2img", 2.0, 15, 2)
     assert r.extra["Version"] == "v1.10.1"
-    # the hires-fix denoising strength is not ours on txt2img: kept, not lost
-    assert r.extra["Denoising strength"] == "0.45" and r.strength == 0.75
-    assert list(r.extra)[:3] == ["Model hash", "Denoising strength", "Hires upscale"]
+    # on txt2img, A1111's `Denoising strength` is the hires pass's
+    assert r.hires_denoise == 0.45 and r.strength == 0.75
+    assert "Denoising strength" not in r.extra and "Hires upscale" not in r.extra
+    assert list(r.extra)[:3] == ["Model hash", "Hires upscaler", "Lora hashes"]
 
 
 @pytest.mark.parametrize(
     "text",
-    [A1111_BASIC, A1111_NO_NEGATIVE, A1111_HIRES, A1111_IMG2IMG, A1111_ADETAILER, A1111_OLD_BATCH],
+    [
+        A1111_BASIC,
+        A1111_NO_NEGATIVE,
+        A1111_HIRES,
+        A1111_IMG2IMG,
+        A1111_ADETAILER,
+        A1111_OLD_BATCH,
+        REAL_HIRES_LORA_TI,
+        REAL_CLIP_SKIP_HIRES,
+        REAL_IMG2IMG,
+        REAL_INPAINT,
+    ],
 )
 def test_a1111_text_written_back_keeps_every_key(text):
     r = Request.from_infotext(text)
@@ -109,11 +142,160 @@ def test_a1111_text_written_back_keeps_every_key(text):
             assert after[key] == value, key
 
 
-def test_img2img_keys_from_a1111_stay_in_extra():
-    r = Request.from_infotext(A1111_IMG2IMG)
-    assert r.mode == "txt2img"  # A1111 does not record the mode; re-running needs no init image
-    assert r.scheduler == "DPM++ SDE Karras"
-    assert r.extra["Denoising strength"] == "0.6" and r.extra["Mask blur"] == "4"
+def test_a1111_text_with_a_mask_key_is_inpaint():
+    r = Request.from_infotext(A1111_IMG2IMG)  # A1111 writes `Mask blur` only with a mask
+    assert r.mode == "inpaint" and r.scheduler == "DPM++ SDE Karras"
+    assert (r.strength, r.mask_blur) == (0.6, 4)
+    assert r.extra == {"Model hash": "6ce0161689", "Version": "v1.9.4"}
+
+
+def test_real_txt2img_hires_lora_ti_hashes():
+    r = Request.from_infotext(REAL_HIRES_LORA_TI)
+    assert r.mode == "txt2img"
+    assert (r.hires_scale, r.hires_steps, r.hires_upscaler, r.hires_denoise) == (
+        2,
+        0,
+        "Latent",
+        0.7,
+    )
+    assert r.prompt.endswith(", rococo <lora:neg4all_bdsqlsz_V3.5:1>") and r.loras == []
+    assert r.negative_prompt == "easynegative"
+    assert r.extra["Lora hashes"] == "neg4all_bdsqlsz_V3.5: b1b5db66e2f6"
+    assert r.extra["TI hashes"] == "easynegative: c74b4e810b03"
+    assert r.extra["LLuL Layers"] == "['OUT']"
+    for key in ("Hires upscale", "Hires upscaler", "Denoising strength"):
+        assert key not in r.extra
+    written = r.to_infotext()
+    assert written.split("\n")[0] == REAL_HIRES_LORA_TI.split("\n")[0]  # the tag once
+    assert "Denoising strength: 0.7, Hires upscale: 2, Hires upscaler: Latent, " in written
+    assert "Hires steps" not in written  # A1111 omits 0
+    assert (
+        'Lora hashes: "neg4all_bdsqlsz_V3.5: b1b5db66e2f6", TI hashes: "easynegative: c74b4e810b03"'
+    ) in written
+    r.validate()
+
+
+def test_real_txt2img_clip_skip_hires_steps_and_an_esrgan_upscaler():
+    r = Request.from_infotext(REAL_CLIP_SKIP_HIRES)
+    assert (r.mode, r.clip_skip, r.hires_scale, r.hires_steps) == ("txt2img", 2, 2, 10)
+    assert r.hires_denoise == 0.45 and r.strength == 0.75
+    assert r.hires_upscaler == "Lanczos" and r.extra["Hires upscaler"] == "R-ESRGAN 4x+"
+    assert r.extra["Lora hashes"] == "gufeng boy_20230805210621: 60129e9d06ab"
+    assert r.prompt == "masterpiece,gufeng boy,<lora:gufeng boy_20230805210621:0.8>,armor"
+    written = r.to_infotext()
+    assert (
+        "Denoising strength: 0.45, Clip skip: 2, Hires upscale: 2, Hires steps: 10, "
+        "Hires upscaler: R-ESRGAN 4x+, "
+    ) in written
+    # changed to an upscaler of ours: that name is written, A1111's is not repeated
+    r.hires_upscaler = "Latent"
+    _, _, pairs = split_infotext(r.to_infotext())
+    assert [v for k, v in pairs if k == "Hires upscaler"] == ["Latent"]
+
+
+def test_real_img2img_without_mode_key():
+    r = Request.from_infotext(REAL_IMG2IMG)
+    assert (r.mode, r.strength, r.prompt, r.negative_prompt) == (
+        "img2img",
+        0.35,
+        "cat, dog, cute beavers",
+        "horse",
+    )
+    assert (r.num_inference_steps, r.scheduler, r.guidance_scale, r.seed) == (
+        5,
+        "DPM++ SDE Karras",
+        2.0,
+        3342802166,
+    )
+    assert r.extra == {"Version": "v1.6.0-2-g4afaaf8a"}
+    assert "Mode: img2img" in r.to_infotext()
+
+
+def test_real_inpaint_without_mode_key():
+    r = Request.from_infotext(REAL_INPAINT)
+    assert (r.mode, r.strength, r.mask_blur, r.fill) == ("inpaint", 0.75, 4, "fill")
+    assert (r.width, r.height) == (985, 1266)
+    assert r.extra == {
+        "Model hash": "b513c6287d",
+        "Schedule type": "Automatic",
+        "Version": "v1.9.4",
+    }
+
+
+@pytest.mark.parametrize(
+    ("keys", "mode"),
+    [
+        ("Mask blur: 4", "inpaint"),
+        ("Masked content: original", "inpaint"),
+        ("Inpaint area: Only masked", "inpaint"),
+        ("Masked area padding: 32", "inpaint"),
+        ("Mask mode: Inpaint masked", "inpaint"),
+        ("Denoising strength: 0.5, Mask blur: 4", "inpaint"),
+        ("Denoising strength: 0.5", "img2img"),
+        ("Denoising strength: 0.5, Hires upscale: 2", "txt2img"),
+        ("Denoising strength: 0.5, Hires resize: 1024x1024", "txt2img"),
+        ("Denoising strength: 0.5, First pass size: 0x0", "txt2img"),  # A1111 before 1.0
+        ("Hires upscale: 1.5", "txt2img"),
+        ("Version: v1.10.1", "txt2img"),
+        ("Mode: img2img, Mask blur: 4", "img2img"),  # an explicit Mode wins
+        ("Mode: txt2img, Denoising strength: 0.5", "txt2img"),
+    ],
+)
+def test_mode_inferred_as_a1111s_tabs_imply(keys, mode):
+    r = Request.from_infotext(f"a cat\nSteps: 20, Seed: 1, Size: 512x512, {keys}")
+    assert r.mode == mode
+    assert Request.from_infotext(r.to_infotext()) == r
+
+
+def test_loras_field_written_as_prompt_tags_and_never_duplicated():
+    loras = [{"name": "sdkcross", "weight": 0.8}, {"name": "b", "weight": 1}]
+    r = Request(prompt="a <lora:x:1> cat", loras=loras, seed=1, num_inference_steps=20)
+    text = r.to_infotext()
+    assert text.split("\n")[0] == "a <lora:x:1> cat <lora:sdkcross:0.8> <lora:b:1>"
+    parsed = Request.from_infotext(text)
+    assert parsed.loras == [] and parsed.prompt == "a <lora:x:1> cat <lora:sdkcross:0.8> <lora:b:1>"
+    assert parsed.to_infotext() == text  # stable: reading and writing again adds nothing
+    assert Request(prompt="", loras=loras[:1]).to_infotext().startswith("<lora:sdkcross:0.8>")
+
+
+def test_lora_and_ti_hashes_from_extra_written_back_exactly():
+    extra = {
+        "Lora hashes": "sdkcross: 0123456789ab, more_details: 3b8aa1d351ef",
+        "TI hashes": "sdkdarkgreen: a1b2c3d4e5f6",
+    }
+    text = Request(prompt="x", seed=1, extra=dict(extra)).to_infotext()
+    assert (
+        'Lora hashes: "sdkcross: 0123456789ab, more_details: 3b8aa1d351ef", '
+        'TI hashes: "sdkdarkgreen: a1b2c3d4e5f6"'
+    ) in text
+    assert Request.from_infotext(text).extra == extra
+
+
+def test_hires_keys_in_a1111_order_and_read_back():
+    r = Request(
+        prompt="a cat",
+        num_inference_steps=28,
+        scheduler="DPM++ 2M Karras",
+        guidance_scale=6.5,
+        seed=5,
+        width=512,
+        height=768,
+        clip_skip=2,
+        hires_scale=1.5,
+        hires_steps=15,
+        hires_denoise=0.45,
+        hires_upscaler="Lanczos",
+    )
+    line = r.to_infotext().split("\n")[-1]
+    assert line.endswith(
+        "Size: 512x768, Denoising strength: 0.45, Clip skip: 2, Hires upscale: 1.5, "
+        "Hires steps: 15, Hires upscaler: Lanczos"
+    )
+    assert Request.from_infotext(r.to_infotext()) == r
+    plain = Request(prompt="a cat", hires_steps=9, hires_denoise=0.3)  # hires off
+    assert "Hires" not in plain.to_infotext() and "Denoising" not in plain.to_infotext()
+    on_img2img = Request(mode="img2img", prompt="a", hires_scale=2).to_infotext()
+    assert "Hires" not in on_img2img  # img2img has no hires fix
 
 
 def test_escaped_quotes_and_automatic_schedule():
@@ -321,22 +503,55 @@ def requests(draw) -> Request:
         resize_mode=draw(st.sampled_from(RESIZE_MODES)),
         model=draw(st.none() | _value),
         extra=draw(st.dictionaries(_key, _value, max_size=3)),
+        clip_skip=draw(st.none() | st.integers(1, 12)),
+        loras=draw(st.lists(_lora, max_size=2)),
+        hires_scale=draw(st.none() | st.floats(1, 4)),
+        hires_steps=draw(st.integers(0, 1000)),
+        hires_denoise=draw(st.floats(0.001, 1)),
+        hires_upscaler=draw(st.sampled_from(HIRES_UPSCALERS)),
     )
 
 
+_lora = st.fixed_dictionaries(
+    {"name": st.text("abcxyz XYZ019_-.", min_size=1, max_size=8), "weight": st.floats(0, 4)}
+)
+
+
 def _applies(r: Request) -> Request:
-    """What infotext carries for r's mode (other modes' fields keep their defaults)."""
+    """What infotext carries for r's mode (fields its mode does not read keep their
+    defaults; `loras` come back as tags in the prompt)."""
+    from sdkit import modes
+
+    reads = modes.get(r.mode).fields
     d = dict(r.__dict__)
     defaults = Request()
-    if r.mode not in ("img2img", "inpaint"):
-        d["strength"], d["resize_mode"] = defaults.strength, defaults.resize_mode
-    if r.mode != "inpaint":
-        for name in ("mask_blur", "grow", "only_masked", "padding", "fill"):
+    for name in (
+        "strength",
+        "resize_mode",
+        "mask_blur",
+        "grow",
+        "only_masked",
+        "padding",
+        "fill",
+        "hires_scale",
+        "hires_steps",
+        "hires_denoise",
+        "hires_upscaler",
+        "clip_skip",
+        "loras",
+    ):
+        if name not in reads:
+            d[name] = getattr(defaults, name)
+    if r.hires_scale is None:
+        for name in ("hires_steps", "hires_denoise", "hires_upscaler"):
             d[name] = getattr(defaults, name)
     if not r.only_masked:
         d["padding"] = defaults.padding
     if d["width"] is None or d["height"] is None:
         d["width"] = d["height"] = None
+    if d["clip_skip"] == 1:
+        d["clip_skip"] = None  # A1111 omits 1 (the same layer)
+    d["prompt"], d["loras"] = with_lora_tags(r.prompt, d["loras"]), []
     return Request(**d)
 
 
