@@ -618,3 +618,33 @@ def test_infotext_reads_a1111_units_and_keeps_what_sdkit_cannot_run():
     with pytest.raises(RequestError) as e:  # the image is not in the PNG: the user gives it
         req.validate()
     assert e.value.field == "control[0].image"
+
+
+# ------------------------------------------------------------------ the embedded model
+
+
+@pytest.mark.slow
+def test_embedded_scribble_steers_the_shapes_position():
+    """End to end through `sdkit.txt2img`: the shipped scribble ControlNet puts the shape
+    where the held-out scribble is (the issue's criterion, with margin on 8 scenes), and
+    the same prompts without control do not."""
+    from pathlib import Path
+
+    import sdkit
+    from sdkit.embedded import scribbles
+
+    shipped = Path(sdkit.__file__).parent / "embedded" / "control" / "sdkscribble"
+    if not (shipped / "config.json").is_file():
+        pytest.skip("the embedded scribble ControlNet is not shipped in this checkout")
+    with_control = without = 0
+    n = 8
+    for i in range(n):
+        scene, drawing, caption = scribbles.heldout(i)
+        unit = {"model": "sdkscribble", "image": drawing}
+        r = sdkit.txt2img(caption, seed=i, control=[unit], progress=False)
+        with_control += scribbles.placement(r[0], scene).ok
+        base = sdkit.txt2img(caption, seed=i, progress=False)
+        without += scribbles.placement(base[0], scene).ok
+        assert "ControlNet 0: " in r.request.to_infotext()
+    assert with_control >= 0.75 * n, (with_control, without)
+    assert with_control - without >= 0.4 * n, (with_control, without)
