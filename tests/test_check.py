@@ -32,7 +32,7 @@ BAD = [
     (dict(mode="inpaint", image=IMAGE, mask=MASK, mask_blur=10**9), "mask_blur"),
     (dict(mode="inpaint", image=IMAGE, mask=MASK, padding=513), "padding"),
     (dict(mode="unconditional", prompt="", guidance_scale=7), "guidance_scale"),
-    (dict(mode="outpaint"), "mode"),
+    (dict(mode="outpaint-v9"), "mode"),
 ]
 
 
