@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import math
+import numbers
 import re
 import threading
 import weakref
@@ -57,7 +58,7 @@ _CACHED_MODELS = 4  # ControlNet models (and pipelines) kept per engine, least r
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_units(units: Any, mode: str, takes_control: bool) -> list[dict]:

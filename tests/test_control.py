@@ -135,6 +135,33 @@ def test_txt2img_equals_diffusers_controlnet_pipeline(engine, control_dir):
     assert not np.array_equal(arr(ours[0]), arr(plain[0]))  # the control did something
 
 
+def test_a_batch_equals_diffusers_controlnet_pipeline(engine, control_dir):
+    ours = engine.txt2img(
+        PROMPT, seed=3, num_images=2, control=[{**UNIT, "image": scribble()}], progress=False
+    )
+    import diffusers
+    from diffusers import ControlNetModel
+
+    pipe = diffusers.StableDiffusionControlNetPipeline.from_pipe(
+        engine.pipeline("txt2img"),
+        controlnet=ControlNetModel.from_pretrained(control_dir / "tinycn"),
+    )
+    pipe.scheduler = make_scheduler("PNDM", engine.scheduler_config)
+    theirs = pipe(
+        PROMPT,
+        image=scribble(),
+        num_inference_steps=4,
+        num_images_per_prompt=2,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in (3, 4)],
+        controlnet_conditioning_scale=0.8,
+        control_guidance_start=0.1,
+        control_guidance_end=0.9,
+    ).images
+    assert ours.seeds == [3, 4]
+    for a, b in zip(ours, theirs, strict=True):
+        assert np.array_equal(arr(a), arr(b))
+
+
 def test_img2img_equals_diffusers_controlnet_pipeline(engine, control_dir):
     ours = engine.img2img(
         picture(),
