@@ -26,7 +26,8 @@ LoRAs of the `loras` field are written as `<lora:NAME:WEIGHT>` tags appended to 
 `loras`, so a LoRA is never applied twice.
 
 sdkit adds keys for what A1111 does not record: `Mode`, `Mask grow`, `Inpaint area`,
-`Masked area padding`, `Masked content`, `Resize mode`, `Batch size`.
+`Masked area padding`, `Masked content`, `Resize mode`, `Batch size`, and for outpaint
+`Outpaint left/right/top/bottom`, `Extend fill`, `Seam`.
 """
 
 from __future__ import annotations
@@ -83,7 +84,14 @@ KNOWN_KEYS = (
     "Hires upscale",
     "Hires steps",
     "Hires upscaler",
+    "Outpaint left",
+    "Outpaint right",
+    "Outpaint top",
+    "Outpaint bottom",
+    "Extend fill",
+    "Seam",
 )
+_SIDES = ("left", "right", "top", "bottom")  # outpaint: "Outpaint left" ... (only those > 0)
 
 
 def nearest_upscaler(name: str) -> str:
@@ -182,6 +190,12 @@ def format_infotext(req: Request, *, seed: int | None = None) -> str:
         named = req.extra.get("Hires upscaler")  # A1111's own name, when it still applies
         keep = named is not None and nearest_upscaler(named) == req.hires_upscaler
         add("Hires upscaler", named if keep else req.hires_upscaler)
+    if "left" in reads:  # outpaint
+        for side in _SIDES:
+            if getattr(req, side):
+                add(f"Outpaint {side}", getattr(req, side))
+        add("Extend fill", req.extend_fill)
+        add("Seam", req.seam)
     if "control" in reads and req.control:
         from sdkit.control import infotext_pairs
 
@@ -267,7 +281,7 @@ def split_infotext(text: str) -> tuple[str, str, list[tuple[str, str]]]:
 def parse_infotext(text: str, cls: type[Request]) -> Request:
     """A `Request` (of class `cls`) from infotext written by sdkit or A1111."""
     from sdkit import modes
-    from sdkit.request import FILLS, RESIZE_MODES, RequestError
+    from sdkit.request import EXTEND_FILLS, FILLS, RESIZE_MODES, RequestError
     from sdkit.schedulers import canonical_name
 
     if not isinstance(text, str):
@@ -358,6 +372,10 @@ def parse_infotext(text: str, cls: type[Request]) -> Request:
     take("Masked content", "fill", lambda raw: choice(FILLS)(_FILL_IN[raw]))
     take("Batch size", "num_images", int)
     take("Clip skip", "clip_skip", int)
+    for side in _SIDES:
+        take(f"Outpaint {side}", side, int)
+    take("Extend fill", "extend_fill", choice(EXTEND_FILLS))
+    take("Seam", "seam", int)
 
     if "control" in reads:
         from sdkit.control import parse_units

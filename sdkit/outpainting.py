@@ -1,6 +1,5 @@
 """Outpainting (issue 15.3): extend the canvas on any side and paint the new area.
 
-(Named `outpainting` so that the module does not shadow the function `sdkit.outpaint`.)
 The canvas grows by `left/right/top/bottom` pixels; the new area starts from `extend_fill`
 ("stretch": the edge pixels drawn outward, "noise": seeded noise, "colour": the mean colour
 of the original's extended edges) and is inpainted through the engine's inpaint pipeline
@@ -13,6 +12,8 @@ tiles of at most the native size, only tiles that hold something to repaint run,
 the original first, each repainting what is still to do plus a soft overlap into what the
 tiles before it made. The tile plan is pure geometry (`plan`), known before any pass runs,
 so progress counts all tiles and cancel works between and within them.
+
+Named `outpainting` so that importing it does not shadow the function `sdkit.outpaint`.
 """
 
 from __future__ import annotations

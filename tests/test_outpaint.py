@@ -377,3 +377,20 @@ def test_expand_canvas_action_through_a_real_server(bridge):
     assert (alpha[opaque] == 255).all()
     # what shows through (the original) is what the server left exact
     assert np.array_equal(layer[8:21, 12:37, :3], np.asarray(image)[4:17, 4:29])
+
+
+def test_infotext_round_trip_keeps_the_sides(sd_engine, tmp_path):
+    result = sd_engine.outpaint(
+        _image(), PROMPT, progress=False, left=8, bottom=16, extend_fill="noise", seam=6, seed=2
+    )
+    text = result.request.to_infotext()
+    assert "Outpaint left: 8" in text and "Outpaint right" not in text
+    back = Request.from_infotext(text)
+    assert back.mode == "outpaint" and not back.extra
+    assert (back.left, back.right, back.top, back.bottom) == (8, 0, 0, 16)
+    assert (back.extend_fill, back.seam, back.mask_blur) == ("noise", 6, 4)
+    path = result.save(tmp_path)[0]
+    assert Request.from_png(path).bottom == 16
+    # keys for a mode that does not read them are kept, not dropped
+    other = Request.from_infotext(text.replace("Mode: outpaint, ", ""))
+    assert other.left == 0 and other.extra["Outpaint left"] == "8"
