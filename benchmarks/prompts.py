@@ -6,7 +6,11 @@ Times (median of `--rounds`) on the embedded model, or `--model SPEC`:
             (two schedule entries, two chunks each, and the negative padded to match)
   job       one `--steps`-step txt2img job (the plain prompt, through the engine)
 and prints each as a share of the job, and the extra cost (weighted - plain) / job
-(target <= 2 %). Prints numbers; never fails. Run: `python benchmarks/prompts.py`.
+(target <= 2 %). Then LoRA loading (`lora_times`): the first job's load of a LoRA (read
+the file, inject it with diffusers' `load_lora_weights`, set it) vs the cached switch of a
+later job (the adapter stays loaded: `set_adapters` only), a reload from the cached state
+dict after eviction (inject, no read), and putting the base model back after the job.
+Prints numbers; never fails. Run: `python benchmarks/prompts.py`.
 """
 
 from __future__ import annotations
@@ -41,12 +45,57 @@ def prompts(tokenizer) -> tuple[str, str]:
     return plain, " ".join(body)
 
 
+def lora_times(engine, lora: str | None, rounds: int) -> dict[str, float] | None:
+    """Seconds (median of `rounds`) for a LoRA's first load, cached switch, reload from the
+    cached file after eviction, and the restore after a job, on `engine`'s base pipeline."""
+    from sdkit.adapter_loading import AdapterState, LoraUse
+
+    names = engine.info()["loras"]
+    name = lora or (names[0] if names else None)
+    if name is None:
+        return None
+    use = LoraUse(name, engine.adapters.find("lora", name), 1.0)
+    other = LoraUse(name, use.path, 0.5)
+    base = engine.pipeline("txt2img")
+    first, switch, reload, restore = [], [], [], []
+    for _ in range(rounds):
+        state = AdapterState()  # a fresh engine's: nothing read, nothing loaded
+        t0 = time.perf_counter()
+        with state.applied(base, [use], []):
+            t1 = time.perf_counter()
+        t2 = time.perf_counter()
+        with state.applied(base, [other], []):
+            t3 = time.perf_counter()
+        state.max_loaded = 0  # evict: the next job injects again from the cached file
+        state._evict(base, [])
+        state.max_loaded = 8
+        t4 = time.perf_counter()
+        with state.applied(base, [use], []):
+            t5 = time.perf_counter()
+        state.max_loaded = 0
+        state._evict(base, [])  # leave the pipeline as it was
+        first.append(t1 - t0)
+        switch.append(t3 - t2)
+        reload.append(t5 - t4)
+        restore.append(t2 - t1)
+    med = statistics.median
+    return {
+        "name": name,
+        "first load": med(first),
+        "cached switch": med(switch),
+        "reload from cached file": med(reload),
+        "restore after job": med(restore),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model spec (default: the embedded model)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--lora", default=None, help="LoRA name (default: the first found)")
+    ap.add_argument("--lora-dir", action="append", default=None, help="LoRA folder")
     args = ap.parse_args()
 
     import torch
@@ -55,7 +104,8 @@ def main() -> None:
     from sdkit import conditioning
     from sdkit.prompt_syntax import parse_attention, schedule
 
-    engine = sdkit.load(args.model, device=args.device)
+    options = {"lora_dirs": args.lora_dir} if args.lora_dir else {}
+    engine = sdkit.load(args.model, device=args.device, **options)
     try:
         pipe = engine.pipeline("txt2img")
         plain, weighted = prompts(pipe.tokenizer)
@@ -90,6 +140,15 @@ def main() -> None:
         extra = 100 * (t_weighted - t_plain) / t_job
         print(f"\nextra cost of the weighted prompt: {extra:.2f} % of a {args.steps}-step job")
         print("target <= 2 %:", "met" if extra <= 2 else "NOT met")
+        lora = lora_times(engine, args.lora, args.rounds)
+        if lora is None:
+            print("\nno LoRA found for this model: LoRA timings skipped (pass --lora-dir)")
+        else:
+            print(f"\nLoRA {lora.pop('name')!r}, median of {args.rounds}:\n")
+            print("| what | seconds | share of job |")
+            print("| --- | --- | --- |")
+            for what, t in lora.items():
+                print(f"| {what} | {t:.4f} | {100 * t / t_job:.2f} % |")
     finally:
         engine.close()
 

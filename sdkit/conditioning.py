@@ -318,7 +318,9 @@ def needs_embeds(pipe: Any, prompt: str, negative_prompt: str, steps: int, clip_
     if clip_skip > 1:
         return True
     for text in (prompt, negative_prompt):
-        if text and (has_syntax(text, steps) or token_count(pipe.tokenizer, text) > CHUNK):
+        # multi-vector embeddings count as their vectors (diffusers would truncate them)
+        expanded = _convert(pipe, text, pipe.tokenizer)
+        if text and (has_syntax(text, steps) or token_count(pipe.tokenizer, expanded) > CHUNK):
             return True
     return False
 

@@ -218,3 +218,14 @@ def test_embedded_model_uses_the_shipped_embedding_in_both_prompts():
     want = theirs(with_ti, prompt), theirs(with_ti, "a red circle on a yellow background", negative)
     assert np.array_equal(arr(ours), want[0]) and np.array_equal(arr(ours_neg), want[1])
     assert not np.array_equal(want[0], raw[0]) and not np.array_equal(want[1], raw[1])
+
+
+def test_multi_vector_embedding_counts_as_its_vectors_for_chunking(engine):
+    """74 words + a 2-vector embedding = 76 tokens: A1111 makes two chunks; diffusers' own
+    path would cut the last token, so these prompts go through our encoder."""
+    engine.txt2img(STYLE, progress=False, **KW)  # loaded
+    pipe = engine.pipeline("txt2img")
+    words = " ".join(["circle"] * 74)
+    assert not conditioning.needs_embeds(pipe, f"{words} blue", "", 3, 1)  # 75 tokens
+    assert conditioning.needs_embeds(pipe, f"{words} tinystyle", "", 3, 1)
+    assert len(conditioning.chunks(pipe.tokenizer, f"{words} tinystyle", pipe)) == 2

@@ -423,3 +423,22 @@ def test_embedded_model_with_the_shipped_lora(tmp_path):
             generator=[torch.Generator().manual_seed(50_001)],
         ).images[0]
     assert np.array_equal(arr(with_lora), np.asarray(theirs))
+
+
+def test_benchmark_times_first_load_and_cached_switch(engine):
+    from benchmarks.prompts import lora_times
+
+    times = lora_times(engine, "kohya_b", rounds=1)
+    assert times is not None and times.pop("name") == "kohya_b"
+    assert set(times) == {
+        "first load",
+        "cached switch",
+        "reload from cached file",
+        "restore after job",
+    }
+    assert all(t > 0 for t in times.values())
+    base = engine.pipeline("txt2img")
+    assert not any(  # the benchmark's adapters are gone again
+        k.startswith("kohya_b_") and k not in engine._adapter_state.loaded
+        for k in getattr(base.unet, "peft_config", {})
+    )
