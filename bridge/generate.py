@@ -24,6 +24,7 @@ from sdkit.bridge.clients import Client, Clients, Entry
 from sdkit.bridge.dispatch import Dispatcher
 from sdkit.bridge.engines import Engines
 from sdkit.bridge.logs import client_label, log, log_event
+from sdkit.bridge.ops import public_message
 
 Send = Callable[..., bool]
 
@@ -143,7 +144,8 @@ class Jobs:
         try:
             entry.request = entry.engine.check(entry.request)
         except RequestError as e:
-            raise P.ProtocolError("bad_field", e.message, f"request.{e.field}", rid) from None
+            message = public_message(e.message, entry.engine)
+            raise P.ProtocolError("bad_field", message, f"request.{e.field}", rid) from None
         _check_limits(entry.request, self.limits, rid)
         if state is not None:
             self.clients.add(state, entry)
@@ -214,9 +216,12 @@ class Jobs:
 
             self._end(entry)
             if isinstance(e, RequestError):
-                self._error(entry, "bad_field", e.message, f"request.{e.field}")
+                message = public_message(e.message, entry.engine)
+                self._error(entry, "bad_field", message, f"request.{e.field}")
             else:
-                self._error(entry, "failed", f"{type(e).__name__}: {e}")
+                self._error(
+                    entry, "failed", public_message(f"{type(e).__name__}: {e}", entry.engine)
+                )
 
     def cancel(self, entry: Entry, reason: str) -> None:
         """Cancel a request wherever it is; its terminal event follows (unless it is gone)."""
@@ -305,6 +310,7 @@ class Jobs:
                 code, message, fld = "bad_field", err.message, f"request.{err.field}"
             else:
                 code, message, fld = "failed", f"{type(err).__name__}: {err}", None
+            message = public_message(message, entry.engine)
             log_event(
                 logging.WARNING, "failed", client=client_label(client), id=rid, message=message
             )

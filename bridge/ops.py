@@ -7,6 +7,7 @@ the decoded message, and raises `protocol.ProtocolError` for an error reply.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ from sdkit.bridge import protocol as P
 from sdkit.bridge.logs import client_label, log_event
 
 SERVER_NAME = "sdkit-bridge"
+log = logging.getLogger(__name__)
 
 
 class Ops:
@@ -111,6 +113,33 @@ def adapter_names(info: dict) -> dict[str, list[str]]:
     them: names only, never the folders or paths they were found in; [] when the engine
     has none (or predates adapters)."""
     return {kind: [n for n in info.get(kind) or [] if isinstance(n, str)] for kind in ADAPTER_KINDS}
+
+
+_NOT_FOUND = re.compile(r"(LoRA|embedding|ControlNet model) ('.*') not found; searched: .*", re.S)
+_KINDS = {"LoRA": "lora", "embedding": "embedding", "ControlNet model": "control"}
+SERVER_FOLDER = "<server folder>"
+
+
+def public_message(message: str, engine: Any) -> str:
+    """An engine's error message as a client may read it. At a terminal the engine names the
+    folders it searched for a missing adapter; a client gets the names the server offers
+    instead (as `hello` lists them), and any adapter folder left in a message (a corrupt
+    file's path, say) reads as <server folder>: a client never learns the server's disk."""
+    folders = getattr(engine, "adapters", None)
+    if folders is None:
+        return message
+    try:
+        found = _NOT_FOUND.fullmatch(message)
+        if found:
+            what, name = found.groups()
+            offered = ", ".join(folders.names(_KINDS[what])) or "none"
+            return f"{what} {name} not found; the server offers: {offered}"
+        for kind in _KINDS.values():
+            for folder in folders.folders(kind):
+                message = message.replace(str(folder), SERVER_FOLDER)
+    except Exception:  # noqa: BLE001 - an engine of another shape: say less, never fail
+        log.debug("public_message: could not read the engine's adapter folders", exc_info=True)
+    return message
 
 
 def _version() -> str:

@@ -131,3 +131,32 @@ def test_check_lora_names_what_the_server_offers(server, engine):
         assert (", ".join(offered) or "none") in str(err.value)
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize(
+    "request_fields",
+    [
+        {"loras": [{"name": "nope", "weight": 1}]},
+        {"prompt": "x <lora:nope:1>"},
+    ],
+)
+def test_an_unknown_lora_is_named_without_the_servers_folders(
+    server, engine, lora_dir, request_fields
+):
+    """The engine's own message lists the folders it searched (useful at a terminal); a
+    bridge client learns the name and what the server offers, never the server's disk."""
+    pytest.importorskip("sdkit.adapters")
+    from sdkit.embedded.train_adapters import ADAPTERS_DIR
+
+    header = {
+        "v": 1,
+        "op": "generate",
+        "id": "u",
+        "request": {"prompt": "x", **request_fields, **FAST},
+    }
+    raw, ev = _ask(server.address, header)
+    assert (ev.event, ev.code) == ("error", "bad_field"), ev.header
+    assert ev.field.startswith("request."), ev.field
+    assert "'nope'" in ev.message and "sdkcross" in ev.message, ev.message
+    for folder in (lora_dir, ADAPTERS_DIR):
+        assert str(folder).encode() not in raw, ev.message

@@ -28,8 +28,13 @@ CSS = """
 .sdkit-studio .sdkit-upload::after {
   content: attr(title); font-size: var(--jp-widgets-font-size, 13px);
 }
-/* mode tabs as wide as their titles (the registry's), not a fixed 144px cut short */
-.sdkit-studio .jupyter-widgets.jupyter-widget-tab > .lm-TabBar .lm-TabBar-tab { flex: 0 1 auto; }
+/* mode tabs as wide as their titles (the registry's), not a fixed 144px cut short; more
+   modes than fit wrap onto a second row instead of shrinking their titles */
+.sdkit-studio .jupyter-widgets.jupyter-widget-tab > .lm-TabBar .lm-TabBar-tab { flex: 0 0 auto; }
+.sdkit-studio .jupyter-widgets.jupyter-widget-tab > .lm-TabBar .lm-TabBar-content {
+  flex-wrap: wrap;
+}
+.sdkit-studio .jupyter-widgets.jupyter-widget-tab > .lm-TabBar { height: auto; min-height: 0; }
 </style>
 """
 
