@@ -229,3 +229,39 @@ def test_multi_vector_embedding_counts_as_its_vectors_for_chunking(engine):
     assert not conditioning.needs_embeds(pipe, f"{words} blue", "", 3, 1)  # 75 tokens
     assert conditioning.needs_embeds(pipe, f"{words} tinystyle", "", 3, 1)
     assert len(conditioning.chunks(pipe.tokenizer, f"{words} tinystyle", pipe)) == 2
+
+
+def test_sdxl_embedding_loads_into_both_text_encoders(tiny_models, tmp_path):
+    import diffusers
+
+    g = torch.Generator().manual_seed(8)
+    vectors = {"clip_l": torch.randn(2, 32, generator=g), "clip_g": torch.randn(2, 32, generator=g)}
+    save_file(vectors, str(tmp_path / "xlstyle.safetensors"))
+    eng = Engine(tiny_models["sdxl"], device="cpu", embedding_dirs=[tmp_path])
+    prompt = "a xlstyle circle on a blue background"
+    try:
+        ours = eng.txt2img(prompt, progress=False, **KW)
+    finally:
+        eng.close()
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tiny_models["sdxl"]))
+    fast.apply_speed_options(pipe, device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for key, encoder, tokenizer in (
+        ("clip_l", pipe.text_encoder, pipe.tokenizer),
+        ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2),
+    ):
+        pipe.load_textual_inversion(
+            vectors[key], token="xlstyle", text_encoder=encoder, tokenizer=tokenizer
+        )
+    pipe.scheduler = make_scheduler("PNDM", dict(pipe.scheduler.config))
+    with torch.no_grad():
+        theirs = pipe(
+            prompt,
+            num_inference_steps=3,
+            guidance_scale=7.5,
+            width=32,
+            height=32,
+            generator=[torch.Generator().manual_seed(6)],
+        ).images[0]
+    assert np.array_equal(arr(ours), np.asarray(theirs))
+    assert "xlstyle: " in ours.request.extra["TI hashes"]

@@ -442,3 +442,20 @@ def test_benchmark_times_first_load_and_cached_switch(engine):
         k.startswith("kohya_b_") and k not in engine._adapter_state.loaded
         for k in getattr(base.unet, "peft_config", {})
     )
+
+
+def test_a1111_infotext_runs_with_its_lora_and_writes_its_hashes_back(engine, loras):
+    actual = short_hash(loras / "kohya_a.safetensors", "lora")
+    text = (
+        f"{PROMPT} <lora:kohya_a:0.7>\n"
+        f'Steps: 3, Sampler: PNDM, CFG scale: 7.5, Seed: 4, Size: 32x32, Lora hashes: "kohya_a: {actual}"'
+    )
+    req = Request.from_infotext(text)
+    assert req.extra["Lora hashes"] == f"kohya_a: {actual}"
+    result = engine.generate(req, progress=False)
+    assert np.array_equal(arr(result), arr(run(engine, f"{PROMPT} <lora:kohya_a:0.7>")))
+    written = result.request.to_infotext()
+    assert f'Lora hashes: "kohya_a: {actual}"' in written
+    assert Request.from_infotext(written).extra["Lora hashes"] == f"kohya_a: {actual}"
+    with pytest.raises(RequestError, match="kohya_a"):
+        engine.generate(Request.from_infotext(text.replace(actual, "ffffffffffff")), progress=False)
