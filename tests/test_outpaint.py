@@ -305,14 +305,18 @@ def test_widget_extend_buttons_outpaint_the_current_image(sd_engine, ddpm_engine
         assert wd.controls.left.value == wd.controls.top.value == wd.controls.right.value == 0
         assert job.request.seam == 8
         assert np.array_equal(np.asarray(made)[:24], np.asarray(image)[:24])
-        # no input picture: the gallery's selected image (the result just made)
-        wd.painter.set_image(None)
+        # the next click extends what the last one made (its result is the selection)
         wd.extend_buttons.buttons["right"].click()
         wd.wait(120)
         assert wd.gallery.items[0].image.size == (48, 48)
-        assert np.array_equal(
-            np.asarray(wd.gallery.items[0].image)[:, :24], np.asarray(made)[:, :24]
-        )
+        made = wd.gallery.items[0].image
+        # no input picture: the gallery's selected image
+        wd.painter.set_image(None)
+        wd.extend_buttons.pixels.value = 8
+        wd.extend_buttons.buttons["top"].click()
+        wd.wait(120)
+        assert wd.gallery.items[0].image.size == (48, 56)
+        assert np.array_equal(np.asarray(wd.gallery.items[0].image)[16:], np.asarray(made)[8:])
     finally:
         wd.close()
     other = SDWidget(engine=ddpm_engine, outputs_dir=None)

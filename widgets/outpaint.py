@@ -1,8 +1,10 @@
 """Extend buttons: grow the current image by N px on one side (an outpaint job, issue 15.5).
 
 A click switches the studio to the Outpaint tab with that one side set (so the user sees
-exactly what runs, and can fine-tune it there) and presses Generate; the current image is
-the input picture, else the gallery's selected image. Kept apart from the studio, which
+exactly what runs, and can fine-tune it there) and presses Generate. The current image is
+the input picture, else the gallery's selected image; after an extend, while its result is
+the selected image and the input picture is unchanged, the next click extends that result
+(so clicking "← left" twice grows the picture twice). Kept apart from the studio, which
 only places the row and hands over itself.
 """
 
@@ -23,6 +25,7 @@ class ExtendButtons:
 
     def __init__(self, studio: Any, pixels: int = 64) -> None:
         self.studio = studio
+        self.last: tuple[Any, Any] | None = None  # (input picture, job) of the latest extend
         self.pixels = w.BoundedIntText(
             pixels,
             min=1,
@@ -54,11 +57,20 @@ def extend(studio: Any, side: str, pixels: int) -> Any:
     returns the Job (None when nothing was submitted, the reason in the status line)."""
     if side not in SIDES:
         raise ValueError(f"side must be one of {', '.join(SIDES)}, got {side!r}")
-    selected = studio.gallery.selected
-    if studio.painter.image is None and selected is not None:
-        studio.painter.set_image(selected.image)
+    selected, painter, last = studio.gallery.selected, studio.painter, studio.extend_buttons.last
+    chained = (
+        last is not None
+        and selected is not None
+        and painter.image is last[0]
+        and selected.request is last[1].request
+    )
+    if selected is not None and (painter.image is None or chained):
+        painter.set_image(selected.image)
     controls = studio.controls
     controls.mode = Mode.OUTPAINT
     for name in SIDES:
         getattr(controls, name).value = pixels if name == side else 0
-    return studio.generate()
+    job = studio.generate()
+    if job is not None:
+        studio.extend_buttons.last = (painter.image, job)
+    return job
