@@ -18,6 +18,7 @@ and stay: a prompt without the word tokenizes and encodes exactly as before.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import threading
 import warnings
@@ -30,6 +31,8 @@ from typing import Any
 from sdkit.adapters import file_key, read_embedding, safetensors_header
 from sdkit.models import quiet_loading
 from sdkit.request import RequestError
+
+_ADAPTER_IDS = itertools.count(1)  # adapter names unique in the process (peft keys)
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,6 @@ class AdapterState:
         self._files: OrderedDict[tuple, dict] = OrderedDict()  # file key -> state dict
         self._loaded: OrderedDict[tuple, str] = OrderedDict()  # file key -> adapter name
         self._embeddings: dict[str, tuple[tuple, int]] = {}  # token -> (file key, vectors)
-        self._count = 0
         self._lock = threading.Lock()
         self.file_reads = 0  # LoRA files read from disk (tests, the benchmark)
         self.injections = 0  # load_lora_weights calls
@@ -122,8 +124,7 @@ class AdapterState:
             return adapter
         sd = self._read(use, key)
         self._evict(pipe, keep, room=1)
-        self._count += 1
-        adapter = f"{re.sub(r'[^0-9A-Za-z_]', '_', use.name)}_{self._count}"
+        adapter = f"{re.sub(r'[^0-9A-Za-z_]', '_', use.name)}_{next(_ADAPTER_IDS)}"
         try:
             with warnings.catch_warnings():  # peft: "multiple adapters" is what we want
                 warnings.filterwarnings("ignore", message=".*peft_config.*")

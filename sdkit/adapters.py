@@ -172,14 +172,10 @@ _hash_cache: dict[tuple, str] = {}
 _hash_lock = threading.Lock()
 
 
-def _file_key(path: Path) -> tuple:
-    st = path.stat()
-    return (str(path), st.st_mtime_ns, st.st_size)
-
-
 def file_key(path: Path) -> tuple:
     """(path, mtime, size): what caches of this file's contents are keyed by."""
-    return _file_key(path)
+    st = path.stat()
+    return (str(path), st.st_mtime_ns, st.st_size)
 
 
 def short_hash(path: str | Path, kind: str) -> str:
@@ -187,7 +183,7 @@ def short_hash(path: str | Path, kind: str) -> str:
     (sd-webui-additional-networks' "addnet" hash, which A1111 uses for LoRAs so that
     editing the metadata keeps the hash); other files hash every byte (sha256)."""
     path = Path(path)
-    key = (*_file_key(path), kind)
+    key = (*file_key(path), kind)
     with _hash_lock:
         if key in _hash_cache:
             return _hash_cache[key]
