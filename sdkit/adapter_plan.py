@@ -177,9 +177,8 @@ def _check_embedding(emb: EmbeddingUse, engine: Engine) -> None:
             f"embedding {emb.name!r}: {emb.path} holds vectors of width {have}; this model "
             f"({family_name(engine.family)}) needs {', '.join(f'{k} {v}' for k, v in need.items())}",
         )
-    vocab = pipe.tokenizer.get_vocab()
-    added = pipe.tokenizer.get_added_vocab()
-    if emb.name not in added and (emb.name in vocab or f"{emb.name}</w>" in vocab):
+    vocab = engine.base_vocabulary  # (the live tokenizer may be growing on the worker)
+    if emb.name in vocab or f"{emb.name}</w>" in vocab:
         raise RequestError(
             emb.field,
             f"embedding {emb.name!r}: {emb.path} is named like a word the tokenizer already "

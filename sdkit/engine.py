@@ -123,6 +123,8 @@ class Engine:
         self._pipes: dict[str, Any] = {type(base).__name__: base}
         self._base = base
         self._adapter_state = AdapterState()
+        tokenizer = getattr(base, "tokenizer", None)  # its words before any embedding is added
+        self.base_vocabulary = frozenset(tokenizer.get_vocab() if tokenizer is not None else ())
         self._lock = threading.RLock()
         self._queue = JobQueue()
         self._events = Dispatcher(f"sdkit-events-{id(self):x}")
