@@ -675,3 +675,22 @@ def test_embedded_scribble_steers_the_shapes_position():
         assert "ControlNet 0: " in r.request.to_infotext()
     assert with_control >= 0.75 * n, (with_control, without)
     assert with_control - without >= 0.4 * n, (with_control, without)
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_and_prints_the_ratio(tiny_models):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    argv = ["benchmarks/control.py", "--model", str(tiny_models["sd"]), "--steps", "1"]
+    proc = subprocess.run(
+        [sys.executable, *argv, "--rounds", "1"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ratio (control / plain step):" in proc.stdout and "bench-control" in proc.stdout
