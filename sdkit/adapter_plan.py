@@ -107,6 +107,7 @@ def check(req: Request, engine: Engine) -> None:
     for emb in used.embeddings:
         _check_embedding(emb, engine)
         ti_hashes.append((emb.name, short_hash(emb.path, "embedding")))
+    _missing_embeddings(req, used, engine)
     for key, pairs, what in (
         (LORA_HASHES, lora_hashes, "LoRA"),
         (TI_HASHES, ti_hashes, "embedding"),
@@ -126,6 +127,23 @@ def check(req: Request, engine: Engine) -> None:
             req.extra[key] = format_hashes(pairs)
         else:
             req.extra.pop(key, None)
+
+
+def _missing_embeddings(req: Request, used: Plan, engine: Engine) -> None:
+    """An embedding the request's `TI hashes` name (an A1111 PNG) whose word is in a prompt
+    but which no folder holds: an error naming it and the folders, never a silent word."""
+    named = parse_hashes(req.extra.get(TI_HASHES, ""))
+    found = {e.name for e in used.embeddings}
+    prompts = (
+        ("prompt", without_lora_tags(req.prompt or "")),
+        ("negative_prompt", req.negative_prompt),
+    )
+    for name in named:
+        if name in found:
+            continue
+        for where, text in prompts:
+            if name in _WORD.findall(text or ""):
+                engine.adapters.find("embedding", name, field=where)  # raises: not found
 
 
 def _cached(path: Path, read: Any) -> Any:

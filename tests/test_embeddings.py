@@ -265,3 +265,15 @@ def test_sdxl_embedding_loads_into_both_text_encoders(tiny_models, tmp_path):
         ).images[0]
     assert np.array_equal(arr(ours), np.asarray(theirs))
     assert "xlstyle: " in ours.request.extra["TI hashes"]
+
+
+def test_embedding_named_by_ti_hashes_but_missing_is_an_error(engine, embeddings):
+    """A1111 PNG: `TI hashes` say the word was an embedding; without its file the job would
+    read it as a plain word, so it is an error naming it and the folders searched."""
+    err = check_error(
+        engine, prompt="a lostone circle", extra={"TI hashes": "lostone: 0123456789ab"}
+    )
+    assert err.field == "prompt" and "'lostone'" in str(err) and str(embeddings) in str(err)
+    # a name the prompts do not use is dropped with the rest of the stale entry
+    ok = engine.check(Request(prompt="a circle", extra={"TI hashes": "other: 0123456789ab"}))
+    assert "TI hashes" not in ok.extra
