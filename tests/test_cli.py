@@ -560,3 +560,35 @@ def modes_fields(mode: str) -> tuple[str, ...]:
     from sdkit import modes
 
     return modes.get(mode).fields
+
+
+def test_control_flag_runs_a_controlnet_unit_as_the_api_does(files, tmp_path, capsys):
+    """`--control FILE:MODEL:WEIGHT` with `--control-dir`: the unit the API runs (issue 15.5)."""
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    from tests.test_control import tiny_controlnet
+
+    unet = UNet2DConditionModel.from_pretrained(Path(files["model"]) / "unet")
+    tiny_controlnet(unet, 1).save_pretrained(tmp_path / "cn" / "tinycn")
+    scribble = tmp_path / "scribble.png"
+    drawing = Image.new("RGB", (32, 32), (0, 0, 0))
+    drawing.paste((255, 255, 255), (8, 8, 24, 24))
+    drawing.save(scribble)
+    folders = ["--control-dir", str(tmp_path / "cn"), "--model", files["model"]]
+    argv = ["txt2img", "a red circle", "--control", f"{scribble}:tinycn:0.8", *folders]
+    argv += ["--device", "cpu", "--seed", "4", "--num-inference-steps", "2", "--quiet"]
+    code, out, err = run([*argv, "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, err
+    cli = np.asarray(Image.open(out.strip()).convert("RGB"))
+    engine = sdkit.load(files["model"], device="cpu", control_dirs=[str(tmp_path / "cn")])
+    fast = {"seed": 4, "num_inference_steps": 2, "progress": False}
+    unit = {"image": Image.open(scribble), "model": "tinycn", "weight": 0.8}
+    api = engine.txt2img("a red circle", control=[unit], **fast)
+    plain = engine.txt2img("a red circle", **fast)
+    assert np.array_equal(cli, np.asarray(api[0]))
+    assert not np.array_equal(cli, np.asarray(plain[0]))  # the unit steered the result
+    code, out, err = run([*argv, "--control", f"{scribble}:nocn", "--out", str(tmp_path)], capsys)
+    assert code == 2 and err.startswith("error: control"), err
+    assert "'nocn'" in err
