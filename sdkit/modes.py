@@ -265,6 +265,7 @@ register(
             "seed",
             "scheduler",
             "clip_skip",
+            "loras",
             "strength",
             "upscale_factor",
             "tile_overlap",

@@ -27,6 +27,7 @@ action) propose `DEFAULT_STRENGTH`; a check hook cannot tell 0.75 chosen from 0.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -190,7 +191,6 @@ def _tile_context(
     import torch
 
     from sdkit.modes import Mode
-    from sdkit.runners import RunContext
 
     req = dataclasses.replace(
         ctx.request,
@@ -202,15 +202,33 @@ def _tile_context(
         num_images=1,
         resize_mode="resize",
     )
+    generators = [torch.Generator("cpu").manual_seed(seed)]
     done = tile.index * per_tile
-    parent = ctx
+    cls = _tile_context_class()
+    return cls(
+        ctx.engine, ctx.job, generators, tile_request=req, parent=ctx, done=done, total=total
+    )
 
+
+@functools.cache
+def _tile_context_class() -> type:
+    """`RunContext` with a request of its own and progress counted for the whole job (made
+    on first use: `sdkit.runners` imports torch, this module does not)."""
+    from sdkit.runners import RunContext
+
+    @dataclass
     class TileContext(RunContext):
+        tile_request: Request | None = None
+        parent: RunContext | None = None
+        done: int = 0  # steps of the job before this tile
+        total: int = 0  # steps of the whole job
+
         @property
         def request(self) -> Request:
-            return req
+            return filled(self.tile_request, "request")
 
-        def progress(self, step: int, _total: int, latents: Any = None, **kw: Any) -> None:
-            parent.progress(done + step, total, latents, **kw)
+        def progress(self, step: int, total: int, latents: Any = None, **kw: Any) -> None:
+            assert self.parent is not None
+            self.parent.progress(self.done + step, self.total, latents, **kw)
 
-    return TileContext(ctx.engine, ctx.job, [torch.Generator("cpu").manual_seed(seed)])
+    return TileContext

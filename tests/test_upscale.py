@@ -336,6 +336,18 @@ def test_seams_are_not_visible_on_the_embedded_model(embedded, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_lora_in_the_prompt_applies_to_the_tiles(embedded):
+    """The embedded model's shipped LoRA (sdkcross), as A1111's tag: applied for the whole
+    job (every tile), recorded in the infotext's hashes, and it changes the picture."""
+    source = embedded.txt2img(PROMPT, seed=1, progress=False)[0]
+    fields = {"factor": 2, "seed": 3, "tile_overlap": 16, "progress": False}
+    tagged = embedded.upscale(source, "a red x <lora:sdkcross:1>", **fields)
+    plain = embedded.upscale(source, "a red x", **fields)
+    assert "sdkcross" in tagged.request.extra.get("Lora hashes", "")
+    assert np.abs(np.asarray(tagged[0], float) - np.asarray(plain[0], float)).mean() > 2
+
+
+@pytest.mark.slow
 def test_peak_memory_stays_flat_as_the_picture_grows():
     """Issue bound: peak RSS of a 4x upscale of 256 px <= 1.5 x that of 128 px (embedded
     model; each size in its own process; 1 denoising step per tile keeps it short)."""
