@@ -440,3 +440,9 @@ def test_krita_upscale_to_a_new_document_and_to_a_layer(tmp_path):
     refused = report["refused"]
     assert refused["state"] == "failed" and "upscale_factor" in refused["failed"], refused
     assert refused["size"] == [2100, 600] and refused["layers"] == 1
+
+    docker = report["docker"]
+    assert "upscale" in docker["buttons"] and docker["factors"] == ["×2", "×4"]
+    assert docker["failed"] is None and docker["state"] == "done", docker
+    assert docker["size"] == [64, 48]  # x4 to a new layer: the document was scaled
+    assert docker["request"] == {"upscale_factor": 4.0, "strength": 0.3, "seed": 8}

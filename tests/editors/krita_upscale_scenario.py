@@ -36,10 +36,13 @@ def new_painted(app, width, height, name):
     return doc
 
 
-def run_upscale(controller, params, factor, target, doc, cancel=False):
-    """Start the docker's Upscale on `controller` and spin Qt until it ends."""
+def run_upscale(controller, params, factor, target, doc, cancel=False, start=None):
+    """Start an Upscale on `controller` (or call `start()`) and spin Qt until it ends."""
     from sdkit_krita import upscale as up
     from sdkit_krita.qt import QtCore
+
+    if start is None:
+        start = lambda: up.upscale(controller, params, factor, target, doc)  # noqa: E731
 
     loop = QtCore.QEventLoop()
     seen = {"failed": None, "layer": None, "watchdog": False, "progress": 0}
@@ -75,7 +78,7 @@ def run_upscale(controller, params, factor, target, doc, cancel=False):
     watchdog.timeout.connect(lambda: (seen.update(watchdog=True), loop.quit()))
     watchdog.start(300_000)
     try:
-        if up.upscale(controller, params, factor, target, doc):
+        if start():
             loop.exec() if hasattr(loop, "exec") else loop.exec_()
     finally:
         for signal, slot in slots:
@@ -158,7 +161,54 @@ def scenario(out):
         "size": [doc4.width(), doc4.height()],
         "layers": len(doc4.rootNode().childNodes()),
     }
+    report["docker"] = docker_upscale(app)
     return report
+
+
+def docker_upscale(app):
+    """The docker's Upscale row: x4 to a new layer at the row's strength, through its
+    shared controller; the server's upscale mode is among its buttons."""
+    from sdkit_krita import controller
+    from sdkit_krita import upscale as up
+    from sdkit_krita.docker import SdkitDocker
+
+    shared = controller.shared()
+    shared.connect_to(os.environ["SDKIT_ADDRESS"])
+    docker = SdkitDocker()
+    spin(lambda: shared.conn.state == "connected", 30)
+    spin(lambda: "upscale" in docker.buttons, 5)
+    docker.prompt.setPlainText("a red circle")
+    docker.steps.setValue(4)
+    docker.seed.setValue(8)
+    docker.upscale_factor.setCurrentIndex(1)  # x4
+    docker.upscale_target.setCurrentIndex(1)  # new layer
+    doc = new_painted(app, 16, 12, "docker")
+    seen = run_upscale(shared, None, None, None, doc, start=lambda: up.run_from_docker(docker, doc))
+    request = shared.action.request_kwargs()["request"] if shared.action else {}
+    return {
+        "buttons": list(docker.buttons),
+        "factors": [
+            docker.upscale_factor.itemText(i) for i in range(docker.upscale_factor.count())
+        ],
+        "state": seen["state"],
+        "failed": seen["failed"],
+        "size": [doc.width(), doc.height()],
+        "request": {k: request.get(k) for k in ("upscale_factor", "strength", "seed")},
+    }
+
+
+def spin(condition, seconds):
+    """Run Qt's event loop until condition() or timeout (the controller's timer pumps)."""
+    import time
+
+    from sdkit_krita.qt import QtCore
+
+    end = time.monotonic() + seconds
+    while not condition() and time.monotonic() < end:
+        loop = QtCore.QEventLoop()
+        QtCore.QTimer.singleShot(20, loop.quit)
+        loop.exec() if hasattr(loop, "exec") else loop.exec_()
+    return condition()
 
 
 def __main__(args):

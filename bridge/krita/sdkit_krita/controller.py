@@ -10,6 +10,7 @@ from . import canvas
 from . import editor_actions as ea
 from . import editor_expand as ex
 from . import editor_geometry as geo
+from . import upscale as up
 from .editor_connection import DEFAULT_ADDRESS, Connection
 from .pictures import rgba8
 from .qt import QObject, QtGui, QTimer, Signal
@@ -200,6 +201,8 @@ class Controller(QObject):
                 canvas.check_document(self.document)
                 if isinstance(action, ex.ExpandAction):
                     self.last_layer = canvas.grow_and_add_layer(self.document, action)
+                elif isinstance(action, up.UpscaleAction):  # a new document, or scaled
+                    self.last_layer = up.add_result(self.document, action)
                 else:
                     self.last_layer = canvas.add_layer(self.document, action.placement)
             except Exception as e:  # noqa: BLE001 - the document may have been closed

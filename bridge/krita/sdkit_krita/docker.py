@@ -10,6 +10,7 @@ from krita import DockWidget
 
 from . import editor_actions as ea
 from . import editor_expand as ex
+from . import upscale as up
 from .controller import shared
 from .qt import Qt, QtGui, QtWidgets
 
@@ -93,6 +94,7 @@ class SdkitDocker(DockWidget):
         form.addRow("Seed", self.seed)
 
         self._build_expand(form)
+        up.build_row(self, form)  # factor, target, strength, Upscale (sdkit_krita.upscale)
 
         self.button_grid = W.QGridLayout()
         self.buttons: dict[str, QtWidgets.QPushButton] = {}
@@ -177,6 +179,9 @@ class SdkitDocker(DockWidget):
     def run(self, mode: str) -> None:
         if mode == ex.MODE:  # the server's outpaint mode is Expand canvas here
             self.expand()
+            return
+        if mode == up.MODE:  # the upscale mode's result is a new document or a scaled one
+            up.run_from_docker(self)
             return
         self.controller.run(mode, self.params())
 

@@ -168,8 +168,9 @@ def build_row(docker, form) -> None:
     form.addRow("Upscale", row)
 
 
-def run_from_docker(docker) -> bool:
-    """The docker's Upscale button (and its mode button): its fields, its strength."""
+def run_from_docker(docker, doc=None) -> bool:
+    """The docker's Upscale button (and its mode button): its fields, its strength, on
+    ``doc`` (default: the active document)."""
     params = replace(docker.params(), strength=docker.upscale_strength.value())
     factor = float(docker.upscale_factor.currentData())
-    return upscale(docker.controller, params, factor, docker.upscale_target.currentData())
+    return upscale(docker.controller, params, factor, docker.upscale_target.currentData(), doc)
