@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from sdkit.jobs import (
     JobQueue,
     JobState,
     ProgressEvent,
+    QueuePolicy,
 )
 from sdkit.models import LoadedModel, load_model
 from sdkit.preview import factors_for, latents_to_rgb
@@ -42,7 +43,7 @@ from sdkit.runners import RunContext, cancel_points, denoise_steps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "Job", "JobCancelled", "ProgressEvent", "make_request"]
+__all__ = ["Engine", "Job", "JobCancelled", "ProgressEvent", "QueuePolicy", "make_request"]
 
 _UNCONDITIONAL_SCHEDULERS = ["DDPM", "DDIM"]
 
@@ -253,15 +254,30 @@ class Engine:
         return req
 
     def submit(
-        self, request: Request, *, preview_every: int = 1, callback: EventFn | None = None
+        self,
+        request: Request,
+        *,
+        preview_every: int = 1,
+        callback: EventFn | None = None,
+        policy: QueuePolicy | str = QueuePolicy.BACK,
+        source: Hashable | None = None,
     ) -> Job:
         """Check (raising `RequestError`) and queue; `preview_every=0` means no previews.
 
+        `policy` (`QueuePolicy`): "back", "front", or "replace", which supersedes the
+        waiting and running job of the same `source` (any hashable: one live stream).
         The job's events ("queued" first) reach listeners only after this returns it."""
+        policy = QueuePolicy.parse(policy)
+        try:
+            hash(source)
+        except TypeError:
+            raise RequestError("source", f"must be hashable, got {type(source).__name__}") from None
+        if policy == QueuePolicy.REPLACE and source is None:
+            raise RequestError("source", "policy 'replace' needs a source (e.g. a stream name)")
         req = self.check(request)
         if self._closed:
             raise RuntimeError("this engine is closed")
-        job = Job(req, self._post, preview_every)
+        job = Job(req, self._post, preview_every, policy=policy, source=source)
         if callback is not None:
             job.add_callback(callback)
         try:
@@ -412,6 +428,7 @@ class Engine:
     def _work(self) -> None:
         while (job := self._queue.take()) is not None:
             if not job._try_start():
+                self._queue.finished(job)
                 continue
             self._current = job
             self._post(EventKind.STARTED, job, None)
@@ -429,6 +446,7 @@ class Engine:
                     self._end(job, JobState.DONE, result=result)
             finally:
                 self._current = None
+                self._queue.finished(job)
 
     def _end(self, job: Job, state: JobState, **outcome: Any) -> None:
         """Finish the job first (so `result()` works in its listeners), then tell them."""

@@ -15,10 +15,12 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from sdkit.errors import RequestError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -50,6 +52,33 @@ class EventKind(StrEnum):
     CANCELLED = "cancelled"
 
 
+class QueuePolicy(StrEnum):
+    """Where `Engine.submit` puts a job: why a live stream never waits behind its own past.
+
+    back: behind every waiting job (first in, first out). front: ahead of the waiting
+    jobs submitted with back/replace (behind earlier front jobs). replace: supersedes the
+    job of the same `source` that waits (it never runs: cancelled, `superseded`) and the one
+    that runs (cancelled at its next cancel point); the new job takes the waiting one's
+    place in line, or the back. So a source has at most one job waiting, and its results
+    never arrive older after newer (one worker, the older one always ends first).
+    """
+
+    BACK = "back"
+    FRONT = "front"
+    REPLACE = "replace"
+
+    @classmethod
+    def parse(cls, value: Any, field: str = "policy") -> QueuePolicy:
+        """`value` as a policy, or a `RequestError` naming `field` and the allowed ones."""
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(p.value for p in cls)
+            raise RequestError(
+                field, f"unknown queue policy {value!r}; allowed: {allowed}"
+            ) from None
+
+
 TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 TERMINAL_EVENTS = frozenset({EventKind.DONE, EventKind.FAILED, EventKind.CANCELLED})
 
@@ -78,9 +107,20 @@ class Interrupted(Exception):
 class Job:
     """A request on its way through an engine; `result()` waits for it."""
 
-    def __init__(self, request: Request, post: Callable[..., None], preview_every: int = 1):
+    def __init__(
+        self,
+        request: Request,
+        post: Callable[..., None],
+        preview_every: int = 1,
+        *,
+        policy: QueuePolicy = QueuePolicy.BACK,
+        source: Hashable | None = None,
+    ):
         self.id = uuid.uuid4().hex[:12]
         self.request = request
+        self.policy = policy
+        self.source = source
+        self.superseded = False  # set when a newer `replace` job of its source took over
         self.state = JobState.QUEUED
         self.progress: ProgressEvent | None = None
         self.error: BaseException | None = None
@@ -166,19 +206,37 @@ class Job:
 
 
 class JobQueue:
-    """FIFO of jobs waiting for the worker; `take()` blocks, returns None once closed."""
+    """Jobs waiting for the worker, ordered by their `QueuePolicy`; `take()` blocks and
+    returns None once closed.  Knows each source's newest job (waiting or running) so that
+    `replace` supersedes it even while the worker is just picking it up."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._pending: collections.deque[Job] = collections.deque()
+        self._newest: dict[Hashable, Job] = {}  # source -> its newest unfinished job
         self.closed = False
 
     def put(self, job: Job) -> bool:
-        """Queue `job`; False when the queue is closed."""
+        """Queue `job` by its policy; False when the queue is closed."""
         with self._cond:
             if self.closed:
                 return False
-            self._pending.append(job)
+            at = len(self._pending)
+            if job.policy == QueuePolicy.FRONT:
+                at = next(
+                    (i for i, j in enumerate(self._pending) if j.policy != QueuePolicy.FRONT), at
+                )
+            elif job.policy == QueuePolicy.REPLACE:
+                old = self._newest.get(job.source)
+                if old is not None and old in self._pending:
+                    at = self._pending.index(old)
+                    del self._pending[at]
+                if old is not None:
+                    old.superseded = not old.done()
+                    old.cancel()  # queued: cancelled now; running: stops at its next check
+            if job.source is not None:
+                self._newest[job.source] = job
+            self._pending.insert(at, job)
             self._cond.notify()
             return True
 
@@ -188,12 +246,19 @@ class JobQueue:
                 self._cond.wait()
             return self._pending.popleft() if self._pending else None
 
+    def finished(self, job: Job) -> None:
+        """The worker is done with `job`: forget it as its source's newest."""
+        with self._cond:
+            if job.source is not None and self._newest.get(job.source) is job:
+                del self._newest[job.source]
+
     def close(self) -> list[Job]:
         """Stop taking jobs; returns those still waiting (the caller cancels them)."""
         with self._cond:
             self.closed = True
             pending = list(self._pending)
             self._pending.clear()
+            self._newest.clear()
             self._cond.notify_all()
             return pending
 

@@ -1,0 +1,162 @@
+"""Live painting (issue 16): queue policies in the engine, the live preset, the prompt cache.
+
+Real tiny pipelines; a UNet pre-hook holds the worker where a test needs the queue to fill
+(no sleeps: every wait is on an event with a timeout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+
+from sdkit.engine import JobCancelled
+from sdkit.jobs import QueuePolicy
+from sdkit.request import Request, RequestError
+
+PROMPT = "a red circle on a blue background"
+
+
+def req(steps: int = 2, **fields) -> Request:
+    return Request(prompt=PROMPT, num_inference_steps=steps, scheduler="Euler", **fields)
+
+
+@contextlib.contextmanager
+def held(engine, at_call: int = 1):
+    """Blocks the worker inside its `at_call`-th UNet call until the block exits;
+    yields the event set once the worker is held."""
+    gate, holding = threading.Event(), threading.Event()
+    calls = [0]
+
+    def hold(module, args):
+        calls[0] += 1
+        if calls[0] == at_call:
+            holding.set()
+            assert gate.wait(60)
+
+    handle = engine.pipeline("txt2img").unet.register_forward_pre_hook(hold)
+    try:
+        yield holding
+    finally:
+        gate.set()
+        handle.remove()
+
+
+def starts(jobs) -> list[str]:
+    """Ids of `jobs` in the order they start (filled by callbacks as they run)."""
+    order: list[str] = []
+    for j in jobs:
+        j.add_callback(lambda kind, job, ev: order.append(job.id) if kind == "started" else None)
+    return order
+
+
+def test_policy_is_typed_and_unknown_policy_names_the_field(sd_engine):
+    assert QueuePolicy("replace") is QueuePolicy.REPLACE and QueuePolicy.FRONT == "front"
+    with pytest.raises(RequestError) as e:
+        sd_engine.submit(req(), policy="sideways")
+    assert e.value.field == "policy" and "replace" in e.value.message
+    with pytest.raises(RequestError) as e:
+        sd_engine.submit(req(), policy="replace")  # replace needs a source
+    assert e.value.field == "source"
+    with pytest.raises(RequestError) as e:
+        sd_engine.submit(req(), policy="replace", source=["not", "hashable"])
+    assert e.value.field == "source"
+
+
+def test_replace_supersedes_the_waiting_job_which_never_runs(sd_engine):
+    with held(sd_engine) as holding:
+        blocker = sd_engine.submit(req())
+        assert holding.wait(60)
+        old = sd_engine.submit(req(), policy="replace", source="live-1")
+        other = sd_engine.submit(req())  # another caller's job, behind `old`
+        new = sd_engine.submit(req(seed=5), policy="replace", source="live-1")
+        order = starts([old, other, new])
+        assert old.state == "cancelled" and old.superseded and old.done()
+        assert not new.superseded and sd_engine.queue_length() == 2  # other + new
+    new.result(timeout=120)
+    other.result(timeout=120)
+    blocker.result(timeout=120)
+    assert other.wait_delivered(30) and new.wait_delivered(30)
+    with pytest.raises(JobCancelled):
+        old.result(timeout=1)
+    assert old.started_at is None and old.id not in order
+    assert order == [new.id, other.id]  # the new job took the superseded one's place
+
+
+def test_replace_stops_the_running_job_within_one_step(sd_engine):
+    steps: list[int] = []
+    with held(sd_engine, at_call=3) as holding:  # the worker is inside step 3's UNet call
+        old = sd_engine.submit(
+            req(200),
+            policy="replace",
+            source="live-2",
+            callback=lambda kind, job, ev: steps.append(ev.step) if kind == "progress" else None,
+        )
+        assert holding.wait(60)
+        new = sd_engine.submit(req(seed=9), policy="replace", source="live-2")
+        assert old.superseded and old.cancel_requested
+    new.result(timeout=120)
+    with pytest.raises(JobCancelled):
+        old.result(timeout=1)
+    assert old.wait_delivered(30)
+    assert steps == [1, 2]  # step 3 was under way when it was superseded: it never finished
+
+
+def test_front_goes_ahead_of_waiting_jobs_in_order(sd_engine):
+    with held(sd_engine) as holding:
+        blocker = sd_engine.submit(req())
+        assert holding.wait(60)
+        b1 = sd_engine.submit(req())
+        b2 = sd_engine.submit(req(), policy="back")
+        f1 = sd_engine.submit(req(), policy="front")
+        f2 = sd_engine.submit(req(), policy=QueuePolicy.FRONT)
+        order = starts([b1, b2, f1, f2])
+    for j in (blocker, b1, b2, f1, f2):
+        j.result(timeout=120)
+    assert b2.wait_delivered(30)
+    assert order == [f1.id, f2.id, b1.id, b2.id]
+
+
+def test_results_of_one_source_never_arrive_older_after_newer(sd_engine):
+    """A stream of replace submits while the worker runs: the results that arrive are in
+    submit order, every job ends, and the newest always completes."""
+    arrived: list[int] = []
+    lock = threading.Lock()
+    jobs = []
+
+    def listener(index):
+        def on(kind, job, ev):
+            if kind == "done":
+                with lock:
+                    arrived.append(index)
+
+        return on
+
+    for i in range(12):
+        jobs.append(
+            sd_engine.submit(req(3), policy="replace", source="live-3", callback=listener(i))
+        )
+    jobs[-1].result(timeout=120)
+    for j in jobs:
+        assert j.wait_delivered(60)
+        assert j.state in ("done", "cancelled")
+        assert j.superseded == (j.state == "cancelled")
+    assert arrived == sorted(arrived) and arrived[-1] == 11
+
+
+def test_a_burst_of_1000_replace_submits_keeps_one_job_waiting(sd_engine):
+    with held(sd_engine) as holding:
+        blocker = sd_engine.submit(req())
+        assert holding.wait(60)
+        jobs = [
+            sd_engine.submit(req(1), policy="replace", source="live-4", preview_every=0)
+            for _ in range(1000)
+        ]
+        assert sd_engine.queue_length() == 1
+        assert len(sd_engine._queue._pending) == 1  # superseded jobs do not pile up
+        assert sum(j.superseded for j in jobs) == 999
+    jobs[-1].result(timeout=120)
+    blocker.result(timeout=120)
+    assert all(j.state == "cancelled" for j in jobs[:-1])
+    assert sd_engine._queue._newest.get("live-4") is None  # forgotten once it ran
