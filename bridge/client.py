@@ -266,9 +266,12 @@ class Client:
         preview: int = 0,
         result_format: str = "rgba8",
         timeout: float | None = None,
+        policy: str = "back",
+        stream: str | None = None,
         **fields: Any,
     ) -> RemoteJob:
-        """Send a request (an `sdkit.Request`, a dict of its fields, or keyword fields)."""
+        """Send a request (an `sdkit.Request`, a dict of its fields, or keyword fields);
+        ``policy``/``stream``: where it waits (see `protocol.QUEUE_POLICIES`)."""
         if self._closed:
             raise BridgeError("closed", "this client is closed")
         if request is None:
@@ -309,6 +312,8 @@ class Client:
                     preview=1 if preview is True else int(preview or 0),
                     result_format=result_format,
                     timeout=timeout,
+                    policy=policy,
+                    stream=stream,
                 )
             except P.ProtocolError as e:  # over a limit from hello: no need to ask
                 raise BridgeError(e.code, e.message, e.field, e.request_id) from None

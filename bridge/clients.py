@@ -32,6 +32,8 @@ class Entry:
     result_format: str
     seq: int
     model: str | None = None
+    policy: str = "back"  # protocol.QUEUE_POLICIES
+    stream: str | None = None  # with the client: the source a "replace" supersedes within
     job: Any = None
     tag: tuple[int, int] = (0, 0)
     started: bool = False

@@ -37,7 +37,10 @@ class FairQueue:
         """Entries in the order they will run."""
         return (self._entries[t] for t in list(self._tags))
 
-    def push(self, entry: Entry) -> None:
+    def push(self, entry: Entry, *, front: bool = False) -> None:
+        """Queue ``entry`` in its client's next round; ``front``: it takes the client's
+        first waiting place and the client's other entries move one place back (so other
+        clients wait exactly as long as after a plain push)."""
         newest = self._newest.get(entry.client)
         rnd = self._round if newest is None else max(self._round, newest + 1)
         entry.tag = (rnd, entry.seq)
@@ -45,6 +48,20 @@ class FairQueue:
         self._entries[entry.tag] = entry
         self._newest[entry.client] = rnd
         self._waiting[entry.client] = self._waiting.get(entry.client, 0) + 1
+        if front:
+            mine = [self._entries[t] for t in self._tags if self._entries[t].client == entry.client]
+            tags = [e.tag for e in mine]
+            for e, tag in zip([entry, *mine[:-1]], tags, strict=True):
+                e.tag = tag
+                self._entries[tag] = e
+
+    def take_place(self, old: Entry, new: Entry) -> bool:
+        """``new`` takes waiting ``old``'s place (a ``replace``); False if ``old`` is not here."""
+        if self._entries.get(old.tag) is not old:
+            return False
+        new.tag = old.tag
+        self._entries[new.tag] = new
+        return True
 
     def pop(self) -> Entry | None:
         """The next entry to run (None if none waits)."""
@@ -119,9 +136,13 @@ class Dispatcher:
             lane = self._lanes[id(engine)] = _Lane()
         return lane
 
-    def enqueue(self, entry: Entry) -> None:
-        self._lane(entry.engine).queue.push(entry)
+    def enqueue(self, entry: Entry, *, front: bool = False) -> None:
+        self._lane(entry.engine).queue.push(entry, front=front)
         self._queued += 1
+
+    def take_place(self, old: Entry, new: Entry) -> bool:
+        """``new`` replaces ``old`` where ``old`` waits in the bridge; False once handed on."""
+        return old.engine is new.engine and self._lane(new.engine).queue.take_place(old, new)
 
     def remove(self, entry: Entry) -> bool:
         """Take a waiting entry out; False once it was handed to its engine."""

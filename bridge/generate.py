@@ -27,6 +27,7 @@ from sdkit.bridge.logs import client_label, log, log_event
 from sdkit.bridge.ops import public_message
 
 Send = Callable[..., bool]
+SUPERSEDED = "superseded by a newer 'replace' request of the same stream"
 
 
 class Jobs:
@@ -52,6 +53,7 @@ class Jobs:
         self.dispatcher = Dispatcher(self._submit)
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._parked: dict[str, list[Entry]] = {}
+        self._streams: dict[tuple[bytes, str], Entry] = {}  # newest "replace" per stream
         self._seq = 0
 
     # ------------------------------------------------------------------ accepting
@@ -92,6 +94,8 @@ class Jobs:
             msg.header.get("result_format", "rgba8"),
             self._seq,
             model=request.model,
+            policy=msg.header.get("policy", "back"),
+            stream=msg.header.get("stream"),
         )
         if engine is None:
             self.clients.add(state, entry)
@@ -149,7 +153,13 @@ class Jobs:
         _check_limits(entry.request, self.limits, rid)
         if state is not None:
             self.clients.add(state, entry)
-        self.dispatcher.enqueue(entry)
+        old = None
+        if entry.policy == "replace":
+            old = self._streams.get(_stream(entry))
+            self._streams[_stream(entry)] = entry
+        placed = old is not None and self.dispatcher.take_place(old, entry)
+        if not placed:
+            self.dispatcher.enqueue(entry, front=entry.policy == "front")
         position = entry.last_position = self.dispatcher.position(entry)
         log_event(
             logging.INFO,
@@ -171,6 +181,15 @@ class Jobs:
                 worker=self.worker,
             ),
         )
+        if placed:  # it never reached its engine: it ends here, after its successor's accepted
+            assert old is not None
+            old.cancel_reason = SUPERSEDED
+            self.clients.finish(old)
+            log_event(logging.INFO, "cancelled", client=client_label(old.client), id=old.rid)
+            if not old.gone:
+                self._error(old, "cancelled", SUPERSEDED, superseded=True)
+        elif old is not None and not old.finished:
+            self.cancel(old, SUPERSEDED)  # running (or handed on): stops at its next step
         self.dispatcher.feed()
 
     def model_loaded(self, name: str) -> None:
@@ -209,7 +228,11 @@ class Jobs:
 
         try:
             entry.job = entry.engine.submit(
-                entry.request, preview_every=entry.preview, callback=on_event
+                entry.request,
+                preview_every=entry.preview,
+                callback=on_event,
+                policy=entry.policy,
+                source=_stream(entry) if entry.policy == "replace" else None,
             )
         except Exception as e:  # noqa: BLE001 - e.g. the engine was closed meanwhile
             from sdkit.request import RequestError
@@ -233,16 +256,25 @@ class Jobs:
             self._end(entry)
             log_event(logging.INFO, "cancelled", client=client_label(entry.client), id=entry.rid)
             if not entry.gone:
-                self._error(entry, "cancelled", reason)
+                self._error(entry, "cancelled", reason, superseded=reason == SUPERSEDED)
 
     def _end(self, entry: Entry) -> None:
         self.clients.finish(entry)
         if entry.engine is not None:
             self.dispatcher.ended(entry)
+        if entry.policy == "replace" and self._streams.get(_stream(entry)) is entry:
+            del self._streams[_stream(entry)]
 
-    def _error(self, entry: Entry, code: str, message: str, field: str | None = None) -> None:
+    def _error(
+        self, entry: Entry, code: str, message: str, field: str | None = None, **extra: Any
+    ) -> None:
+        """An ``error`` event; ``superseded=True`` marks a request a newer one replaced."""
         self.stats["errors"] += 1
-        self._send(entry.client, P.error_frames(entry.rid, code, message, field))
+        extra = {k: v for k, v in extra.items() if v}
+        frames = P.event_frames(
+            "error", entry.rid, code=code, message=message, field=field, **extra
+        )
+        self._send(entry.client, frames)
 
     def drain(self) -> None:
         """Forward the engine events that arrived since the last turn of the loop."""
@@ -300,7 +332,8 @@ class Jobs:
                 reason=entry.cancel_reason,
             )
             if not entry.gone:
-                self._error(entry, "cancelled", entry.cancel_reason)
+                superseded = entry.cancel_reason == SUPERSEDED
+                self._error(entry, "cancelled", entry.cancel_reason, superseded=superseded)
         elif kind == "failed":
             self._end(entry)
             from sdkit.request import RequestError
@@ -386,6 +419,11 @@ def _check_limits(request: Any, limits: P.Limits, rid: str) -> None:
             "request.num_inference_steps",
             rid,
         )
+
+
+def _stream(entry: Entry) -> tuple[bytes, str]:
+    """The source a ``replace`` supersedes within: the client and its chosen stream."""
+    return entry.client, entry.stream or ""
 
 
 def _frame_names(spec: Any) -> list[str]:

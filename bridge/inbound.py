@@ -16,7 +16,9 @@ from .protocol import (
     _OP_KEYS,
     MAX_CONTROL_INDEX,
     MAX_ID_LENGTH,
+    MAX_STREAM_LENGTH,
     OPS,
+    QUEUE_POLICIES,
     REQUEST_FRAMES,
     RESULT_FORMATS,
     SUPPORTED_VERSIONS,
@@ -179,6 +181,22 @@ def _decode_generate(msg: Message, frames: Sequence[Any], limits: Limits) -> Non
             "bad_field",
             f"'result_format' is {fmt!r}; allowed: {', '.join(RESULT_FORMATS)}",
             "result_format",
+            rid,
+        )
+    policy = header.get("policy", "back")
+    if policy not in QUEUE_POLICIES:
+        raise ProtocolError(
+            "bad_field",
+            f"'policy' is {policy!r}; allowed: {', '.join(QUEUE_POLICIES)}",
+            "policy",
+            rid,
+        )
+    stream = header.get("stream")
+    if stream is not None and not (isinstance(stream, str) and len(stream) <= MAX_STREAM_LENGTH):
+        raise ProtocolError(
+            "bad_field",
+            f"'stream' must be a string of at most {MAX_STREAM_LENGTH} characters",
+            "stream",
             rid,
         )
     descriptors = header.get("frames", [])

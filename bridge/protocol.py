@@ -74,11 +74,15 @@ FORMATS = {"rgba8": 4, "l8": 1, "png": None}
 REQUEST_FRAMES = {"image": ("rgba8", "png"), "mask": ("l8", "png"), "control": ("rgba8", "png")}
 MAX_CONTROL_INDEX = 15  # a control frame's "index" is 0..this (units beyond are bad_frames)
 RESULT_FORMATS = ("rgba8", "png")
+# Where a generate waits (sdkit.jobs.QueuePolicy's values): back of its client's line, front
+# of it, or replace: supersedes the waiting/running request of the same client + stream.
+QUEUE_POLICIES = ("back", "front", "replace")
+MAX_STREAM_LENGTH = 128
 
 _COMMON_KEYS = ("v", "op", "id")
 _OP_KEYS = {
     "hello": ("client", "versions"),
-    "generate": ("request", "frames", "preview", "result_format"),
+    "generate": ("request", "frames", "preview", "result_format", "policy", "stream"),
     "cancel": ("target",),
     "status": (),
     "ping": ("data",),
@@ -239,9 +243,12 @@ def generate_frames(
     control: Mapping[int, Picture] | None = None,
     preview: int = 0,
     result_format: str = "rgba8",
+    policy: str = "back",
+    stream: str | None = None,
 ) -> list[Any]:
     """A ``generate`` message: Request fields in the header, image, mask and the control
-    units' images (``control``: unit index -> picture) as frames."""
+    units' images (``control``: unit index -> picture) as frames; ``policy`` and
+    ``stream`` travel only when set (an older server sees the same message as before)."""
     pictures = {}
     if image is not None:
         pictures["image"] = image
@@ -256,6 +263,8 @@ def generate_frames(
         pictures=pictures,
         preview=int(preview) or None,
         result_format=None if result_format == "rgba8" else result_format,
+        policy=None if policy == "back" else policy,
+        stream=stream,
     )
 
 

@@ -52,6 +52,7 @@ class TrackedJob:
     result: P.Event | None = None
     error: P.Event | None = None
     cancelling: bool = False
+    superseded: bool = False  # ended because a newer "replace" of its stream took over
 
     @property
     def done(self) -> bool:
@@ -113,6 +114,7 @@ class TrackedJob:
             self._note(h)
         elif ev.event == "error":
             self.state = CANCELLED if ev.code == "cancelled" else FAILED
+            self.superseded = ev.header.get("superseded") is True  # a newer "replace" took over
             self.error = ev
         return True
 
@@ -281,9 +283,18 @@ class Session:
         result_format: str = "rgba8",
         request_id: str | None = None,
         timeout: float | None = None,
+        policy: str = "back",
+        stream: str | None = None,
     ) -> str:
         """Send a request; raises ``too_large`` `ProtocolError` at once if it breaks a limit.
-        ``control``: control unit index -> its image (``request["control"]`` holds the units)."""
+        ``control``: control unit index -> its image (``request["control"]`` holds the units).
+        ``policy``: "back", "front" (ahead of this client's waiting requests) or "replace"
+        (supersedes this client's waiting/running request of the same ``stream``)."""
+        if policy not in P.QUEUE_POLICIES:
+            allowed = ", ".join(P.QUEUE_POLICIES)
+            raise P.ProtocolError(
+                "bad_field", f"unknown policy {policy!r}; allowed: {allowed}", "policy"
+            )
         rid = request_id or P.new_request_id()
         frames = P.generate_frames(
             rid,
@@ -293,6 +304,8 @@ class Session:
             control=control,
             preview=preview,
             result_format=result_format,
+            policy=policy,
+            stream=stream,
         )
         if self.limits is not None:
             pictures = {k: v for k, v in (("image", image), ("mask", mask)) if v is not None}

@@ -160,3 +160,117 @@ def test_a_burst_of_1000_replace_submits_keeps_one_job_waiting(sd_engine):
     blocker.result(timeout=120)
     assert all(j.state == "cancelled" for j in jobs[:-1])
     assert sd_engine._queue._newest.get("live-4") is None  # forgotten once it ran
+
+
+# ---------------------------------------------------------------------------- the bridge
+
+
+def _entry(client: bytes, seq: int):
+    from sdkit.bridge.clients import Entry
+
+    return Entry(client, f"{client.decode()}{seq}", f"j{seq}", None, "engine", 0, "rgba8", seq)
+
+
+def test_fair_queue_front_moves_within_its_client_only():
+    from sdkit.bridge.dispatch import FairQueue
+
+    q = FairQueue()
+    a1, a2, b1, a3 = _entry(b"a", 1), _entry(b"a", 2), _entry(b"b", 3), _entry(b"a", 4)
+    for e in (a1, a2, b1):
+        q.push(e)
+    q.push(a3, front=True)  # ahead of a's own entries, never ahead of b's turn
+    assert [e.rid for e in q] == ["a4", "b3", "a1", "a2"]
+    a5 = _entry(b"a", 5)
+    assert q.take_place(a1, a5) and not q.take_place(a1, a5)  # a replace keeps a1's place
+    assert [e.rid for e in q] == ["a4", "b3", "a5", "a2"]
+    assert [q.pop().rid for _ in range(4)] == ["a4", "b3", "a5", "a2"] and q.pop() is None
+
+
+@pytest.fixture
+def server(sd_engine):
+    pytest.importorskip("zmq")
+    from sdkit.bridge import serve
+
+    handle = serve(sd_engine, "tcp://127.0.0.1:0")
+    yield handle
+    handle.stop()
+
+
+def _until(client, cond, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline
+        client.pump(0.02)
+
+
+def test_bridge_replace_per_request_with_fairness_between_clients(server, sd_engine):
+    """Over real sockets: client a's live stream supersedes its own requests (queued ones
+    never run, the running one stops); client b's normal job still gets its turn, ahead
+    of a's second normal job (round robin; first in, first out would put it last)."""
+    from sdkit.bridge import Client
+    from sdkit.bridge.client import BridgeError
+
+    fast = {"prompt": PROMPT, "num_inference_steps": 2, "scheduler": "Euler"}
+    started: list[int] = []
+    unsubscribe = sd_engine.subscribe(
+        lambda kind, job, ev: started.append(job.request.seed) if kind == "started" else None
+    )
+    try:
+        with Client(server.address, timeout=300) as a, Client(server.address, timeout=300) as b:
+            with held(sd_engine) as holding:
+                blocker = a.submit(**fast, seed=1000)
+                assert holding.wait(60)
+                live = [a.submit(**fast, seed=i, policy="replace", stream="s") for i in range(5)]
+                others = [a.submit(**fast, seed=50), a.submit(**fast, seed=51)]
+                _until(a, lambda: all(j.job_id or j.done() for j in [*live, *others]))
+                single = b.submit(**fast, seed=99)
+                _until(b, lambda: single.job_id is not None)
+            for job in live[:-1]:
+                with pytest.raises(BridgeError) as e:
+                    job.result(300)
+                assert e.value.code == "cancelled" and job.track.superseded
+            final = live[-1].result(300)
+            for job in (blocker, single, *others):
+                job.result(300)
+            assert not set(range(4)) & set(started)  # superseded while waiting: never ran
+            assert started.index(99) < started.index(51), started
+            # the live frame equals a plain run of the same request
+            assert final[0].tobytes() == a.generate(**fast, seed=4)[0].tobytes()
+
+            # a running stream request stops when a newer one of its stream arrives
+            slow = a.submit(**{**fast, "num_inference_steps": 1000}, policy="replace", stream="s")
+            _until(a, lambda: slow.progress is not None)
+            newer = a.submit(**fast, seed=7, policy="replace", stream="s")
+            with pytest.raises(BridgeError) as e:
+                slow.result(300)
+            assert e.value.code == "cancelled" and slow.track.superseded
+            assert slow.progress.step < 1000
+            newer.result(300)
+    finally:
+        unsubscribe()
+
+
+def test_bridge_unknown_policy_is_an_error_naming_it(server):
+    import json
+
+    import zmq
+    from sdkit.bridge import Client, protocol
+    from sdkit.bridge.client import BridgeError
+
+    with Client(server.address, timeout=60) as a:
+        with pytest.raises(BridgeError) as e:
+            a.submit(prompt=PROMPT, policy="sideways")  # refused before sending
+        assert e.value.field == "policy"
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.linger, s.rcvtimeo = 0, 30_000
+    s.connect(server.address)
+    try:
+        for rid, extra in (("p1", {"policy": "sideways"}), ("p2", {"stream": 7})):
+            hdr = {"v": 1, "op": "generate", "id": rid, "request": {"prompt": PROMPT}, **extra}
+            s.send_multipart([json.dumps(hdr).encode()])
+            ev = protocol.decode_event(s.recv_multipart())
+            assert (ev.id, ev.code, ev.field) == (rid, "bad_field", next(iter(extra)))
+    finally:
+        s.close()
