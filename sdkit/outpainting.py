@@ -134,17 +134,33 @@ def _spans(length: int, native: int) -> list[tuple[int, int]]:
     return [(s, s + native) for s in starts]
 
 
-def _gap(a: Box, b: Box) -> int:
-    """Pixels between two boxes (0 when they touch or overlap)."""
-    dx = max(0, a[0] - b[2], b[0] - a[2])
-    dy = max(0, a[1] - b[3], b[1] - a[3])
+def _distance(box: Box, original: Box) -> float:
+    """How far the centre of `box` lies from `original` (0 inside it): tiles whose centre
+    is nearest the original run first, so each has the most known picture around it."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    dx = max(0.0, original[0] - cx, cx - original[2])
+    dy = max(0.0, original[1] - cy, cy - original[3])
     return max(dx, dy)
+
+
+def _taper(box: Box, width: int, height: int, reach: int) -> np.ndarray:
+    """1 inside the box, falling to 0 on its edges that lie inside the canvas (a ramp into
+    earlier tiles' pixels must end before the box does, or the box edge shows)."""
+    x0, y0, x1, y1 = box
+
+    def axis(start: int, end: int, limit: int) -> np.ndarray:
+        pos = np.arange(end - start, dtype=float)
+        lo = pos / reach if start > 0 else np.inf
+        hi = (end - start - 1 - pos) / reach if end < limit else np.inf
+        return np.minimum(lo, hi)
+
+    return np.clip(np.minimum.outer(axis(y0, y1, height), axis(x0, x1, width)), 0, 1)
 
 
 def plan(soft: Image.Image, original: Box, native: tuple[int, int], multiple: int) -> list[Tile]:
     """The passes that repaint `soft` (canvas-sized), each at most `native` in size.
 
-    One pass when the canvas fits; else tiles nearest the `original` box first. Each tile
+    One pass when the canvas fits; else tiles centred nearest the `original` first. Each tile
     repaints what no earlier tile did (with `soft`'s values) plus a soft overlap into what
     earlier tiles made, never more than `soft` allows (so the original outside the band
     stays exact)."""
@@ -157,7 +173,7 @@ def plan(soft: Image.Image, original: Box, native: tuple[int, int], multiple: in
         for x0, x1 in _spans(width, nw)
         if need[y0:y1, x0:x1].any()
     ]
-    boxes.sort(key=lambda b: (_gap(b, original), b[1], b[0]))
+    boxes.sort(key=lambda b: (_distance(b, original), b[1], b[0]))
     done = np.zeros(need.shape, bool)
     tiles = []
     for box in boxes:
@@ -168,9 +184,10 @@ def plan(soft: Image.Image, original: Box, native: tuple[int, int], multiple: in
             continue
         mask = np.where(todo, sub_need, 0)
         if sub_done.any():
-            reach = max(1, min(x1 - x0, y1 - y0) // 8)  # half the windows' overlap
+            reach = max(2, min(x1 - x0, y1 - y0) // 4)  # the windows' overlap
             todo_img = Image.fromarray(todo.astype(np.uint8) * 255, "L")
-            ramp = np.asarray(masks.prepare_mask(todo_img, reach, reach / 3))
+            ramp = np.asarray(masks.prepare_mask(todo_img, reach // 2, reach / 4))
+            ramp = np.rint(ramp * _taper(box, width, height, reach // 2))
             mask = np.where(sub_done, np.minimum(ramp, sub_need), mask)
         done[y0:y1, x0:x1] |= todo
         size = (

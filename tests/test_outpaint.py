@@ -89,6 +89,20 @@ def test_plan_fits_in_one_pass_or_tiles_the_border_only():
         covered[t.box[1] : t.box[3], t.box[0] : t.box[2]] |= np.asarray(t.mask) > 0
     assert np.array_equal(covered, np.asarray(soft) > 0)
     assert all(t.box[0] >= 64 or t.box[2] <= 128 for t in tiles)  # none over the kept middle
+    # a ramp into earlier tiles' pixels ends inside the box: 0 on its inner edges there
+    done = np.zeros((64, 192), bool)
+    for t in tiles:
+        x0, _, x1, _ = t.box
+        m, before = np.asarray(t.mask), done[:, x0:x1]
+        for col, inner in ((0, x0 > 0), (-1, x1 < 192)):
+            if inner:
+                assert (m[:, col][before[:, col]] == 0).all(), t.box
+        done[:, x0:x1] |= m > 0
+    # 2-D: tiles centred nearest the original first (the middle one of a 3x3 picture)
+    ring = Image.new("L", (192, 192), 255)
+    ring.paste(0, (64, 64, 128, 128))
+    order = outpainting.plan(outpainting.seam_mask(ring, 8, 2), (64, 64, 128, 128), (64, 64), 8)
+    assert order[0].box == (48, 48, 112, 112) and len(order) == 16
 
 
 # ------------------------------------------------------------------------ tiny real pipelines
