@@ -67,9 +67,10 @@ class JobFollower:
             self._track(job)
 
     # ----- the widget's side ----------------------------------------------------------
-    def submit(self, engine: Any, request: Any) -> Any:
-        """`engine.submit(request)`, the job marked as ours; `RequestError` passes through."""
-        job = engine.submit(request, callback=self._mark)
+    def submit(self, engine: Any, request: Any, **options: Any) -> Any:
+        """`engine.submit(request, **options)`, the job marked as ours; `RequestError` passes
+        through."""
+        job = engine.submit(request, callback=self._mark, **options)
         with self._cond:
             self._track(job)
         return job

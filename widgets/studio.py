@@ -31,9 +31,11 @@ from sdkit.jobs import TERMINAL_EVENTS, EventKind
 from sdkit.request import Request, RequestError, load_image
 
 from .adapterlist import AdapterList, add_to_prompt
+from .control import ControlCanvas
 from .controls import RequestControls
 from .follow import JobFollower
 from .gallery import Gallery, GalleryItem
+from .live import LiveMode
 from .modelrow import ModelRow
 from .outpaint import ExtendButtons
 from .outpaint import extend as extend_image
@@ -140,6 +142,9 @@ class SDWidget(w.VBox):
         self.gallery.on("rerun", self.rerun)
         self.extend_buttons = ExtendButtons(self)  # outpaint the current image by N px
         self.upscale_action = UpscaleAction(self)  # joins the gallery's actions
+        self.control = ControlCanvas(display_size, lambda: self.gallery.selected)  # a scribble
+        self.control.on_change(lambda: self._on_control_change("control"))
+        self.live = LiveMode(self)  # regenerates on every change (issue 16.3)
 
         left = w.VBox(
             [self.controls.mode_tabs, self.adapters.widget],
@@ -149,7 +154,8 @@ class SDWidget(w.VBox):
             [
                 self.input_box,
                 self.extend_buttons.widget,
-                w.HBox([self.preview], layout=w.Layout(margin="6px 0")),
+                self.control.widget,
+                w.HBox([self.preview, self.live.widget], layout=w.Layout(margin="6px 0")),
             ],
             layout=w.Layout(margin="0 0 0 10px"),
         )
@@ -206,6 +212,7 @@ class SDWidget(w.VBox):
         self.adapters.show(info)
         self.extend_buttons.show_for(info["modes"])
         self.upscale_action.show_for(info["modes"])
+        self.control.show(info)
         self.model_row.show_engine(engine)
         self._on_control_change("mode")
 
@@ -236,6 +243,8 @@ class SDWidget(w.VBox):
             extra["image"] = self.painter.image
         if "mask" in inputs:
             extra["mask"] = self.painter.mask_image()
+        if "control" in self.controls.spec["fields"]:
+            extra["control"] = self.control.units()
         return self.controls.request(**extra)
 
     def set_request(self, request: Request) -> None:
@@ -251,11 +260,14 @@ class SDWidget(w.VBox):
         self.controls.prompt.value = add_to_prompt(self.controls.prompt.value, text)
 
     def _on_control_change(self, field: str) -> None:
+        self.live.changed()
         inputs = self.controls.spec["inputs"]
         if field in ("width", "height"):
             self.painter.resize_blank(self.controls.width.value, self.controls.height.value)
+            self.control.follow_size(self.controls.width.value, self.controls.height.value)
         if field == "mode":
             self.adapters.for_mode(self.controls.spec["fields"])
+            self.control.for_mode(self.controls.spec["fields"])
             self.input_box.layout.display = None if "image" in inputs else "none"
             for child in self.painter.widget.children[1:]:
                 child.layout.display = None if "mask" in inputs else "none"
@@ -331,11 +343,15 @@ class SDWidget(w.VBox):
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self.model_row.wait_loaded(deadline):
             raise TimeoutError(f"SDWidget still loading a model after {timeout} s")
+        if not self.live.wait_settled(None if deadline is None else deadline - time.monotonic()):
+            raise TimeoutError(f"SDWidget live change not submitted after {timeout} s")
         if not self.follower.wait_idle(deadline):
             raise TimeoutError(f"SDWidget still busy after {timeout} s")
 
     # ----- engine events (the follower's thread, never the engine's) ---------------------
     def _handle_event(self, kind: EventKind, job: Any, event: Any, ours: bool) -> None:
+        if self.live.handle(kind, job):  # live frames go to the preview, not the gallery
+            return
         if kind == EventKind.DONE:
             self._finished(job.result(timeout=0), ours)
         else:
