@@ -68,6 +68,10 @@ class MaskPainter:
     """
 
     IMAGE, OVERLAY, CURSOR = 0, 1, 2
+    # What a subclass may change (the control canvas paints white scribbles on black).
+    overlay_rgb, overlay_alpha = MASK_RGB, MASK_ALPHA
+    placeholder_rgb, placeholder_text = PLACEHOLDER_RGB, "no input image"
+    label = "mask"  # the info line's word and its CSS class sdkit-{label}-info
 
     def __init__(self, width: int = 64, height: int = 64, display_size: int = 320) -> None:
         self.display_size = int(display_size)
@@ -227,8 +231,8 @@ class MaskPainter:
         share = 100.0 * painted / self.mask.size
         s = "" if self.strokes == 1 else "s"
         self.info.value = (
-            f"<span class='sdkit-mask-info' style='font-size:12px;color:#555'>"
-            f"mask {share:.1f}% · {self.strokes} stroke{s}</span>"
+            f"<span class='sdkit-{self.label}-info' style='font-size:12px;color:#555'>"
+            f"{self.label} {share:.1f}% · {self.strokes} stroke{s}</span>"
         )
         for fn in self._listeners:
             fn(self)
@@ -278,12 +282,12 @@ class MaskPainter:
             cw, ch = self.canvas.width, self.canvas.height
             if self.image is None:
                 rgb = np.empty((ch, cw, 3), dtype=np.uint8)
-                rgb[:] = PLACEHOLDER_RGB
+                rgb[:] = self.placeholder_rgb
                 layer.put_image_data(_rgba(rgb), 0, 0)
                 layer.fill_style = "#aaa"
                 layer.font = "14px sans-serif"
                 layer.text_align = "center"
-                layer.fill_text("no input image", cw / 2, ch / 2)
+                layer.fill_text(self.placeholder_text, cw / 2, ch / 2)
             else:
                 resample = (
                     Image.Resampling.NEAREST if cw >= self.image.width else Image.Resampling.LANCZOS
@@ -310,8 +314,8 @@ class MaskPainter:
         iy = np.minimum(((np.arange(cy0, cy1) + 0.5) * ih / ch).astype(int), ih - 1)
         m = self.mask[np.ix_(iy, ix)]
         rgba = np.zeros(m.shape + (4,), dtype=np.uint8)
-        rgba[..., :3] = MASK_RGB
-        rgba[..., 3] = (m.astype(np.float32) * MASK_ALPHA).astype(np.uint8)
+        rgba[..., :3] = self.overlay_rgb
+        rgba[..., 3] = (m.astype(np.float32) * self.overlay_alpha).astype(np.uint8)
         layer = self.canvas[self.OVERLAY]
         if clear:
             layer.clear()
