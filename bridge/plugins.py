@@ -23,6 +23,7 @@ SHARED_MODULES = (
     "editor_connection.py",
     "editor_actions.py",
     "editor_expand.py",
+    "editor_control.py",
 )
 EDITORS = ("krita", "gimp")
 

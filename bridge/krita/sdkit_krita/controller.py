@@ -7,6 +7,7 @@ blocks), so Krita stays responsive while the server works and Cancel always reac
 from __future__ import annotations
 
 from . import canvas
+from . import control_layer as cl
 from . import editor_actions as ea
 from . import editor_expand as ex
 from . import editor_geometry as geo
@@ -50,6 +51,7 @@ class Controller(QObject):
         self.last_layer = None
         self._last_status: tuple[str, bool] | None = None
         self._waiting: tuple | None = None  # an action waiting for the connection
+        self.control_layer = None  # (ControlChoice, layer name): see control_layer.py
         self.timer = QTimer(self)
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self.poll)
@@ -141,6 +143,7 @@ class Controller(QObject):
                     margin=margin,
                     multiple=self.conn.size_multiple,
                 )
+            cl.apply(self, action, doc)  # the control layer, for modes that take one
             action.start(self.conn)
         except geo.EditorError as e:
             self.busy_changed.emit(False)

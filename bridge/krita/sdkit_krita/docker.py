@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from krita import DockWidget
 
+from . import control_layer as cl
 from . import editor_actions as ea
 from . import editor_expand as ex
+from . import live as lv
 from . import upscale as up
 from .controller import shared
 from .qt import Qt, QtGui, QtWidgets
@@ -76,6 +78,7 @@ class SdkitDocker(DockWidget):
         self.loras.activated.connect(self._on_lora)
         self._show_loras()
         form.addRow("LoRA", self.loras)
+        cl.build_row(self, form)  # layer, model, module, weight (sdkit_krita.control_layer)
 
         self.strength = W.QDoubleSpinBox()
         self.strength.setRange(0.01, 1.0)
@@ -95,6 +98,7 @@ class SdkitDocker(DockWidget):
 
         self._build_expand(form)
         up.build_row(self, form)  # factor, target, strength, Upscale (sdkit_krita.upscale)
+        lv.build_row(self, form)  # Live toggle, Apply (sdkit_krita.live)
 
         self.button_grid = W.QGridLayout()
         self.buttons: dict[str, QtWidgets.QPushButton] = {}
@@ -177,6 +181,8 @@ class SdkitDocker(DockWidget):
         )
 
     def run(self, mode: str) -> None:
+        if not cl.choose_for(self):  # the Control row's layer, if one is chosen
+            return
         if mode == ex.MODE:  # the server's outpaint mode is Expand canvas here
             self.expand()
             return
@@ -220,6 +226,7 @@ class SdkitDocker(DockWidget):
         if ok:
             self._show_modes()
             self._show_loras()
+            cl.refresh_models(self)
 
     def _on_progress(self, fraction: float, status: str, preview) -> None:
         self.progress.setValue(int(fraction * 1000))
