@@ -322,8 +322,9 @@ def size_multiple_before_loading(spec: str | None) -> int | None:
 
 def _summary(result: Any, engine: Any) -> str:
     req = result.request
+    w, h = result[0].size if len(result) else (req.width, req.height)  # hires fix: the output's
     return (
-        f"{req.mode}: {len(result)} image(s) {req.width}x{req.height}, seed {result.seeds[0]}, "
+        f"{req.mode}: {len(result)} image(s) {w}x{h}, seed {result.seeds[0]}, "
         f"{req.num_inference_steps} steps {req.scheduler}, {result.timings['total']:.1f} s "
         f"on {engine.device} ({engine.model.name})"
     )

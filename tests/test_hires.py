@@ -357,3 +357,24 @@ def test_embedded_model_2x_keeps_the_picture_and_draws_sharper_than_resizing():
                     assert _edge_energy(hi) > 1.1 * _edge_energy(resized), seed
     finally:
         engine.close()
+
+
+def test_cli_hires_flags_make_the_api_picture_and_say_its_size(
+    sd_engine, tiny_models, tmp_path, capsys
+):
+    from sdkit.cli import main
+
+    argv = ["txt2img", PROMPT, "--model", str(tiny_models["sd"]), "--device", "cpu"]
+    argv += ["--seed", "7", "--hires-scale", "2", "--hires-steps", "3", "--hires-denoise", "0.6"]
+    argv += ["--hires-upscaler", "Lanczos", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    path = out.split()[0]
+    assert "1 image(s) 64x64" in err  # the output's size, not the first pass's
+    saved = Image.open(path)
+    req = Request.from_png(path)
+    assert (req.hires_scale, req.hires_steps, req.hires_denoise) == (2, 3, 0.6)
+    assert req.hires_upscaler == "Lanczos" and (req.width, req.height) == (32, 32)
+    api = run(sd_engine, hires_scale=2, hires_steps=3, hires_denoise=0.6, hires_upscaler="Lanczos")
+    assert saved.size == (64, 64)
+    assert np.array_equal(arr(saved.convert("RGB")), arr(api[0]))
