@@ -157,7 +157,8 @@ def run_upscale(ctx: RunContext) -> list[Image.Image]:
 
     req = ctx.request
     width, height = ctx.size
-    up = filled(req.image, "image").convert("RGB").resize((width, height), Image.LANCZOS)
+    lanczos = Image.Resampling.LANCZOS
+    up = filled(req.image, "image").convert("RGB").resize((width, height), lanczos)
     tw, th = tile_size(ctx.engine, width, height)
     tiles = layout(width, height, tw, th, req.tile_overlap)
     xs = sorted({t.x for t in tiles})

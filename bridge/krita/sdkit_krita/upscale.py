@@ -108,6 +108,8 @@ def add_result(doc, action: UpscaleAction):
     "document": a new document of the result's size holding it as a layer, opened in a
     view. "layer": this document scaled to the result's size, the result added on top."""
     p = action.placement
+    if p is None:
+        raise geo.EditorError("the upscale has no result to add")
     if action.target == "document":
         from krita import Krita
 
