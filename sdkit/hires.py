@@ -49,6 +49,15 @@ def target_size(width: int, height: int, scale: float, multiple: int) -> tuple[i
     return max(multiple, w - w % multiple), max(multiple, h - h % multiple)
 
 
+def output_size(req: Request, multiple: int) -> tuple[int, int]:
+    """The size of the images `req` (checked) makes: the target with hires fix, else its own
+    (what a server's pixel limit must count)."""
+    w, h = filled(req.width, "width"), filled(req.height, "height")
+    if req.mode != "txt2img" or not enabled(req):
+        return w, h
+    return target_size(w, h, filled(req.hires_scale, "hires_scale"), multiple)
+
+
 @dataclasses.dataclass(frozen=True)
 class SecondPass:
     """Pass 2 as diffusers runs it: `steps` denoising steps, the last ones of a schedule of
@@ -75,7 +84,7 @@ def check(req: Request, engine: Any) -> Request:
     if req.control:
         raise RequestError("hires_scale", "hires fix with ControlNet units is not supported yet")
     w, h = filled(req.width, "width"), filled(req.height, "height")
-    tw, th = target_size(w, h, req.hires_scale, engine.size_multiple)
+    tw, th = output_size(req, engine.size_multiple)
     n = req.num_images
     if tw > MAX_SIZE or th > MAX_SIZE:
         raise RequestError(
@@ -110,7 +119,7 @@ def run(ctx: RunContext) -> list[Image.Image]:
 
     req = ctx.request
     latent = req.hires_upscaler == "Latent"
-    tw, th = target_size(*ctx.size, req.hires_scale, ctx.engine.size_multiple)
+    tw, th = output_size(req, ctx.engine.size_multiple)
     first, p2 = ctx.steps, second_pass(req)
     total = first + p2.steps
 
@@ -125,7 +134,7 @@ def run(ctx: RunContext) -> list[Image.Image]:
         f = ctx.engine.vae_factor
         init: Any = F.interpolate(low, size=(th // f, tw // f), mode="bilinear", antialias=False)
     else:  # A1111's "Lanczos" upscaler; the img2img pipeline encodes the result
-        init = [image.resize((tw, th), Image.LANCZOS) for image in low]
+        init = [image.resize((tw, th), Image.Resampling.LANCZOS) for image in low]
     ctx.check_cancel()
 
     pipe = ctx.pipeline(Mode.IMG2IMG)  # fresh scheduler, noise sampler re-seeded

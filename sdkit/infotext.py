@@ -183,7 +183,7 @@ def format_infotext(req: Request, *, seed: int | None = None) -> str:
         add("Batch size", req.num_images)
     if "clip_skip" in reads and req.clip_skip not in (None, 1):  # A1111 omits 1
         add("Clip skip", req.clip_skip)
-    if hires:
+    if hires and req.hires_scale is not None:
         add("Hires upscale", _num(req.hires_scale))
         if req.hires_steps:  # A1111 omits 0 (= as many as Steps)
             add("Hires steps", req.hires_steps)

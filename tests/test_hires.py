@@ -86,6 +86,9 @@ def test_target_size_rounds_down_to_the_size_multiple(sd_engine):
     assert hires.target_size(512, 768, 1.5, 8) == (768, 1152)
     assert hires.target_size(512, 512, 1.3, 8) == (664, 664)  # int(665.6) = 665 -> 664
     assert hires.target_size(1024, 1024, 1.25, 64) == (1280, 1280)
+    checked = sd_engine.check(Request(prompt=PROMPT, hires_scale=1.3))
+    assert hires.output_size(checked, sd_engine.size_multiple) == (40, 40)
+    assert hires.output_size(sd_engine.check(Request(prompt=PROMPT)), 8) == (32, 32)
     result = run(sd_engine, hires_scale=1.3)  # 32 * 1.3 = 41.6 -> 41 -> 40
     assert result[0].size == (40, 40)
 
