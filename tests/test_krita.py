@@ -25,6 +25,27 @@ REPO = Path(__file__).resolve().parents[1]
 W, H = 101, 77
 
 
+def krita_env(pykrita: Path, out: Path, **settings: str) -> dict[str, str]:
+    """The environment of a kritarunner scenario: offscreen, the installed plug-in and the
+    scenarios importable, the cached test profile, $SDKIT_OUT and the scenario's settings."""
+    # Krita builds its resource database in a fresh profile (minutes on a busy machine):
+    # keep the test profile in the gitignored cache so later runs start quickly.
+    home = Path(os.environ.get("SDKIT_KRITA_HOME", REPO / ".cache" / "krita-home"))
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)  # Qt insists on a private XDG_RUNTIME_DIR
+    return {
+        **os.environ,
+        "QT_QPA_PLATFORM": "offscreen",
+        "PYTHONPATH": os.pathsep.join([str(pykrita), str(SCENARIOS)]),
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_DATA_HOME": str(home / ".local" / "share"),
+        "XDG_RUNTIME_DIR": str(home),
+        "SDKIT_OUT": str(out),
+        **settings,
+    }
+
+
 @pytest.fixture(scope="module")
 def krita_run(tmp_path_factory):
     if KRITARUNNER is None:
@@ -36,30 +57,19 @@ def krita_run(tmp_path_factory):
     installed = plugins.install("krita", pykrita)
     out = root / "out"
     out.mkdir()
-    # Krita builds its resource database in a fresh profile (minutes on a busy machine):
-    # keep the test profile in the gitignored cache so later runs start quickly.
-    home = Path(os.environ.get("SDKIT_KRITA_HOME", REPO / ".cache" / "krita-home"))
-    home.mkdir(parents=True, exist_ok=True)
-    home.chmod(0o700)  # Qt insists on a private XDG_RUNTIME_DIR
     with (
         checks.live_server() as address,
         checks.doomed_server(4) as doomed_1,
         checks.doomed_server() as doomed_2,
     ):
-        env = {
-            **os.environ,
-            "QT_QPA_PLATFORM": "offscreen",
-            "PYTHONPATH": os.pathsep.join([str(pykrita), str(SCENARIOS)]),
-            "HOME": str(home),
-            "XDG_CONFIG_HOME": str(home / ".config"),
-            "XDG_DATA_HOME": str(home / ".local" / "share"),
-            "XDG_RUNTIME_DIR": str(home),
-            "SDKIT_ADDRESS": address,
-            "SDKIT_DEAD_ADDRESS": checks.dead_address(),
-            "SDKIT_OUT": str(out),
-            "SDKIT_DOOMED_1": f"{doomed_1[0]} {doomed_1[1]}",
-            "SDKIT_DOOMED_2": f"{doomed_2[0]} {doomed_2[1]}",
-        }
+        env = krita_env(
+            pykrita,
+            out,
+            SDKIT_ADDRESS=address,
+            SDKIT_DEAD_ADDRESS=checks.dead_address(),
+            SDKIT_DOOMED_1=f"{doomed_1[0]} {doomed_1[1]}",
+            SDKIT_DOOMED_2=f"{doomed_2[0]} {doomed_2[1]}",
+        )
         proc = subprocess.run(
             [KRITARUNNER, "-s", "krita_scenario"],
             env=env,
@@ -206,3 +216,62 @@ def test_expand_canvas_grows_the_document_and_the_old_pixels_stay(krita_run):
     new[top : top + H, left : left + W] = False
     assert (after[new][:, 3] == 255).all()  # the new area is painted, not transparent
     assert after[new][:, :3].std() > 5  # and not one flat colour
+
+
+@pytest.fixture(scope="module")
+def krita_control_run(tmp_path_factory):
+    """tests/editors/krita_control_scenario.py in a real Krita against a live server."""
+    if KRITARUNNER is None:
+        pytest.skip(
+            "Krita is not installed (kritarunner not on PATH): run scripts/setup-editors.sh"
+        )
+    root = tmp_path_factory.mktemp("krita-control")
+    plugins.install("krita", root / "pykrita")
+    out = root / "out"
+    out.mkdir()
+    with checks.live_server() as address:
+        proc = subprocess.run(
+            [KRITARUNNER, "-s", "krita_control_scenario"],
+            env=krita_env(root / "pykrita", out, SDKIT_ADDRESS=address),
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+    (root / "krita.log").write_text(proc.stdout + proc.stderr)
+    assert (out / "report.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = checks.load_report(out)
+    return out, report
+
+
+def test_control_layer_steers_where_the_shape_is_generated(krita_control_run):
+    """Issue 15.5: a hidden paint layer with a white ring, chosen in the docker's Control row,
+    travels as the control frame of Generate's request; the embedded model's shape lands on
+    the ring's side (the embedded ControlNet is still training: judged by halves)."""
+    import numpy as np
+    from PIL import Image
+
+    from sdkit.embedded import scribbles
+
+    out, report = krita_control_run
+    assert report["models"] == ["sdkscribble"]
+    centres = {}
+    for side in ("left", "right"):
+        seen = report[side]
+        assert not seen["watchdog"], "the controller never reported the end"
+        assert seen["failed"] is None and seen["state"] == "done", seen
+        assert "scribble" in seen["layers_offered"]
+        assert seen["unit"] == [
+            {"model": "sdkscribble", "weight": 1.0, "start": 0.0, "end": 1.0, "module": "none"}
+        ]
+        assert seen["frame"] == [64, 64, "rgba8"]
+        frame = np.frombuffer((out / f"{side}_frame.bin").read_bytes(), np.uint8).reshape(64, 64, 4)
+        ys, xs = np.nonzero(frame[..., 0] > 128)  # the ring, white on black
+        assert abs(xs.mean() + 0.5 - (18 if side == "left" else 46)) < 1 and len(xs) > 50
+        assert seen["layer"] == "[sdkit] a red circle on a green background (1)"
+        assert seen["bounds"] == [0, 0, 64, 64]
+        rgba = np.frombuffer((out / f"{side}.bin").read_bytes(), np.uint8).reshape(64, 64, 4)
+        ys, xs = np.nonzero(scribbles.blob(Image.fromarray(rgba[..., :3])))
+        centres[side] = xs.mean()
+    assert centres["left"] < 28 and centres["right"] > 36, centres
+    assert "no paint layer 'gone'" in report["gone"]["failed"]
+    assert report["gone"]["layers_added"] == 0
