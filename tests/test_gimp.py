@@ -196,3 +196,32 @@ def test_expand_canvas_grows_the_image_and_the_old_pixels_stay(gimp_run):
     new = np.ones((new_h, new_w), bool)
     new[top : top + H, left : left + W] = False
     assert (after[new][:, 3] == 255).all() and after[new][:, :3].std() > 5
+
+
+def test_control_layer_steers_where_the_shape_is_generated(gimp_run):
+    """Issue 15.5: Generate's control-layer argument names a (hidden) layer with a white ring;
+    its pixels travel as the control frame and the embedded model's shape lands on the ring's
+    side (the embedded ControlNet is still training: judged by halves). A layer the image
+    lacks is refused, naming it, and adds nothing."""
+    import numpy as np
+    from PIL import Image
+
+    from sdkit.embedded import scribbles
+
+    _, out, report, log = gimp_run
+    control = report["control"]
+    centres = {}
+    for side in ("left", "right"):
+        status, error = control[side]["status"]
+        assert status == "success", f"{error}\n{log[-3000:]}"
+        assert control[side]["layer"][1:] == [0, 0, 64, 64]
+        assert control[side]["layer"][0].startswith("[sdkit] a red circle")
+        rgba = np.frombuffer((out / f"control_{side}.bin").read_bytes(), np.uint8)
+        picture = Image.fromarray(rgba.reshape(64, 64, 4)[..., :3])
+        ys, xs = np.nonzero(scribbles.blob(picture))
+        centres[side] = xs.mean()
+    assert centres["left"] < 28 and centres["right"] > 36, centres
+    status, error = control["missing"]
+    assert status == "execution-error"
+    assert "no layer 'gone'" in ((error or "") + log)
+    assert control["layers_added_when_missing"] == 0

@@ -129,6 +129,53 @@ def expand_canvas(server, out):
     return report
 
 
+def control_layer(server, out):
+    """Issue 15.5: a hidden layer with a white ring, named by Generate's control-layer
+    argument, steers where the shape lands (left, then right); a missing layer is refused."""
+    import math
+
+    cw, ch = 96, 80
+    report = {}
+    for side, cx in (("left", 18), ("right", 46)):
+        image = Gimp.Image.new(cw, ch, Gimp.ImageBaseType.RGB)
+        args = (cw, ch, Gimp.ImageType.RGBA_IMAGE, 100.0, Gimp.LayerMode.NORMAL)
+        bg = Gimp.Layer.new(image, "bg", *args)
+        image.insert_layer(bg, None, 0)
+        ring = Gimp.Layer.new(image, "scribble", *args)
+        image.insert_layer(ring, None, 0)
+        px = bytearray(cw * ch * 4)
+        for y in range(ch):
+            for x in range(cw):
+                if abs(math.hypot(x + 0.5 - cx, y + 0.5 - 32) - 12) <= 1.5:
+                    px[(y * cw + x) * 4 : (y * cw + x + 1) * 4] = b"\xff\xff\xff\xff"
+        buf = ring.get_buffer()
+        buf.set(Gegl.Rectangle.new(0, 0, cw, ch), RGBA, bytes(px))
+        buf.flush()
+        ring.set_visible(False)
+        status = call(
+            "sdkit-generate",
+            image,
+            bg,
+            prompt="a red circle on a green background",
+            seed=1,
+            control_layer="scribble",
+            server=server,
+        )
+        top = image.get_layers()[0]
+        report[side] = {"status": status, "layer": layer_info(top)}
+        rect = Gegl.Rectangle.new(0, 0, top.get_width(), top.get_height())
+        with open(os.path.join(out, f"control_{side}.bin"), "wb") as f:
+            f.write(bytes(top.get_buffer().get(rect, 1.0, RGBA, Gegl.AbyssPolicy.NONE)))
+        if side == "right":
+            count = len(image.get_layers())
+            report["missing"] = call(
+                "sdkit-generate", image, bg, prompt="x", control_layer="gone", server=server
+            )
+            report["layers_added_when_missing"] = len(image.get_layers()) - count
+        image.delete()
+    return report
+
+
 def scenario(out):
     report = {}
     image = Gimp.Image.new(W, H, Gimp.ImageBaseType.RGB)
@@ -221,6 +268,7 @@ def scenario(out):
     )
     image.delete()
     report["expand"] = expand_canvas(server, out)
+    report["control"] = control_layer(server, out)
     return report
 
 

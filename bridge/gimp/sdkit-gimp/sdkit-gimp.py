@@ -14,7 +14,9 @@ with a ``mode`` argument: the server's mode to run, checked against the modes it
 ``hello`` lists them; the interactive dialog offers them in a combo box); it becomes
 A1111's ``<lora:NAME:1>`` tag in the prompt. ``sdkit-loras`` returns (and shows) the list.
 ``sdkit-expand`` (Expand canvas) grows the image by the chosen sides and paints the new area
-through the server's outpaint mode (``editor_expand``).
+through the server's outpaint mode (``editor_expand``). The ``control-layer`` argument names a
+layer whose pixels in the request's area steer the result as a ControlNet unit's image (its
+``control-model`` one of ``hello``'s ``controls``, empty: the first; ``editor_control``).
 
 Over 400 lines because GIMP runs one file as the plug-in's program: its procedures share
 the pixel helpers (read, add a layer) that live here.
@@ -33,6 +35,7 @@ from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import editor_actions as ea  # noqa: E402
+import editor_control as ec  # noqa: E402
 import editor_expand as ex  # noqa: E402
 import editor_geometry as geo  # noqa: E402
 from editor_connection import DEFAULT_ADDRESS, Connection  # noqa: E402
@@ -127,6 +130,24 @@ def add_layer(image, placement: geo.Placement):
     return layer
 
 
+def attach_control_layer(image, conn, action, name: str, choice: ec.ControlChoice) -> None:
+    """The layer called ``name`` (its own pixels, hidden or not) as the action's control."""
+    layer = image.get_layer_by_name(name)
+    if layer is None:
+        raise geo.EditorError(f"the image has no layer {name!r} to use as control")
+    offered = conn.adapters("controls")
+    choice.model = ec.check_model(conn, choice.model or (offered[0] if offered else ""))
+    ox, oy = layer.get_offsets()[-2:]
+    buffer = layer.get_buffer()
+
+    def read(rect: geo.Rect) -> bytes:
+        local = geo.Rect(rect.x - ox, rect.y - oy, rect.width, rect.height)
+        return bytes(buffer.get(_rect(local), 1.0, RGBA, Gegl.AbyssPolicy.NONE))
+
+    size = (image.get_width(), image.get_height())
+    ec.attach(action, choice, ec.control_picture(action, size, read))
+
+
 # --- the action -----------------------------------------------------------------------
 
 
@@ -140,6 +161,8 @@ def run_action(
     timeout: float | None = None,
     progress: bool = True,
     lora: str = "",
+    control_layer: str = "",
+    control: ec.ControlChoice | None = None,
 ):
     """Everything a procedure does after its dialog: read, send, wait, add the layer."""
     check_image(image)
@@ -162,6 +185,9 @@ def run_action(
             margin=margin,
             multiple=conn.size_multiple,
         )
+        if control_layer:
+            choice = control or ec.ControlChoice("")
+            attach_control_layer(image, conn, action, control_layer, choice)
 
         def on_progress(a: ea.Action) -> None:
             if progress:
@@ -252,8 +278,21 @@ def _run(procedure, run_mode, image, drawables, config, data):
         if not ok:
             return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     params, mode, address = _config_params(config, dialog)
+    control = ec.ControlChoice(
+        model=config.get_property("control-model").strip(),
+        weight=config.get_property("control-weight"),
+        module=config.get_property("control-module").strip() or "none",
+    )
     try:
-        run_action(image, mode, params, address=address, lora=config.get_property("lora").strip())
+        run_action(
+            image,
+            mode,
+            params,
+            address=address,
+            lora=config.get_property("lora").strip(),
+            control_layer=config.get_property("control-layer").strip(),
+            control=control,
+        )
     except geo.EditorError as e:
         return procedure.new_return_values(Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(str(e)))
     return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
@@ -429,6 +468,36 @@ def _expand_procedure(plugin):
     return procedure
 
 
+def _control_arguments(procedure, rw) -> None:
+    """Control layer: a layer's name, the server's control model, its weight and module."""
+    procedure.add_string_argument(
+        "control-layer",
+        "_Control layer",
+        "A layer that steers where things go; empty: none",
+        "",
+        rw,
+    )
+    procedure.add_string_argument(
+        "control-model", "Control _model", "One of the server's controls; empty: its first", "", rw
+    )
+    procedure.add_double_argument(
+        "control-weight",
+        "Control _weight",
+        "How strongly the layer steers (0..2)",
+        0.0,
+        2.0,
+        1.0,
+        rw,
+    )
+    procedure.add_string_argument(
+        "control-module",
+        "Control pre_processor",
+        "none (white lines on black), invert (black on white), scribble, canny",
+        "none",
+        rw,
+    )
+
+
 class SdkitPlugIn(Gimp.PlugIn):
     def do_query_procedures(self):
         return [*PROCEDURES, LORAS_PROCEDURE, EXPAND_PROCEDURE]
@@ -477,6 +546,7 @@ class SdkitPlugIn(Gimp.PlugIn):
         )
         procedure.add_int_argument("steps", "S_teps", "0: the model's default", 0, 200, 0, rw)
         procedure.add_int_argument("seed", "S_eed", "-1: random", -1, 2**31 - 1, -1, rw)
+        _control_arguments(procedure, rw)
         procedure.add_string_argument(
             "mode", "_Mode", "The server's mode to run (see its hello)", mode, rw
         )
