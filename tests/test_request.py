@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdkit import modes
 from sdkit.request import (
     FILLS,
     MODES,
@@ -36,9 +37,10 @@ def mask(w=16, h=16) -> Image.Image:
 def good(**fields) -> Request:
     base = {"prompt": "a red circle on a blue background"}
     mode = fields.get("mode", "txt2img")
-    if mode in ("img2img", "inpaint"):
+    required = modes.get(mode).required if mode in {str(s.name) for s in modes.registered()} else ()
+    if "image" in required:
         base["image"] = rgb()
-    if mode == "inpaint":
+    if "mask" in required:
         base["mask"] = mask()
     if mode == "unconditional":
         base["prompt"] = ""
