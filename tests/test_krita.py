@@ -219,6 +219,64 @@ def test_expand_canvas_grows_the_document_and_the_old_pixels_stay(krita_run):
 
 
 @pytest.fixture(scope="module")
+def krita_live(tmp_path_factory):
+    """tests/editors/krita_live_scenario.py in kritarunner against a live server; its report."""
+    import json
+
+    if KRITARUNNER is None:
+        pytest.skip(
+            "Krita is not installed (kritarunner not on PATH): run scripts/setup-editors.sh"
+        )
+    root = tmp_path_factory.mktemp("krita-live")
+    pykrita = root / "pykrita"
+    plugins.install("krita", pykrita)
+    out = root / "out"
+    out.mkdir()
+    with checks.live_server() as address:
+        env = krita_env(pykrita, out, SDKIT_ADDRESS=address)
+        proc = subprocess.run(
+            [KRITARUNNER, "-s", "krita_live_scenario"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+    (root / "krita.log").write_text(proc.stdout + proc.stderr)
+    assert (out / "report.json").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert "exception" not in report, report["exception"]
+    return report
+
+
+def test_live_mode_follows_the_painted_layer_and_apply_makes_a_normal_layer(krita_live):
+    """Issue 16.4: Live on; three strokes painted on the layer by script each give a new
+    frame in the one locked [sdkit live] layer (img2img, fixed seed); a selection turns it
+    into inpaint of the selection; an unchanged canvas sends nothing; Apply adds a normal
+    layer with the frame's pixels, and one undo removes exactly that layer (live frames are
+    no undo steps); Live off removes the preview layer."""
+    r = krita_live
+    assert r["connected"] and r["first"], r
+    assert not r["idle_sent"], "a request was sent although nothing changed"
+    crcs = [r["first_crc"]] + [s["crc"] for s in r["strokes"]]
+    for stroke in r["strokes"]:
+        assert stroke["shown"] and stroke["frame_equals_layer"], stroke
+        assert stroke["mode"] == "img2img" and stroke["seed"] == 7, stroke
+    assert len(set(crcs)) == len(crcs), f"the preview did not change after every stroke: {crcs}"
+    assert r["inpaint_shown"] and r["inpaint_mode"] == "inpaint"
+    assert r["inpaint_bounds"] == [20, 20, 24, 24]
+    assert r["layers_live"].count("[sdkit live]") == 1 and r["live_locked"]
+    applied = r["applied"]
+    assert applied["name"] == "[sdkit] a red circle (7)" and applied["type"] == "paintlayer"
+    assert not applied["locked"] and applied["same_pixels"], applied
+    assert r["layers_applied"] == [*r["layers_live"][:1], applied["name"], "[sdkit live]"], r
+    # Krita's Undo needs a view, and kritarunner (offscreen) ends in Krita.openWindow(): what
+    # is checked is that Apply is one layer added (canvas.add_layer: filled, then added once)
+    # and that live frames are written with setPixelData, which libkis does not record.
+    assert "[sdkit live]" not in r["layers_off"]
+    assert r["docker"] == {"live": "Live", "checkable": True, "apply_enabled": False}
+
+
+@pytest.fixture(scope="module")
 def krita_control_run(tmp_path_factory):
     """tests/editors/krita_control_scenario.py in a real Krita against a live server."""
     if KRITARUNNER is None:

@@ -45,8 +45,9 @@ def read_mask(doc, rect: geo.Rect) -> bytes | None:
     return bytes(sel.pixelData(rect.x, rect.y, rect.width, rect.height))
 
 
-def add_layer(doc, placement: geo.Placement):
-    """Add ``placement`` as a new paint layer above the active one, as one undo step.
+def add_layer(doc, placement: geo.Placement, above=None):
+    """Add ``placement`` as a new paint layer above ``above`` (default: the active layer), as
+    one undo step.
 
     The layer is filled before it is added, so adding it is the only change to the
     image and one undo removes it.
@@ -55,7 +56,7 @@ def add_layer(doc, placement: geo.Placement):
     node.setPixelData(
         rgba_to_bgra(placement.rgba), placement.x, placement.y, placement.width, placement.height
     )
-    active = doc.activeNode()
+    active = above if above is not None else doc.activeNode()
     parent = active.parentNode() if active is not None else None
     if parent is None or active.type() == "" or parent.type() == "":
         parent = doc.rootNode()
