@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from sdkit.prompt_cache import PromptCache, encoder_key
 from sdkit.prompt_syntax import BREAK, entry_at, has_syntax, parse_attention, schedule
 
 CHUNK = 75
@@ -325,6 +326,13 @@ def needs_embeds(pipe: Any, prompt: str, negative_prompt: str, steps: int, clip_
     return False
 
 
+@torch.no_grad()
+def _diffusers_encoding(pipe: Any, prompt: str, negative_prompt: str) -> tuple:
+    """What the pipeline's own call computes for a plain prompt (batch 1; its repeat per
+    image happens in the call), with the negative it encodes under guidance."""
+    return pipe.encode_prompt(prompt, pipe._execution_device, 1, True, negative_prompt or None)
+
+
 def prompt_kwargs(
     pipe: Any,
     prompt: str,
@@ -334,18 +342,41 @@ def prompt_kwargs(
     clip_skip: int | None = None,
     callback: Callable | None = None,
     family: str | None = None,
+    cache: PromptCache | None = None,
+    adapters: tuple = (),
 ) -> dict:
     """Prompt keyword arguments for `pipe(...)`, with the step-end `callback` (which may be
-    wrapped to switch the conditioning). Plain prompts: exactly what diffusers takes today.
+    wrapped to switch the conditioning). Plain prompts: exactly what diffusers takes today,
+    or, with a `cache` (`sdkit.prompt_cache`), diffusers' own `encode_prompt` output for
+    them, computed once per key. `adapters`: the job's LoRAs (`prompt_cache.adapters_key`).
     `family` ("sd1", "sd2", "sdxl"): the model's, for A1111's clip-skip rule."""
     skip = effective_clip_skip(pipe, clip_skip, family)
-    if not needs_embeds(pipe, prompt, negative_prompt, steps, skip):
+    plain = not needs_embeds(pipe, prompt, negative_prompt, steps, skip)
+    key = None
+    if cache is not None:
+        key = (plain, prompt, negative_prompt, steps, skip, adapters, encoder_key(pipe))
+    if plain and (key is None or is_sdxl(pipe)):  # SDXL's encode_prompt differs: not cached
         return {
             "prompt": prompt,
             "negative_prompt": negative_prompt or None,
             "callback_on_step_end": callback,
         }
-    embeds = encode(pipe, prompt, negative_prompt, steps=steps, clip_skip=skip)
+    if plain:
+        assert cache is not None and key is not None
+        positive, negative = cache.get(
+            key, lambda: _diffusers_encoding(pipe, prompt, negative_prompt)
+        )
+        return {
+            "prompt_embeds": positive,
+            "negative_prompt_embeds": negative,
+            "callback_on_step_end": callback,
+        }
+    if cache is None:
+        embeds = encode(pipe, prompt, negative_prompt, steps=steps, clip_skip=skip)
+    else:
+        embeds = cache.get(
+            key, lambda: encode(pipe, prompt, negative_prompt, steps=steps, clip_skip=skip)
+        )
     return {
         **embeds.kwargs(0),
         "callback_on_step_end": embeds.callback(callback),

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from sdkit import adapter_plan, fast, modes, schedulers
+from sdkit import adapter_plan, fast, modes, prompt_cache, schedulers
 from sdkit.adapter_loading import AdapterState
 from sdkit.adapters import AdapterFolders
 from sdkit.jobs import (
@@ -124,6 +124,7 @@ class Engine:
         self._pipes: dict[str, Any] = {type(base).__name__: base}
         self._base = base
         self._adapter_state = AdapterState()
+        self.prompt_cache = prompt_cache.PromptCache()  # same prompt, same tensors: encoded once
         tokenizer = getattr(base, "tokenizer", None)  # its words before any embedding is added
         self.base_vocabulary = frozenset(tokenizer.get_vocab() if tokenizer is not None else ())
         self._lock = threading.RLock()
@@ -468,6 +469,7 @@ class Engine:
         vae = getattr(self._base, "vae", None)
         unet = getattr(self._base, "unet", None)
         used = adapter_plan.plan(req, self)
+        ctx.adapters_key = prompt_cache.adapters_key(used.loras)
         with torch.no_grad(), self._adapter_state.applied(self._base, used.loras, used.embeddings):
             with torch.inference_mode(), cancel_points(ctx, unet, getattr(vae, "decoder", None)):
                 images = spec.run(ctx)

@@ -53,6 +53,7 @@ class RunContext:
     job: Job
     generators: list[torch.Generator]
     crop_box: tuple[int, int, int, int] | None = None  # inpaint only_masked: control crops too
+    adapters_key: tuple = ()  # the job's LoRAs, for the prompt cache (`sdkit.prompt_cache`)
 
     @property
     def request(self) -> Request:
@@ -151,6 +152,8 @@ class RunContext:
                 clip_skip=None if unconditional else req.clip_skip,
                 callback=kwargs["callback_on_step_end"],
                 family=self.engine.family,
+                cache=getattr(self.engine, "prompt_cache", None),
+                adapters=self.adapters_key,
             )
             | control.call_kwargs(self, pipe, kwargs)
         )

@@ -274,3 +274,77 @@ def test_bridge_unknown_policy_is_an_error_naming_it(server):
             assert (ev.id, ev.code, ev.field) == (rid, "bad_field", next(iter(extra)))
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------------------- prompt cache
+
+
+@pytest.fixture(scope="module")
+def lora_engine(tiny_models, tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+    from test_lora import kohya_lora
+
+    from sdkit.engine import Engine
+
+    folder = tmp_path_factory.mktemp("live-loras")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_models["sd"]))
+    kohya_lora(pipe, folder / "style.safetensors", seed=1)  # text encoder and UNet
+    engine = Engine(tiny_models["sd"], device="cpu", lora_dirs=[folder])
+    yield engine
+    engine.close()
+
+
+def _pixels(engine, *, cached: bool = True, prompt: str = PROMPT, **fields):
+    import numpy as np
+
+    engine.prompt_cache.enabled = cached
+    try:
+        result = engine.txt2img(prompt, progress=False, num_inference_steps=2, seed=3, **fields)
+    finally:
+        engine.prompt_cache.enabled = True
+    return np.asarray(result.images[0])
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, "a (red:1.3) circle [on:under:1] a blue background"])
+def test_prompt_cache_hits_are_bit_identical_to_encoding_again(lora_engine, prompt):
+    cache = lora_engine.prompt_cache
+    cache.clear()
+    first = _pixels(lora_engine, prompt=prompt)
+    hits = cache.hits
+    again = _pixels(lora_engine, prompt=prompt)
+    assert cache.hits == hits + 1
+    fresh = _pixels(lora_engine, cached=False, prompt=prompt)
+    assert (first == again).all() and (again == fresh).all()
+
+
+def test_prompt_cache_follows_loras_and_clip_skip(lora_engine):
+    """Each cached run equals an uncached one, in a sequence where a key that missed the
+    LoRA state or clip skip would hand back the previous encoding."""
+    style = {"name": "style", "weight": 0.8}
+    sequence = [{}, {"loras": [style]}, {"loras": [{**style, "weight": 1.5}]}, {}]
+    sequence += [{"clip_skip": 2}, {}, {"prompt": f"<lora:style:0.8> {PROMPT}"}]
+    runs = []
+    for fields in sequence:
+        cached = _pixels(lora_engine, **fields)
+        assert (cached == _pixels(lora_engine, cached=False, **fields)).all(), fields
+        runs.append(cached)
+    assert not (runs[0] == runs[1]).all() and not (runs[1] == runs[2]).all()
+    assert not (runs[0] == runs[4]).all() and (runs[0] == runs[3]).all()
+    assert (runs[1] == runs[6]).all()  # a tag and the field are the same LoRA
+
+
+def test_the_protocol_lists_the_engine_policies_and_the_live_preset_runs(sd_engine):
+    from sdkit.bridge import protocol
+
+    from sdkit.live import LIVE_DEFAULTS, LIVE_POLICY, live_request
+
+    assert protocol.QUEUE_POLICIES == tuple(p.value for p in QueuePolicy)
+    assert QueuePolicy(LIVE_POLICY) is QueuePolicy.REPLACE
+    from PIL import Image
+
+    canvas = Image.new("RGB", (32, 32), "blue")
+    req = live_request(canvas, PROMPT, seed=None)
+    assert req.mode == "img2img" and req.seed == LIVE_DEFAULTS["seed"]
+    assert live_request(canvas, PROMPT, mask=Image.new("L", (32, 32), 255)).mode == "inpaint"
+    job = sd_engine.submit(req, policy=LIVE_POLICY, source="live-preset")
+    assert job.result(timeout=120).images[0].size == (32, 32)
