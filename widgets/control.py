@@ -27,7 +27,7 @@ class ScribblePainter(MaskPainter):
     """The mask painter with white ink on a black sheet: strokes are the scribble."""
 
     overlay_rgb, overlay_alpha = (255, 255, 255), 1.0
-    placeholder_rgb, placeholder_text = (0, 0, 0), "draw a scribble"
+    placeholder_rgb, placeholder_text = (0, 0, 0), ""  # the strokes would cross a hint
     label = "scribble"
 
 
@@ -64,7 +64,11 @@ class ControlCanvas:
         self.painter.canvas.add_class("sdkit-control-canvas")
         self.widget = w.VBox(
             [
-                w.HTML("<b style='font-size:12px;color:#666'>CONTROL</b>"),
+                w.HTML(
+                    "<b style='font-size:12px;color:#666'>CONTROL</b> <span style='font-size:"
+                    "12px;color:#888'>draw where things go (white on black), or use a "
+                    "gallery image</span>"
+                ),
                 w.HBox([self.enabled, self.use_selected], layout=w.Layout(align_items="center")),
                 self.painter.widget,
                 self.model,

@@ -32,7 +32,6 @@ from sdkit.request import Request, RequestError, load_image
 
 from .adapterlist import AdapterList, add_to_prompt
 from .control import ControlCanvas
-from .control import ControlCanvas
 from .controls import RequestControls
 from .follow import JobFollower
 from .gallery import Gallery, GalleryItem
@@ -145,8 +144,6 @@ class SDWidget(w.VBox):
         self.upscale_action = UpscaleAction(self)  # joins the gallery's actions
         self.control = ControlCanvas(display_size, lambda: self.gallery.selected)  # a scribble
         self.control.on_change(lambda: self._on_control_change("control"))
-        self.control = ControlCanvas(display_size, lambda: self.gallery.selected)  # a scribble
-        self.control.on_change(lambda: self._on_control_change("control"))
         self.live = LiveMode(self)  # regenerates on every change (issue 16.3)
 
         left = w.VBox(
@@ -157,7 +154,6 @@ class SDWidget(w.VBox):
             [
                 self.input_box,
                 self.extend_buttons.widget,
-                self.control.widget,
                 self.control.widget,
                 w.HBox([self.preview, self.live.widget], layout=w.Layout(margin="6px 0")),
             ],
@@ -217,7 +213,6 @@ class SDWidget(w.VBox):
         self.extend_buttons.show_for(info["modes"])
         self.upscale_action.show_for(info["modes"])
         self.control.show(info)
-        self.control.show(info)
         self.model_row.show_engine(engine)
         self._on_control_change("mode")
 
@@ -250,8 +245,6 @@ class SDWidget(w.VBox):
             extra["mask"] = self.painter.mask_image()
         if "control" in self.controls.spec["fields"]:
             extra["control"] = self.control.units()
-        if "control" in self.controls.spec["fields"]:
-            extra["control"] = self.control.units()
         return self.controls.request(**extra)
 
     def set_request(self, request: Request) -> None:
@@ -272,10 +265,8 @@ class SDWidget(w.VBox):
         if field in ("width", "height"):
             self.painter.resize_blank(self.controls.width.value, self.controls.height.value)
             self.control.follow_size(self.controls.width.value, self.controls.height.value)
-            self.control.follow_size(self.controls.width.value, self.controls.height.value)
         if field == "mode":
             self.adapters.for_mode(self.controls.spec["fields"])
-            self.control.for_mode(self.controls.spec["fields"])
             self.control.for_mode(self.controls.spec["fields"])
             self.input_box.layout.display = None if "image" in inputs else "none"
             for child in self.painter.widget.children[1:]:
