@@ -22,7 +22,9 @@ __all__ = [
     "Request",
     "RequestError",
     "Result",
+    "batch",
     "generate",
+    "grid",
     "img2img",
     "inpaint",
     "load",
@@ -49,6 +51,8 @@ _LAZY = {
     "outpaint": "sdkit.api",
     "upscale": "sdkit.api",
     "generate": "sdkit.api",
+    "batch": "sdkit.batch",
+    "grid": "sdkit.grid",
 }
 
 if TYPE_CHECKING:
@@ -62,7 +66,9 @@ if TYPE_CHECKING:
         unconditional,
         upscale,
     )
+    from sdkit.batch import batch
     from sdkit.engine import Engine
+    from sdkit.grid import grid
     from sdkit.jobs import EventKind, Job, JobCancelled, JobState, ProgressEvent
     from sdkit.models import ModelNotFoundError
     from sdkit.result import Result

@@ -43,6 +43,7 @@ from sdkit.request import (
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (
+    "sdkit.batch_cli",
     "sdkit.bridge.cli",
     "sdkit.bridge.plugins",
 )  # modules with register(subparsers), imported in main()
