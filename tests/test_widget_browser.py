@@ -338,3 +338,226 @@ def _check_layout(page) -> None:
         assert upload["after"] in ('"Upload image"', '"Load PNG settings"'), upload
         assert upload["width"] > 80, upload  # the label fits
     assert "Image to image" in layout["tabs"] and layout["cut"] == [], layout
+
+
+LIVE_SETUP_CELL = f"""\
+from PIL import Image
+from sdkit.widgets import SDWidget
+
+w = SDWidget(prompt="a yellow circle on a blue background", num_inference_steps=4, seed=5,
+             mask_blur=0, display_size={CSS_PX})
+w.painter.brush_size.value = {BRUSH}
+w.controls.strength.value = 0.8
+w.painter.set_image(Image.open("input.png"))
+w"""
+
+LIVE_CHECK_CELL = """\
+import numpy as np
+from sdkit.widgets.gallery import png_bytes
+
+w.wait(300)
+last = w.live.submitted[-1]
+fresh = w.engine.generate(w.live.request(), progress=False)  # the final request, run afresh
+with open("fresh.png", "wb") as f:
+    f.write(png_bytes(fresh.images[0]))
+same = np.array_equal(np.asarray(fresh.images[0]), np.asarray(w.live.frame.images[0]))
+print("LIVECHECK", last.state, last.request.mode, last.request.seed, len(w.gallery.items),
+      w.painter.strokes, same, list(w.errors))"""
+
+LIVE_STROKES = [  # CSS pixels inside the canvas
+    [(40.0, 60.0), (140.0, 120.0)],
+    [(200.0, 40.0), (280.0, 160.0)],
+    [(60.0, 240.0), (260.0, 280.0)],
+]
+
+
+def test_live_mode_follows_three_mouse_strokes_in_jupyterlab(jupyterlab, page):
+    url, root = jupyterlab
+    page, page_errors = page
+    try:
+        _live_strokes(url, root, page, page_errors)
+    except BaseException:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "widget-live-failure.png"), full_page=True)
+        raise
+
+
+def _preview_png(page) -> bytes:
+    """The bytes the browser shows in the preview (its blob URL, fetched in the page)."""
+    data = page.evaluate(
+        """async () => {
+        const img = document.querySelector('.sdkit-preview');
+        if (!img || !img.src) return [];
+        const buffer = await (await fetch(img.src)).arrayBuffer();
+        return Array.from(new Uint8Array(buffer));
+    }"""
+    )
+    return bytes(data)
+
+
+def _open_notebook(url, root, page, name: str, cells: list[str]) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nbformat.write(nb, root / name)
+    body = json.dumps(
+        {"path": name, "type": "notebook", "name": name, "kernel": {"name": "python3"}}
+    ).encode()
+    request = urllib.request.Request(
+        f"{url}/api/sessions",
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as r:
+        assert r.status == 201, r.status
+    page.goto(f"{url}/lab/tree/{name}")
+    page.locator(".jp-Notebook .jp-Cell").first.wait_for()
+    dialog = page.locator(".jp-Dialog .jp-mod-accept")
+    try:
+        dialog.wait_for(timeout=5_000)
+        dialog.click()
+    except PlaywrightTimeout:
+        pass
+    page.wait_for_selector(
+        ".jp-Notebook-ExecutionIndicator[data-status='idle']", state="attached", timeout=180_000
+    )
+
+
+def _live_strokes(url, root, page, page_errors):
+    import io
+
+    uploaded = _input_image(root / "input.png")
+    _open_notebook(url, root, page, "live.ipynb", [LIVE_SETUP_CELL, LIVE_CHECK_CELL])
+    _step("live: running the SDWidget cell")
+    _run_cell(page, 0)
+    page.locator(".sdkit-studio").wait_for(timeout=180_000)
+    page.locator(".sdkit-model-status", has_text="loaded in").wait_for(timeout=900_000)
+
+    _step("live: toggle on, the first frame of the unpainted picture")
+    page.locator(".sdkit-live").click()
+    page.locator(".sdkit-status", has_text="live frame 1 ").wait_for(timeout=300_000)
+    frames = [_preview_png(page)]
+    assert frames[0]
+    canvas = page.locator(".sdkit-canvas")
+    box = canvas.bounding_box()
+    for n, ((x0, y0), (x1, y1)) in enumerate(LIVE_STROKES, start=1):
+        _step(f"live: stroke {n}")
+        page.mouse.move(box["x"] + x0, box["y"] + y0)
+        page.mouse.down()
+        page.mouse.move(box["x"] + x1, box["y"] + y1, steps=15)
+        page.mouse.up()
+        label = f"{n} stroke" + ("" if n == 1 else "s")
+        page.locator(".sdkit-mask-info", has_text=label).wait_for()
+        page.locator(".sdkit-status", has_text=f"live frame {n + 1} ").wait_for(timeout=300_000)
+        frames.append(_preview_png(page))
+        assert frames[-1] != frames[-2], f"the preview did not change after stroke {n}"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator(".sdkit-studio").screenshot(path=str(ARTIFACTS / "widget-live.png"))
+
+    _step("live: check cell (a fresh run of the final request)")
+    _run_cell(page, 1)
+    out = page.locator(".jp-OutputArea-output", has_text="LIVECHECK")
+    out.wait_for(timeout=300_000)
+    text = out.inner_text()
+    assert "LIVECHECK done inpaint 5 0 3 True []" in text, text  # no frame went to the gallery
+    shown = Image.open(io.BytesIO(_preview_png(page))).convert("RGB")
+    fresh = Image.open(root / "fresh.png").convert("RGB")
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(fresh))
+    assert np.asarray(shown).shape == np.asarray(uploaded).shape
+    assert page_errors == [], page_errors
+
+
+CONTROL_SETUP_CELL = f"""\
+from sdkit.widgets import SDWidget
+
+w = SDWidget(prompt="a red circle on a green background", seed=1, display_size={CSS_PX})
+w"""
+
+CONTROL_CHECK_CELL = """\
+import numpy as np
+
+w.wait(300)
+right, left = w.gallery.items[:2]  # newest first
+np.savez("control.npz", left=np.asarray(left.image.convert("RGB")),
+         right=np.asarray(right.image.convert("RGB")),
+         left_unit=np.asarray(left.request.control[0]["image"]),
+         right_unit=np.asarray(right.request.control[0]["image"]), painted=w.control.painter.mask)
+print("CONTROLCHECK", left.request.control[0]["model"], right.request.mode, list(w.errors))"""
+
+
+def test_a_scribble_drawn_with_the_mouse_steers_the_shape(jupyterlab, page):
+    """Issue 15.5: on the control canvas (txt2img tab) the mouse draws a ring on the left,
+    Generate; Clear, a ring on the right, Generate. Each request carries the drawn scribble
+    as its control unit, and the embedded model's shape lands on the ring's side (judged by
+    halves: the embedded ControlNet is still training)."""
+    url, root = jupyterlab
+    page, page_errors = page
+    try:
+        _scribble_and_generate(url, root, page, page_errors)
+    except BaseException:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "widget-control-failure.png"), full_page=True)
+        raise
+
+
+def _draw_ring(page, box, cx: float, cy: float, r: float) -> None:
+    """One mouse stroke around a ring (CSS pixels of the canvas)."""
+    import math
+
+    points = [
+        (box["x"] + cx + r * math.cos(t), box["y"] + cy + r * math.sin(t))
+        for t in np.linspace(0, 2 * math.pi, 40)
+    ]
+    page.mouse.move(*points[0])
+    page.mouse.down()
+    for x, y in points[1:]:
+        page.mouse.move(x, y, steps=2)
+    page.mouse.up()
+
+
+def _scribble_and_generate(url, root, page, page_errors):
+    from sdkit.embedded import scribbles
+
+    _open_notebook(url, root, page, "control.ipynb", [CONTROL_SETUP_CELL, CONTROL_CHECK_CELL])
+    _step("control: running the SDWidget cell")
+    _run_cell(page, 0)
+    page.locator(".sdkit-studio").wait_for(timeout=180_000)
+    page.locator(".sdkit-model-status", has_text="loaded in").wait_for(timeout=900_000)
+    canvas = page.locator(".sdkit-control-canvas")
+    canvas.scroll_into_view_if_needed()
+    scale = CSS_PX / IMAGE_PX
+    for n, cx in enumerate((18, 46), start=1):
+        _step(f"control: ring {n} at x={cx}")
+        if n > 1:
+            page.locator(".sdkit-control button", has_text="Clear").click()
+            page.locator(".sdkit-scribble-info", has_text="scribble 0.0%").wait_for()
+        box = canvas.bounding_box()
+        assert round(box["width"]) == CSS_PX and round(box["height"]) == CSS_PX
+        _draw_ring(page, box, cx * scale, 32 * scale, 12 * scale)
+        label = f"{n} stroke" + ("" if n == 1 else "s")
+        page.locator(".sdkit-scribble-info", has_text=label).wait_for()
+        page.locator(".sdkit-generate").click()
+        page.locator(".sdkit-thumb").nth(n - 1).wait_for(timeout=300_000)
+        page.locator(".sdkit-status", has_text="done").wait_for()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.locator(".sdkit-studio").screenshot(path=str(ARTIFACTS / "widget-control.png"))
+
+    _run_cell(page, 1)
+    out = page.locator(".jp-OutputArea-output", has_text="CONTROLCHECK")
+    out.wait_for(timeout=300_000)
+    assert "CONTROLCHECK sdkscribble txt2img []" in out.inner_text(), out.inner_text()
+    assert page_errors == [], page_errors
+    data = np.load(root / "control.npz")
+    np.testing.assert_array_equal(data["right_unit"][..., 0] > 0, data["painted"] > 0)
+    for side, cx in (("left", 18), ("right", 46)):
+        ys, xs = np.nonzero(data[f"{side}_unit"][..., 0] > 0)  # the ring the mouse drew
+        assert abs(xs.mean() + 0.5 - cx) < 2 and abs(ys.mean() + 0.5 - 32) < 2, side
+        ys, xs = np.nonzero(scribbles.blob(Image.fromarray(data[side])))
+        assert (xs.mean() < 28) if side == "left" else (xs.mean() > 36), (side, xs.mean())

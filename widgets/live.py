@@ -46,6 +46,7 @@ class LiveMode:
         self.keep_button = w.Button(
             description="Keep", icon="download", disabled=True, tooltip="keep this frame"
         )
+        studio.preview.add_class("sdkit-preview")  # a hook for styling and the browser test
         self.toggle.add_class("sdkit-live")
         self.keep_button.add_class("sdkit-keep")
         self.toggle.observe(lambda change: self.set_on(change["new"]), "value")
@@ -75,7 +76,7 @@ class LiveMode:
             return
         if on:
             self.seed = random.randrange(2**32)  # used while the seed control says random
-            self.studio._switch_to_image_mode()
+            self.studio._switch_to_image_mode(mask=True)  # the painter's mask tools show
             self.changed()
         else:
             self._cancel_timer()
@@ -123,7 +124,7 @@ class LiveMode:
             raise RequestError("image", "live mode needs an input image")
         masked = bool(np.any(painter.mask))
         controls = studio.controls
-        base = controls.request()
+        base = studio.request()  # the mode's fields, a control scribble's unit included
         return dataclasses.replace(
             base,
             mode=Mode.INPAINT if masked else Mode.IMG2IMG,
