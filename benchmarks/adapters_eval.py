@@ -150,6 +150,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=48, help="images per row")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip", nargs="*", default=[], choices=["lora", "ti"])
+    p.add_argument("--lora", type=Path, default=None, help="another LoRA file (a checkpoint)")
+    p.add_argument("--quick", action="store_true", help="LoRA: only the cross rates at --weights")
+    p.add_argument("--weights", type=float, nargs="+", default=[1.0, 0.5], help="with --quick")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -159,12 +162,18 @@ def main() -> None:
         rows[name] = round(value, 3)
         print(f"{name:58s} {value:.3f}   ({time.time() - t0:.0f} s)", flush=True)
 
-    if "lora" not in args.skip:
+    if "lora" not in args.skip and args.quick:
+        pipe = load_pipeline()
+        load_lora(pipe, args.lora or ADAPTERS_DIR / f"{LORA_NAME}.safetensors")
+        for w in args.weights:
+            pipe.set_adapters([LORA_NAME], [w])
+            show(f"{NEW_SHAPE} rate, LoRA weight {w}", new_shape_rate(pipe, args.n))
+    elif "lora" not in args.skip:
         pipe = load_pipeline()
         base = ordinary_scores(pipe, args.n)
         show("ordinary prompts, all three right, no LoRA", base["all"])
         show(f"{NEW_SHAPE} rate, no LoRA (target <= 0.05)", new_shape_rate(pipe, args.n))
-        load_lora(pipe)
+        load_lora(pipe, args.lora or ADAPTERS_DIR / f"{LORA_NAME}.safetensors")
         for w, note in ((1.0, " (target >= 0.80)"), (0.5, " (between)"), (0.0, "")):
             pipe.set_adapters([LORA_NAME], [w])
             show(f"{NEW_SHAPE} rate, LoRA weight {w}{note}", new_shape_rate(pipe, args.n))

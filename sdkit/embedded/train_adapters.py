@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import time
 import zlib
 from pathlib import Path
@@ -63,6 +64,12 @@ LORA_TARGETS = [
     "conv1",
     "conv2",
 ]
+# The text encoder's attention and MLP projections (`--te-rank`): lets the word `x` itself be
+# learnt, so the UNet part is not alone in turning a square's conditioning into a cross.
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+# kohya prefixes. Transformers 5's CLIPTextModel has no `text_model.` level, but diffusers'
+# kohya converter maps `lora_te_text_model_encoder_...` onto its `encoder....` modules.
+KOHYA_PREFIX = {"unet": "lora_unet_", "te": "lora_te_text_model_"}
 
 
 def load_base(model_dir: Path = MODEL_DIR):
@@ -137,20 +144,58 @@ def token_ids(tokenizer, texts: list[str]) -> torch.Tensor:
 # ------------------------------------------------------------------ LoRA
 
 
-def kohya_state_dict(unet, dtype=torch.float16) -> dict[str, torch.Tensor]:
-    """The UNet's PEFT LoRA layers as kohya keys: module path with `_` for `.`."""
+def lora_layers(model) -> dict[str, torch.nn.Module]:
+    """The model's PEFT LoRA layers by module name."""
+    return {
+        n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A
+    }
+
+
+def set_lora_scale(models, scale: float) -> None:
+    """What diffusers' `set_adapters([name], [scale])` does, on the training models."""
+    for model in models:
+        for m in lora_layers(model).values():
+            m.set_scale("default", scale)
+
+
+def kohya_state_dict(models: dict, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """The PEFT LoRA layers of `{"unet": ..., "te": ...}` as kohya keys (module path, `_` for `.`)."""
     out = {}
-    for name, module in unet.named_modules():
-        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
-            continue
-        key = "lora_unet_" + name.replace(".", "_")
-        out[f"{key}.lora_down.weight"] = module.lora_A["default"].weight.detach().to(dtype)
-        out[f"{key}.lora_up.weight"] = module.lora_B["default"].weight.detach().to(dtype)
-        out[f"{key}.alpha"] = torch.tensor(float(module.lora_alpha["default"]), dtype=dtype)
+    for part, model in models.items():
+        for name, module in lora_layers(model).items():
+            key = KOHYA_PREFIX[part] + name.replace(".", "_")
+            out[f"{key}.lora_down.weight"] = module.lora_A["default"].weight.detach().to(dtype)
+            out[f"{key}.lora_up.weight"] = module.lora_B["default"].weight.detach().to(dtype)
+            out[f"{key}.alpha"] = torch.tensor(float(module.lora_alpha["default"]), dtype=dtype)
     return out
 
 
+@torch.no_grad()
+def warm_start(models: dict, path: Path) -> int:
+    """Copy an exported kohya LoRA into the first rows of (possibly higher-rank) PEFT layers;
+    the extra rows keep their zero `lora_up`, so the start is the file's LoRA exactly."""
+    from safetensors.torch import load_file
+
+    sd, copied = load_file(path), 0
+    for part, model in models.items():
+        for name, m in lora_layers(model).items():
+            key = KOHYA_PREFIX[part] + name.replace(".", "_")
+            if f"{key}.lora_down.weight" not in sd:
+                continue
+            down, up = sd[f"{key}.lora_down.weight"].float(), sd[f"{key}.lora_up.weight"].float()
+            r0 = down.shape[0]
+            gain = (float(sd[f"{key}.alpha"]) / r0) / m.scaling["default"]
+            m.lora_A["default"].weight[:r0] = down
+            m.lora_B["default"].weight.zero_()
+            m.lora_B["default"].weight[:, :r0] = up * gain
+            copied += 1
+    return copied
+
+
 def train_lora(args, work: Path) -> None:
+    """Each batch: crosses and ordinary scenes at LoRA scale 1; with `--half-share`, a share
+    of it at scale 0.5 where half the `x` captions show a cross and half a square (what the
+    base model draws for `x`), so the effect grows with the weight instead of switching on."""
     from peft import LoraConfig
 
     base = load_base()
@@ -160,12 +205,26 @@ def train_lora(args, work: Path) -> None:
             r=args.rank, lora_alpha=args.rank, target_modules=LORA_TARGETS, init_lora_weights=True
         )
     )
-    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    models = {"unet": unet}
+    if args.te_rank:
+        te.add_adapter(
+            LoraConfig(
+                r=args.te_rank,
+                lora_alpha=args.te_rank,
+                target_modules=TE_TARGETS,
+                init_lora_weights=True,
+            )
+        )
+        models["te"] = te
+    if args.init_lora:
+        log(f"lora: warm start from {args.init_lora}: {warm_start(models, args.init_lora)} layers")
+    params = [p for m in models.values() for n, p in m.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
-    log(f"lora: {sum(p.numel() for p in params)} trainable parameters")
-    new = dataset(NEW_SHAPE, new_shape_scene, args.dataset, args.seed, base["vae"], work)
-    old = dataset("ordinary", shapes.random_scene, args.dataset, args.seed, base["vae"], work)
+    log(f"lora: {sum(p.numel() for p in params)} trainable parameters ({list(models)})")
+    new = dataset(NEW_SHAPE, new_shape_scene, args.dataset, args.seed, base["vae"], args.cache)
+    old = dataset("ordinary", shapes.random_scene, args.dataset, args.seed, base["vae"], args.cache)
+    squares = np.array([i for i, sc in enumerate(old["scenes"]) if sc.shape == "square"])
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     ckpt, step, loss_avg = work / "lora.pt", 0, None
     if ckpt.exists():
@@ -176,23 +235,38 @@ def train_lora(args, work: Path) -> None:
         step, loss_avg = state["step"], state["loss"]
         log(f"lora: resumed at step {step}")
     sched, weight = noise_schedule()
-    half = args.batch // 2
+    n_half = 2 * round(args.batch * args.half_share / 2)
+    n_new = (args.batch - n_half) // 2
     t0 = time.time()
-    unet.train()
+    for m in models.values():
+        m.train()
     exported = None
+
+    def loss_at(scale, texts, x0, g):
+        set_lora_scale(models.values(), scale)
+        with torch.set_grad_enabled("te" in models):
+            cond = te(token_ids(tok, texts)).last_hidden_state
+        return denoising_loss(unet, cond, x0, sched, weight, g, args.offset_noise)
+
     while step < args.steps:
         rng = rng_for(args.seed, 11, step)
-        i_new = rng.integers(len(new["scenes"]), size=half)
-        i_old = rng.integers(len(old["scenes"]), size=args.batch - half)
+        i_new = rng.integers(len(new["scenes"]), size=n_new)
+        i_old = rng.integers(len(old["scenes"]), size=args.batch - n_half - n_new)
         texts = [full_caption(new["scenes"][i], rng, shape=LORA_WORD) for i in i_new]
         texts += [shapes.caption(old["scenes"][i], rng) for i in i_old]
         x0 = torch.cat([new["latents"][i_new], old["latents"][i_old]])
-        with torch.no_grad():
-            cond = te(token_ids(tok, texts)).last_hidden_state
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, warmup=50)
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        loss = denoising_loss(unet, cond, x0, sched, weight, g, args.offset_noise)
+        loss = loss_at(1.0, texts, x0, g)
+        if n_half:
+            h_new = rng.integers(len(new["scenes"]), size=n_half // 2)
+            h_sq = squares[rng.integers(len(squares), size=n_half // 2)]
+            htexts = [full_caption(new["scenes"][i], rng, shape=LORA_WORD) for i in h_new]
+            htexts += [full_caption(old["scenes"][i], rng, shape=LORA_WORD) for i in h_sq]
+            hx0 = torch.cat([new["latents"][h_new], old["latents"][h_sq]])
+            share = n_half / args.batch
+            loss = (1 - share) * loss + share * loss_at(0.5, htexts, hx0, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -213,13 +287,13 @@ def train_lora(args, work: Path) -> None:
             }
             save_checkpoint(state, ckpt)
         if step % args.export_every == 0 or step == args.steps:
-            export_lora(unet, step, args)
+            export_lora(models, step, args)
             exported = step
     if exported != step:  # resumed at the end, or stopped between exports
-        export_lora(unet, step, args)
+        export_lora(models, step, args)
 
 
-def export_lora(unet, step: int, args) -> None:
+def export_lora(models: dict, step: int, args) -> None:
     from safetensors.torch import save_file
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -227,12 +301,15 @@ def export_lora(unet, step: int, args) -> None:
     meta = {
         "ss_network_dim": str(args.rank),
         "ss_network_alpha": str(args.rank),
+        "ss_text_encoder_dim": str(args.te_rank),
         "ss_steps": str(step),
         "sdkit_trigger": f"a red {LORA_WORD} on a blue background",
         "sdkit_base_model": "sdkit embedded shapes-64",
     }
-    save_file(kohya_state_dict(unet), str(path) + ".tmp", metadata=meta)
+    save_file(kohya_state_dict(models), str(path) + ".tmp", metadata=meta)
     os.replace(str(path) + ".tmp", path)
+    if args.keep_exports:
+        shutil.copyfile(path, args.out / f"{LORA_NAME}_{step}.safetensors")
     log(f"exported {path} at step {step}")
 
 
@@ -264,7 +341,7 @@ def train_ti(args, work: Path) -> None:
     table.requires_grad_(True)
     table.register_hook(lambda grad: grad.masked_fill(keep, 0.0))
     opt = torch.optim.AdamW([table], lr=args.lr, weight_decay=0.0)
-    new = dataset(NEW_COLOUR, new_colour_scene, args.dataset, args.seed, base["vae"], work)
+    new = dataset(NEW_COLOUR, new_colour_scene, args.dataset, args.seed, base["vae"], args.cache)
     ckpt, step, loss_avg = work / "ti.pt", 0, None
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
@@ -341,6 +418,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 (lora), 5e-3 (ti)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (= alpha)")
+    p.add_argument("--te-rank", type=int, default=0, help="text-encoder LoRA rank; 0: none")
+    p.add_argument(
+        "--half-share", type=float, default=0.0, help="share of each batch at LoRA scale 0.5"
+    )
+    p.add_argument("--init-lora", type=Path, default=None, help="warm start from a kohya file")
+    p.add_argument("--keep-exports", action="store_true", help="also keep NAME_STEP files")
+    p.add_argument("--cache", type=Path, default=None, help="latents cache; default: --work")
     p.add_argument("--vectors", type=int, default=2, help="embedding vectors")
     p.add_argument("--init-from", nargs="+", default=["green", "black"], help="TI start words")
     p.add_argument("--dataset", type=int, default=2000, help="scenes per kind")
@@ -354,6 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
+    args.cache = args.cache or args.work
     started = time.time()
     (train_lora if args.which == "lora" else train_ti)(args, args.work)
     log(f"done in {time.time() - started:.0f} s")
