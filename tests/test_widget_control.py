@@ -107,3 +107,13 @@ def test_a_gallery_picture_under_the_strokes(studio):
     studio.wait(300)
     c.use_gallery_image()
     np.testing.assert_array_equal(np.asarray(c.painter.image), np.asarray(job.result().images[0]))
+
+
+def test_a_bad_unit_is_refused_naming_its_field(studio):
+    c = studio.control
+    draw_circle(c.painter, 32, 32)
+    c.start.value, c.end.value = 0.9, 0.5
+    assert studio.generate() is None
+    assert "control[0].start" in studio.status.value and "below end" in studio.status.value
+    c.start.value, c.end.value = 0.0, 1.0
+    assert studio.controls.validate(studio.request()) is None
