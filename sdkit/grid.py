@@ -44,6 +44,7 @@ class Grid:
     items: list[BatchItem]
     axes: dict[str, Axis]
     path: Path | None = None  # where the grid was saved (`out`)
+    request: Request | None = None  # the request the axes vary (seed filled in)
 
     def _repr_png_(self) -> bytes:
         import io
@@ -141,7 +142,7 @@ def grid(
     if folder is not None:
         path = folder / "grid.png"
         save_png(image, request.to_infotext(), path)
-    return Grid(image, images, boxes, items, axes, path)
+    return Grid(image, images, boxes, items, axes, path, request)
 
 
 def _open(path: Path) -> Image.Image:

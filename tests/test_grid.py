@@ -116,3 +116,24 @@ def test_sdkit_grid_cli_writes_the_grid_and_its_cells(tiny_models, tmp_path, cap
     bad = argv[:3] + ["guidance_scale=3,x"] + argv[4:]
     assert main(bad) == 2
     assert "error: guidance_scale: axis x value 'x'" in capsys.readouterr().err
+
+
+def test_the_studio_grid_panel_puts_the_labelled_grid_in_the_gallery(sd_engine, tmp_path):
+    from sdkit.widgets.studio import SDWidget
+
+    wd = SDWidget(engine=sd_engine, prompt="a red circle", seed=5, outputs_dir=tmp_path)
+    wd.controls.num_inference_steps.value = 2
+    panel = wd.grid_panel
+    panel.x_field.value, panel.x_values.value = "guidance_scale", "2, 6"
+    panel.y_field.value, panel.y_values.value = "scheduler", "Euler a, DPM++ 2M"
+    assert panel.run() is not None
+    panel.wait(300)
+    g = panel.result
+    assert g is not None and len(g.images) == 4, panel.status.value
+    assert "4 cells" in panel.status.value
+    shown = wd.gallery.selected.image
+    assert shown.size == g.image.size and shown.tobytes() == g.image.tobytes()
+    assert Request.from_png(wd.saved[-1]).seed == 5  # saved with the request's infotext
+    panel.y_values.value = " "
+    assert panel.run() is None and "axis y" in panel.status.value
+    wd.close()

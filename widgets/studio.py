@@ -35,6 +35,7 @@ from .control import ControlCanvas
 from .controls import RequestControls
 from .follow import JobFollower
 from .gallery import Gallery, GalleryItem
+from .grid import GridPanel
 from .live import LiveMode
 from .modelrow import ModelRow
 from .outpaint import ExtendButtons
@@ -145,6 +146,7 @@ class SDWidget(w.VBox):
         self.control = ControlCanvas(display_size, lambda: self.gallery.selected)  # a scribble
         self.control.on_change(lambda: self._on_control_change("control"))
         self.live = LiveMode(self)  # regenerates on every change (issue 16.3)
+        self.grid_panel = GridPanel(self)  # X/Y plot of the current request (issue 17.4)
 
         left = w.VBox(
             [self.controls.mode_tabs, self.adapters.widget],
@@ -176,6 +178,7 @@ class SDWidget(w.VBox):
                 self.model_row.widget,
                 w.HBox([left, right], layout=w.Layout(flex_flow="row wrap")),
                 self.panel.row,
+                self.grid_panel.widget,
                 w.HTML("<b style='font-size:12px;color:#666'>GALLERY</b>"),
                 self.gallery.widget,
                 footer,
