@@ -225,3 +225,58 @@ def test_control_layer_steers_where_the_shape_is_generated(gimp_run):
     assert status == "execution-error"
     assert "no layer 'gone'" in ((error or "") + log)
     assert control["layers_added_when_missing"] == 0
+
+
+@pytest.fixture(scope="module")
+def gimp_live(chroot):
+    """tests/editors/gimp_live_scenario.py in GIMP 3 against a live server; its report."""
+    work = Path(tempfile.mkdtemp(prefix="sdkit-gimp-live-", dir=chroot / "tmp"))
+    inside = "/" + str(work.relative_to(chroot))
+    try:
+        config = work / "home" / ".config" / "GIMP" / "3.0"
+        plugins.install("gimp", config / "plug-ins")
+        _only_needed_system_plugins(chroot, work, inside, config)
+        out = work / "out"
+        out.mkdir()
+        shutil.copy(SCENARIO.with_name("gimp_live_scenario.py"), work / "scenario.py")
+        with checks.live_server() as address:
+            cmd = [
+                "chroot", str(chroot), "env", f"HOME={inside}/home",
+                f"XDG_CONFIG_HOME={inside}/home/.config", f"SDKIT_ADDRESS={address}",
+                f"SDKIT_OUT={inside}/out", "gimp-console-3.0", "-i",
+                "--batch-interpreter=python-fu-eval",
+                "-b", f"exec(open('{inside}/scenario.py').read())", "--quit",
+            ]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+        log = proc.stdout + proc.stderr
+        (REPO / "artifacts").mkdir(exist_ok=True)
+        (REPO / "artifacts" / "gimp-live.log").write_text(log)
+        assert (out / "report.json").exists(), f"GIMP exited {proc.returncode}:\n{log[-3000:]}"
+        report = checks.load_report(out)
+        assert "exception" not in report, report["exception"]
+        yield report, log
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_live_redraws_the_layer_into_one_locked_live_layer_and_apply_keeps_it(gimp_live):
+    """Issue 16.4 in GIMP: sdkit-live polls the layer in a GLib loop and writes the frame
+    (img2img; inpaint of the selection) in place into one content-locked [sdkit live] layer;
+    sdkit-live-apply copies it into a normal layer. A script cannot paint while sdkit-live
+    runs (a PDB call from a plug-in is synchronous: gimp_live.py), so each run shows one
+    frame: the layer as it is, after a scripted stroke, with a selection."""
+    report, log = gimp_live
+    runs = report["runs"]
+    for run in runs:
+        assert run["status"] == "success", f"{run}\n{log[-3000:]}"
+        assert run["frames"] == 1 and run["live_layers"] == 1 and run["locked"], run
+    assert len({run["id"] for run in runs}) == 1, "the live layer should be updated in place"
+    assert len({run["crc"] for run in runs}) == 3, "every run should show a new frame"
+    assert runs[0]["alpha_bounds"] == [0, 0, 64, 64]
+    assert runs[2]["alpha_bounds"] == [20, 20, 24, 24]  # the selection, inpainted
+    apply = report["apply"]
+    assert apply["status"] == "success", apply
+    assert apply["layers"] == ["[sdkit live]", "[sdkit] live frame", "bg"], apply
+    assert apply["same_pixels"] and not apply["locked"], apply
+    status, error = report["apply_without_live"]
+    assert status == "execution-error" and "no [sdkit live] layer" in ((error or "") + log)

@@ -38,6 +38,7 @@ import editor_actions as ea  # noqa: E402
 import editor_control as ec  # noqa: E402
 import editor_expand as ex  # noqa: E402
 import editor_geometry as geo  # noqa: E402
+import gimp_live  # noqa: E402
 from editor_connection import DEFAULT_ADDRESS, Connection  # noqa: E402
 
 # procedure: (default mode, takes a size (new layer) or a strength, menu label, blurb)
@@ -500,7 +501,7 @@ def _control_arguments(procedure, rw) -> None:
 
 class SdkitPlugIn(Gimp.PlugIn):
     def do_query_procedures(self):
-        return [*PROCEDURES, LORAS_PROCEDURE, EXPAND_PROCEDURE]
+        return [*PROCEDURES, LORAS_PROCEDURE, EXPAND_PROCEDURE, *gimp_live.PROCEDURES]
 
     def do_set_i18n(self, name):
         return False
@@ -510,6 +511,8 @@ class SdkitPlugIn(Gimp.PlugIn):
             return _loras_procedure(self)
         if name == EXPAND_PROCEDURE:
             return _expand_procedure(self)
+        if name in gimp_live.PROCEDURES:  # Live, Apply live frame (gimp_live.py)
+            return gimp_live.create(self, name, DEFAULT_ADDRESS)
         mode, dialog, label, blurb = PROCEDURES[name]
         procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, _run, None)
         procedure.set_image_types("RGB*")
