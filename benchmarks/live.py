@@ -10,6 +10,7 @@ is `sdkit.live.live_request` submitted with the `replace` policy under one sourc
 newer frame supersedes the older ones.  Latency: a stroke's end frame -> the first picture
 of that frame or a newer one.  CPU time wasted: process CPU time while a job that was
 then superseded ran (approximate: the driver's own time is in it; it mostly sleeps).
+One warm-up frame runs first (it builds the img2img pipeline from the loaded one).
 
 --profile times the stages of a live frame with hooks (text encoder, UNet, VAE
 encode/decode, scheduler steps), the PNG encoding of the result, and the event delivery
@@ -90,6 +91,7 @@ class Tally:
             if later:
                 lat.append(min(later) - self.sent[i])
         order = [j for _, j in sorted(self.arrived)]
+        done = {j for _, j in self.arrived}
         row = {
             "path": name,
             "frames": len(self.sent),
@@ -98,6 +100,9 @@ class Tally:
             "completed": self.completed,
             "p50_s": round(float(np.percentile(lat, 50)), 3) if lat else None,
             "p95_s": round(float(np.percentile(lat, 95)), 3) if lat else None,
+            "worst_3_s": [round(v, 2) for v in sorted(lat)[-3:]],
+            # stroke ends superseded by the next stroke before their picture came
+            "ends_superseded": sum(i not in done for i in self.ends),
             "wasted_cpu_s": round(self.wasted_cpu, 2),
             "in_order": order == sorted(order),
         }
@@ -290,6 +295,11 @@ def main() -> None:
             for k in before:
                 print(f"| {k} | {before[k]:.4f} | {after[k]:.4f} |")
             return
+        from sdkit.embedded import shapes
+        from sdkit.live import live_request
+
+        canvas = shapes.render(shapes.Scene("circle", "red", "blue", 32, 32, 14, 0))
+        engine.submit(live_request(canvas, PROMPT)).result()  # warm: the img2img pipeline
         rows = [engine_session(engine), bridge_session(engine)]
         keys = list(rows[0])
         print("\n| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
