@@ -1,7 +1,8 @@
-"""``sdkit serve``, ``sdkit worker`` and ``sdkit keys``.
+"""``sdkit serve`` and ``sdkit keys``.
 
 `sdkit.cli` calls `register(subparsers)` lazily; ``python -m sdkit.bridge.cli`` runs the
-same commands on their own (scale-out uses it to start worker processes).
+same commands on their own.  ``serve --ray`` runs engine replicas on a Ray cluster
+(`ray_engines`); ``--workers N`` is ``--ray auto --replicas N``.
 """
 
 from __future__ import annotations
@@ -74,30 +75,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"sdkit serve: {e}", file=sys.stderr)
         return 2
     _log_setup(args.log_level)
-    if args.workers and args.workers > 0:
-        from sdkit.bridge import scaleout
-
-        broker = scaleout.Broker(args.bind, args.back, keys=args.keys, limits=_limits(args))
-        broker.start()
-        procs = scaleout.spawn_workers(
-            args.workers, str(broker.back_address), args.model, args.keys
-        )
-        print(
-            f"sdkit bridge: {broker.front_address} ({args.workers} workers on {broker.back_address})",
-            flush=True,
-        )
-        try:
-            _wait_for_signal()
-        finally:
-            # The broker first: libzmq aborted when workers vanished under a running broker.
-            broker.stop()
-            scaleout.stop_workers(procs)
-        return 0
+    if args.workers:
+        args.ray, args.replicas = args.ray or "auto", args.workers
     from sdkit.bridge.server import Server
 
-    import sdkit
+    if args.ray is not None:
+        try:
+            from sdkit.bridge.ray_engines import RayEngines
+        except ImportError:  # pragma: no cover - depends on the install
+            print(
+                "sdkit serve --ray needs Ray: pip install 'sdkit-studio[cluster]'", file=sys.stderr
+            )
+            return 2
+        engine: Any = RayEngines(
+            args.model,
+            args.replicas,
+            address=args.ray,
+            gpus_per_replica=args.gpus_per_replica,
+            cpus_per_replica=args.cpus_per_replica,
+            max_restarts=args.max_restarts,
+        )
+        banner = f"sdkit bridge: {{address}} ({len(engine.names)} Ray replicas of {args.model or 'the embedded model'})"
+    else:
+        import sdkit
 
-    engine = sdkit.load(args.model)
+        engine = sdkit.load(args.model)
+        banner = f"sdkit bridge: {{address}} ({engine.spec})"
     server = Server(
         engine,
         bind=args.bind,
@@ -105,25 +108,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=_limits(args),
         models=_allowed(args.allow_model),
     )
-    return _run_until_signal(server, engine, f"sdkit bridge: {{address}} ({engine.spec})")
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    _log_setup(args.log_level)
-    from sdkit.bridge.server import Server
-
-    import sdkit
-
-    client_keys = None
-    if args.keys:
-        from sdkit.bridge import security
-
-        client_keys = security.load_client_keys(args.keys, args.client_name)
-    engine = sdkit.load(args.model)
-    server = Server(
-        engine, connect=args.connect, client_keys=client_keys, models=_allowed(args.allow_model)
-    )
-    banner = f"sdkit worker {server.name}: connected to {args.connect} ({engine.spec})"
     return _run_until_signal(server, engine, banner)
 
 
@@ -155,7 +139,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``serve``, ``worker`` and ``keys`` to an argparse subparsers object (no zmq import)."""
+    """Add ``serve`` and ``keys`` to an argparse subparsers object (no zmq import)."""
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default=None, help="model spec (default: the embedded model)")
@@ -170,8 +154,30 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="serve the bridge for Krita, GIMP and scripts")
     common(p)
     p.add_argument("--bind", default=DEFAULT_BIND, help=f"ZeroMQ address (default {DEFAULT_BIND})")
-    p.add_argument("--workers", type=int, default=0, help="N worker processes behind a proxy")
-    p.add_argument("--back", default="tcp://127.0.0.1:*", help="the proxy's worker address")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="auto|ADDRESS",
+        help="run the engines as Ray actors: auto (the running cluster, else a local one) "
+        "or a cluster address (pip install 'sdkit-studio[cluster]')",
+    )
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas on Ray (with --ray)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="N replicas on a local Ray cluster (= --ray --replicas N)",
+    )
+    p.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        help="GPUs per replica, fractional allowed (default: 1 when the cluster has GPUs, else 0)",
+    )
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica")
+    p.add_argument("--max-restarts", type=int, default=3, help="Ray restarts of a dead replica")
     p.add_argument("--keys", default=None, help="CurveZMQ key folder (needed off loopback)")
     p.add_argument("--max-queued", type=int, default=None, help="unfinished requests per client")
     p.add_argument("--max-queued-total", type=int, default=None, help="unfinished requests")
@@ -180,15 +186,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="steps per request")
     p.add_argument("--max-message-bytes", type=int, default=None, help="bytes per message")
     p.set_defaults(func=cmd_serve)
-
-    p = subparsers.add_parser(
-        "worker", help="an engine that serves requests from `serve --workers`"
-    )
-    common(p)
-    p.add_argument("--connect", required=True, help="the proxy's worker address")
-    p.add_argument("--keys", default=None, help="key folder when the proxy uses CurveZMQ")
-    p.add_argument("--client-name", default="client", help="key pair name in --keys")
-    p.set_defaults(func=cmd_worker)
 
     p = subparsers.add_parser("keys", help="create CurveZMQ key pairs for the bridge")
     p.add_argument("dir", help="key folder (created)")

@@ -371,7 +371,7 @@ class Jobs:
                 infotexts=list(result.infotexts),
                 timings={k: round(v, 4) for k, v in result.timings.items()},
                 request=result.request.to_dict(),
-                worker=self.worker,
+                worker=getattr(result, "worker", None) or self.worker,  # a Ray replica's name
             ),
         )
 

@@ -24,7 +24,6 @@ class Ops:
     engine: Any
     limits: P.Limits
     name: str | None
-    worker: bool
     _clients: Any
     _jobs: Any
     _started: float
@@ -86,8 +85,7 @@ class Ops:
         state = self._clients.get(client)
         entry = state.entries.get(target) if state else None
         if entry is None:
-            if not self.worker:  # behind a broker, the worker that owns it answers
-                self._send(client, P.event_frames("cancel", msg.id, target=target, found=False))
+            self._send(client, P.event_frames("cancel", msg.id, target=target, found=False))
             return
         was = entry.state
         log_event(logging.INFO, "cancel", client=client_label(client), id=target, was=was)

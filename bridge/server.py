@@ -16,7 +16,6 @@ its jobs reach the front of the queue.
 from __future__ import annotations
 
 import logging
-import os
 import socket as pysocket
 import threading
 import time
@@ -37,19 +36,17 @@ DEFAULT_BIND = "tcp://127.0.0.1:5555"
 
 
 class Server(Ops):
-    """Serve one engine (plus allowed models) on a ROUTER, or as a scale-out worker.
+    """Serve one engine (plus allowed models) on a ROUTER.
 
-    ``connect`` instead of ``bind`` makes this a worker behind `scaleout.Broker`: a DEALER
-    connected to the broker's back end, where every message still starts with the
-    client's routing id.
+    The engine may be `ray_engines.RayEngines`, replicas on a Ray cluster with the same
+    shape: the server cannot tell the difference.
     """
 
     def __init__(
         self,
         engine: Any,
         *,
-        bind: str | None = DEFAULT_BIND,
-        connect: str | None = None,
+        bind: str = DEFAULT_BIND,
         keys: str | Any | None = None,
         limits: P.Limits | None = None,
         models: Mapping[str, Any] | None = None,
@@ -57,26 +54,22 @@ class Server(Ops):
         heartbeat_timeout: float = 30.0,
         probe_interval: float = 2.0,
         context: zmq.Context | None = None,
-        client_keys: Any | None = None,
         name: str | None = None,
         loader: Callable[[Any], Any] | None = None,
         handshake_ivl: float = 5.0,
         client_expiry: float = 60.0,
     ):
         self.engine = engine
-        self.bind_address = None if connect else bind
-        self.connect_address = connect
+        self.bind_address = bind
         self.limits = limits or P.Limits()
         self.heartbeat_ivl = heartbeat_ivl
         self.heartbeat_timeout = heartbeat_timeout
         self.probe_interval = probe_interval
         self.handshake_ivl = handshake_ivl  # s a connection may take to authenticate
-        self.worker = connect is not None
-        self.name = name or (f"{pysocket.gethostname()}:{os.getpid()}" if self.worker else None)
+        self.name = name  # hello's and accepted's ``worker``
         if isinstance(keys, str) or hasattr(keys, "__fspath__"):
             keys = security.load_server_keys(keys)  # type: ignore[arg-type]  # a PathLike
         self.keys = keys
-        self.client_keys = client_keys  # a worker's own CURVE keys towards a secure broker
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.address: str | None = None
@@ -104,7 +97,7 @@ class Server(Ops):
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> Server:
-        """Bind (or connect) now, so errors surface here, then serve in a daemon thread."""
+        """Bind now, so errors surface here, then serve in a daemon thread."""
         self._open()
         self._thread = threading.Thread(target=self._run, name="sdkit-bridge", daemon=True)
         self._thread.start()
@@ -112,17 +105,11 @@ class Server(Ops):
 
     def _open(self) -> None:
         ctx = self.context
-        if self.worker:
-            sock = ctx.socket(zmq.DEALER)
-            if self.client_keys is not None:
-                security.apply_client(sock, self.client_keys)
-        else:
-            assert self.bind_address is not None  # a server binds, a worker connects
-            security.check_bind(self.bind_address, self.keys)
-            sock = ctx.socket(zmq.ROUTER)
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            # no handover, ZAP identities, handshake timeout, fd limit (issue 13.6, 13.9)
-            self._auth = security.secure_router(sock, ctx, self.keys, self.handshake_ivl)
+        security.check_bind(self.bind_address, self.keys)
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # no handover, ZAP identities, handshake timeout, fd limit (issue 13.6, 13.9)
+        self._auth = security.secure_router(sock, ctx, self.keys, self.handshake_ivl)
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_ivl * 1000))
@@ -130,24 +117,17 @@ class Server(Ops):
         sock.setsockopt(zmq.HEARTBEAT_TTL, int(self.heartbeat_timeout * 1000))
         sock.sndhwm = sock.rcvhwm = 10_000
         try:
-            if self.worker:
-                assert self.connect_address is not None
-                sock.connect(self.connect_address)
-                self.address = self.connect_address
-            else:
-                sock.bind(self.bind_address)  # type: ignore[arg-type]  # checked above
-                self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            sock.bind(self.bind_address)
+            self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError as e:
             sock.close(0)
             self._close_auth()
-            where = self.connect_address or self.bind_address
-            raise OSError(f"cannot {'connect to' if self.worker else 'bind'} {where}: {e}") from e
+            raise OSError(f"cannot bind {self.bind_address}: {e}") from e
         self._sock = sock
         log_event(
             logging.INFO,
             "serving",
             address=self.address,
-            worker=self.worker,
             curve=self.keys is not None,
             model=getattr(self.engine, "spec", None),
         )
@@ -348,8 +328,9 @@ class Server(Ops):
 class ServerHandle:
     """What `serve` returns: ``.address`` to connect to, ``.stop()`` to end it."""
 
-    def __init__(self, server: Server):
+    def __init__(self, server: Server, owned: Any = None):
         self.server = server
+        self._owned = owned  # engines serve() made itself (Ray replicas), closed by stop()
 
     @property
     def address(self) -> str:
@@ -362,6 +343,9 @@ class ServerHandle:
 
     def stop(self, timeout: float = 10.0, *, notify: bool = True) -> None:
         self.server.stop(timeout, notify=notify)
+        owned, self._owned = self._owned, None
+        if owned is not None:
+            owned.close()
 
     def join(self, timeout: float | None = None) -> None:
         if self.server._thread is not None:
@@ -385,6 +369,8 @@ def serve(
     keys: str | Any | None = None,
     limits: P.Limits | None = None,
     models: Mapping[str, Any] | None = None,
+    ray: str | None = None,
+    replicas: int = 1,
     **options: Any,
 ) -> ServerHandle:
     """Serve ``engine`` (default: `sdkit.load()`) in a background thread; returns a handle.
@@ -393,13 +379,28 @@ def serve(
     same worker.  ``bind`` defaults to loopback; any other address needs ``keys`` (a folder
     made by `sdkit keys`), else `security.SecurityError`.  Use port ``*`` or ``0`` for a
     free port and read ``handle.address``.
+
+    ``ray`` ("auto": the running Ray cluster, else a new local one; or a cluster address)
+    serves ``replicas`` copies of the model ``engine`` names (a spec; None: the embedded
+    one) as Ray actors instead (`ray_engines`, ``pip install sdkit-studio[cluster]``);
+    ``handle.stop()`` ends them.
     """
-    if engine is None:
+    owned = None
+    if ray is not None:
+        from sdkit.bridge.ray_engines import RayEngines
+
+        engine = owned = RayEngines(engine, replicas, address=ray)
+    elif engine is None:
         import sdkit
 
         engine = sdkit.load()
     if bind.endswith(":0"):
         bind = bind[:-2] + ":*"
     server = Server(engine, bind=bind, keys=keys, limits=limits, models=models, **options)
-    server.start()
-    return ServerHandle(server)
+    try:
+        server.start()
+    except BaseException:
+        if owned is not None:
+            owned.close()
+        raise
+    return ServerHandle(server, owned)

@@ -11,6 +11,6 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q "torch==${SDKIT_TORCH_VERSION:-2.13.0}"
-  .venv/bin/python -m pip install -q -e '.[widgets,bridge,dev]'
+  .venv/bin/python -m pip install -q -e '.[widgets,bridge,cluster,dev]'
   echo "$want" > "$stamp"
 fi

@@ -504,65 +504,6 @@ def test_curve_known_key_works_unknown_key_gets_nothing(bridge_engine, tmp_path)
         handle.stop()
 
 
-# ---------------------------------------------------------------------------- scale-out
-
-
-@pytest.mark.slow
-def test_scale_out_two_worker_processes(bridge_engine):
-    from sdkit.bridge import scaleout
-
-    broker = scaleout.Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*").start()
-    spec = os.environ.get("SDKIT_TEST_MODEL") or None
-    procs = scaleout.spawn_workers(2, broker.back_address, spec)
-    try:
-        _wait(
-            lambda: broker.workers == 2 or any(p.poll() is not None for p in procs),
-            900,
-            "2 workers",
-        )
-        assert broker.workers == 2, [p.poll() for p in procs]
-        results: dict[int, tuple] = {}
-
-        def run(ci: int) -> None:
-            with Client(broker.address, timeout=600) as c:
-                jobs = [
-                    (
-                        ci * 100 + j,
-                        c.submit(
-                            prompt=PROMPT,
-                            seed=ci * 100 + j,
-                            num_inference_steps=2,
-                            width=64,
-                            height=64,
-                        ),
-                    )
-                    for j in range(4)
-                ]
-                for seed, job in jobs:
-                    results[seed] = (job.result(), job.worker)
-
-        threads = [threading.Thread(target=run, args=(ci,)) for ci in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(900)
-        assert sorted(results) == [0, 1, 2, 3, 100, 101, 102, 103]
-        for seed, (result, _) in results.items():
-            assert result.seeds == [seed]
-        workers = {w for _, w in results.values()}
-        assert len(workers) == 2 and None not in workers, workers  # both did work
-        with Client(broker.address, timeout=600) as c:  # cancel reaches the owning worker
-            job = c.submit(prompt=PROMPT, num_inference_steps=1000, width=64, height=64)
-            _wait(lambda: job.progress is not None, 300, "a running job", c.pump)
-            job.cancel()
-            with pytest.raises(BridgeError) as e:
-                job.result(300)
-            assert e.value.code == "cancelled"
-    finally:
-        broker.stop()
-        scaleout.stop_workers(procs)
-
-
 def test_keys_command_creates_an_authorized_pair(tmp_path, capsys):
     from sdkit.bridge.cli import main
     from sdkit.bridge.security import load_client_keys, load_server_keys

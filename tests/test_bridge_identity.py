@@ -196,20 +196,3 @@ def test_curve_user_id_names_the_key(bridge_engine, tmp_path):
     finally:
         peer.close()
         handle.stop()
-
-
-def test_through_the_scale_out_broker_the_same_routing_id_gets_nothing(bridge_engine):
-    from sdkit.bridge import scaleout
-    from sdkit.bridge.server import Server
-
-    broker = scaleout.Broker("tcp://127.0.0.1:*", "tcp://127.0.0.1:*").start()
-    worker = Server(bridge_engine, connect=broker.back_address, name="w1").start()
-    try:
-        deadline = time.monotonic() + 60
-        while broker.workers < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert broker.workers == 1
-        _takeover(broker.address)
-    finally:
-        broker.stop()
-        worker.stop()

@@ -1,0 +1,379 @@
+"""Engine replicas as Ray actors, behind the bridge server as if they were one engine.
+
+`RayEngines` has the shape of `sdkit.Engine` that the bridge uses (``info``, ``check``,
+``submit`` returning a job whose events reach a callback, ``queue_length``, ``close``), so
+the server, its fair queue and the protocol are unchanged: clients cannot tell the
+difference, except that ``result.worker`` names the replica.
+
+Design (why it is this simple): one pump thread per replica takes the next job from a
+shared pending list and runs it on its actor as a Ray streaming generator (`ray_replica`);
+the events come back in order on that one stream and go to the job's callback exactly as
+a local engine's do.  So a replica holds at most one job, the bridge's dispatcher holds one
+more waiting (it hands on the next job when one starts): back-pressure without counting.
+A replica whose process dies raises out of its stream: Ray restarts the actor
+(``max_restarts``) while its job goes back to the front of the pending list for another
+pump (retried once: the request carries its seed, so the same image), or fails with an
+error naming the replica; the pump waits for its actor to come back and serves on.
+
+Ray is imported here only, lazily by the server (``serve(..., ray=...)``); never by sdkit.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from sdkit.bridge.logs import log_event
+
+log = logging.getLogger("sdkit.bridge")
+EventFn = Callable[[str, Any, Any], None]
+RESTART_WAIT = 600.0  # s a pump waits for its restarted actor (a model load) before giving up
+
+
+def start_ray(address: str | None = "auto", num_cpus: int | None = None) -> Any:
+    """Connect to a Ray cluster (``auto``: the running one, else a new local one; or an
+    address such as ``ray://head:10001`` / ``head:6379``); returns the ray module."""
+    import ray
+
+    if not ray.is_initialized():
+        target = None if address in (None, "", "auto", "local") else address
+        with _fixed_agent_ports():
+            ray.init(
+                address=target,
+                num_cpus=num_cpus if target is None else None,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+    return ray
+
+
+@contextlib.contextmanager
+def _fixed_agent_ports() -> Iterator[None]:
+    """Start a local node with its agents' ports chosen up front.
+
+    Left at 0, each agent writes its port to a file that the raylet waits for, 30 s at
+    most: on a loaded machine the agent (which imports much of Ray) takes longer and the
+    raylet aborts ("Timed out waiting for file .../metrics_agent_port_...").  With the
+    ports given, nothing waits for those files.
+    """
+    from ray._private import parameter
+
+    original = parameter.RayParams.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        for name in (
+            "metrics_agent_port",
+            "dashboard_agent_listen_port",
+            "runtime_env_agent_port",
+            "metrics_export_port",
+        ):
+            if not getattr(self, name, None):
+                setattr(self, name, _free_port())
+
+    parameter.RayParams.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original  # type: ignore[method-assign]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayJob:
+    """A request on its way through a replica; the subset of `sdkit.jobs.Job` the bridge uses."""
+
+    def __init__(self, request: Any, preview_every: int, callback: EventFn | None):
+        self.id = uuid.uuid4().hex[:12]
+        self.request = request
+        self.preview_every = preview_every
+        self.error: BaseException | None = None
+        self.replica: str | None = None  # the name of the replica that runs (ran) it
+        self.retried = False
+        self.started = False
+        self.state = "queued"  # running | done | failed | cancelled, as `Job.state` reads
+        self._callback = callback
+        self._result: Any = None
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._actor: Any = None  # set while a replica runs it
+
+    def cancel(self) -> None:
+        """Waiting: it ends at once; running: the replica stops it at its next step."""
+        self._cancel.set()
+        actor = self._actor
+        if actor is not None:
+            actor.cancel.remote(self.id)
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel.is_set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"job {self.id} still running after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        if self._result is None:
+            from sdkit.jobs import JobCancelled
+
+            raise JobCancelled(f"job {self.id} was cancelled")
+        return self._result
+
+    def _event(self, kind: str, event: Any = None) -> None:
+        if kind == "started":
+            self.state = "running"
+        elif kind in ("done", "failed", "cancelled"):
+            self.state = kind
+            self._done.set()
+        if self._callback is not None:
+            try:
+                self._callback(kind, self, event)
+            except Exception:  # noqa: BLE001 - a listener's bug never stops a pump
+                log.exception("ray job listener failed on %s", kind)
+
+
+class RayEngines:
+    """N replicas of one model as Ray actors; `submit` hands a job to the next free one."""
+
+    def __init__(
+        self,
+        spec: Any = None,
+        replicas: int = 1,
+        *,
+        address: str | None = "auto",
+        num_cpus: int | None = None,
+        gpus_per_replica: float | None = None,
+        cpus_per_replica: float = 1.0,
+        max_restarts: int = 3,
+    ):
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        ray = self._ray = start_ray(address, num_cpus)
+        from sdkit.bridge import ray_replica
+
+        if gpus_per_replica is None:
+            gpus_per_replica = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        threads = None if gpus_per_replica else max(1, int(cpus_per_replica))
+        actor_class = ray.remote(ray_replica.Replica).options(
+            num_cpus=cpus_per_replica,
+            num_gpus=gpus_per_replica,
+            max_restarts=max_restarts,
+            max_task_retries=0,  # the pump retries a job itself, on another replica
+            max_concurrency=4,  # cancel and check while a job streams
+        )
+        self.spec = spec
+        self._actors = [actor_class.remote(spec, i, threads) for i in range(replicas)]
+        hellos = ray.get([a.hello.remote() for a in self._actors])
+        self.names = [name for name, _, _ in hellos]
+        self._info = hellos[0][2]
+        self._pending: collections.deque[RayJob] = collections.deque()
+        self._running: dict[int, RayJob] = {}
+        self._lock = threading.Condition()
+        self._closed = False
+        self._next_check = 0
+        self._pumps = [
+            threading.Thread(target=self._pump, args=(i,), name=f"sdkit-ray-{i}", daemon=True)
+            for i in range(replicas)
+        ]
+        for t in self._pumps:
+            t.start()
+        log_event(logging.INFO, "ray_replicas", replicas=self.names, gpus=gpus_per_replica)
+
+    # ------------------------------------------------------------ the Engine shape
+
+    def info(self) -> dict:
+        return dict(self._info)
+
+    def check(self, request: Any) -> Any:
+        """The request as it will run (`Engine.check` on a replica), or its `RequestError`."""
+        from sdkit.request import RequestError
+
+        last: BaseException | None = None
+        for _ in range(len(self._actors)):
+            self._next_check = (self._next_check + 1) % len(self._actors)
+            try:
+                filled, error = self._ray.get(
+                    self._actors[self._next_check].check.remote(request), timeout=60
+                )
+            except Exception as e:  # noqa: BLE001 - that replica is down: ask the next
+                last = e
+                continue
+            if error is not None:
+                raise RequestError(*error)
+            return filled
+        raise RuntimeError(f"no engine replica answered: {last}")
+
+    def submit(
+        self,
+        request: Any,
+        *,
+        preview_every: int = 1,
+        callback: EventFn | None = None,
+        policy: str = "back",
+        source: Any = None,
+    ) -> RayJob:
+        """Queue for the next free replica (``front`` goes first; ``replace`` is the bridge's)."""
+        if self._closed:
+            raise RuntimeError("the engine replicas are closed")
+        job = RayJob(self.check(request), preview_every, callback)
+        with self._lock:
+            if policy == "front":
+                self._pending.appendleft(job)
+            else:
+                self._pending.append(job)
+            self._lock.notify_all()
+        return job
+
+    def queue_length(self) -> int:
+        return len(self._pending)
+
+    @property
+    def current_job(self) -> RayJob | None:
+        return next(iter(self._running.values()), None)
+
+    def pids(self) -> list[int]:
+        """The replicas' process ids now (they change when Ray restarts one)."""
+        return [pid for _, pid, _ in self._ray.get([a.hello.remote() for a in self._actors])]
+
+    def close(self) -> None:
+        """Cancel what waits and runs, stop the pumps, end the actors."""
+        with self._lock:
+            self._closed = True
+            pending = list(self._pending)
+            self._pending.clear()
+            self._lock.notify_all()
+        for job in pending:
+            job._event("cancelled")
+        for job in list(self._running.values()):
+            job.cancel()
+        for t in self._pumps:
+            t.join(30)
+        for actor in self._actors:
+            self._ray.kill(actor, no_restart=True)
+
+    # ------------------------------------------------------------ pumps
+
+    def _take(self) -> RayJob | None:
+        with self._lock:
+            while not self._pending and not self._closed:
+                self._lock.wait()
+            return None if self._closed else self._pending.popleft()
+
+    def _pump(self, i: int) -> None:
+        while (job := self._take()) is not None:
+            if job.cancel_requested:
+                job._event("cancelled")
+                continue
+            self._running[i] = job
+            try:
+                died = self._run(i, job)
+            finally:
+                self._running.pop(i, None)
+            if died is not None:
+                self._replica_died(i, job, died)
+                if not self._wait_restart(i):
+                    return
+
+    def _run(self, i: int, job: RayJob) -> BaseException | None:
+        """Stream ``job`` on replica ``i``; the actor's death if it died under it."""
+        from ray.exceptions import RayActorError
+
+        actor, ray = self._actors[i], self._ray
+        job.replica, job._actor = self.names[i], actor
+        try:
+            if job.cancel_requested:  # cancelled between take and here
+                job._event("cancelled")
+                return None
+            for ref in actor.run.remote(job.id, job.request, job.preview_every):
+                kind, payload = ray.get(ref)
+                if kind == "started":
+                    if not job.started:
+                        job.started = True
+                        job._event(kind)
+                elif kind == "progress":
+                    job._event(kind, payload)
+                elif kind == "done":
+                    payload.worker = self.names[i]
+                    job._result = payload
+                    job._event(kind)
+                elif kind == "failed":
+                    job.error = _remote_error(*payload)
+                    job._event(kind)
+                else:
+                    job._event("cancelled")
+            return None
+        except RayActorError as e:
+            return e
+        except Exception as e:  # noqa: BLE001 - the stream broke otherwise: the job fails
+            job.error = RuntimeError(f"replica {self.names[i]}: {type(e).__name__}: {e}")
+            job._event("failed")
+            return None
+        finally:
+            job._actor = None
+
+    def _replica_died(self, i: int, job: RayJob, error: BaseException) -> None:
+        log_event(logging.WARNING, "replica_died", replica=self.names[i], job=job.id)
+        if job.cancel_requested:
+            job._event("cancelled")
+        elif not job.retried:
+            job.retried = True
+            with self._lock:
+                self._pending.appendleft(job)  # the next free replica runs it, same seed
+                self._lock.notify_all()
+        else:
+            job.error = RuntimeError(
+                f"engine replica {self.names[i]} died while running this job (it had been "
+                f"retried once already); try again"
+            )
+            job._event("failed")
+
+    def _wait_restart(self, i: int) -> bool:
+        """Block until Ray has restarted actor ``i``; False if it is gone for good."""
+        from ray.exceptions import ActorDiedError
+
+        deadline, died = time.monotonic() + RESTART_WAIT, 0
+        while not self._closed and time.monotonic() < deadline:
+            try:
+                self._ray.get(self._actors[i].hello.remote(), timeout=10)
+                log_event(logging.INFO, "replica_back", replica=self.names[i])
+                return True
+            except ActorDiedError:
+                died += 1  # for good once Ray has used up max_restarts (keeps saying so)
+                if died >= 20:
+                    break
+                time.sleep(0.5)
+            except Exception:  # noqa: BLE001 - restarting: unavailable or timed out
+                time.sleep(0.2)
+        log_event(logging.ERROR, "replica_gone", replica=self.names[i])
+        return False
+
+
+_ERROR_TYPES: dict[str, type[Exception]] = {}
+
+
+def _remote_error(type_name: str, field: str | None, message: str) -> Exception:
+    """The replica's error, rebuilt: a `RequestError` as such, else one of the same name."""
+    if field is not None:
+        from sdkit.request import RequestError
+
+        return RequestError(field, message)
+    cls = _ERROR_TYPES.get(type_name)
+    if cls is None:
+        cls = _ERROR_TYPES[type_name] = type(type_name, (Exception,), {})
+    return cls(message)

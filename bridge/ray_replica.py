@@ -1,0 +1,81 @@
+"""One engine replica inside a Ray actor process (imported there by `ray_engines`).
+
+The actor runs a job on its own `sdkit.Engine` and streams the job's events back as a Ray
+generator: one ordered stream per job, ending with the terminal event, so the server
+needs no polling and a dead replica shows as an error raised by the stream itself.
+The actor is threaded (``max_concurrency``) so that ``cancel`` and ``check`` are served
+while a job streams.  Nothing here imports zmq or the server.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+
+class Replica:
+    """The actor's class (wrapped by ``ray.remote`` in `ray_engines`)."""
+
+    def __init__(self, spec: Any, index: int, threads: int | None = None):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)  # a CPU replica uses the CPUs Ray gave it
+        import sdkit
+
+        self.engine = sdkit.load(spec)
+        self.name = f"{socket.gethostname()}/replica-{index}"
+        self._jobs: dict[str, Any] = {}
+
+    def hello(self) -> tuple[str, int, dict]:
+        """(name, process id, engine info): what the server shows and the tests kill."""
+        return self.name, os.getpid(), self.engine.info()
+
+    def check(self, request: Any) -> tuple[Any, tuple[str, str] | None]:
+        """(the filled request, None) or (None, (field, message)) of a `RequestError`."""
+        from sdkit.request import RequestError
+
+        try:
+            return self.engine.check(request), None
+        except RequestError as e:
+            return None, (e.field, e.message)
+
+    def cancel(self, token: str) -> None:
+        job = self._jobs.get(token)
+        if job is not None:
+            job.cancel()
+
+    def run(self, token: str, request: Any, preview_every: int) -> Iterator[tuple[str, Any]]:
+        """Run one job; yields ("started"|"progress"|"done"|"failed"|"cancelled", payload)."""
+        from sdkit.request import RequestError
+
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        job = self.engine.submit(
+            request,
+            preview_every=preview_every,
+            callback=lambda kind, job, event: events.put((str(kind), event)),
+        )
+        self._jobs[token] = job
+        try:
+            while True:
+                kind, event = events.get()
+                if kind in ("started", "progress"):
+                    yield kind, event
+                elif kind == "done":
+                    yield kind, job.result(0)
+                    return
+                elif kind == "failed":
+                    err = job.error
+                    field = err.field if isinstance(err, RequestError) else None
+                    message = err.message if isinstance(err, RequestError) else str(err)
+                    yield kind, (type(err).__name__, field, message)
+                    return
+                elif kind == "cancelled":
+                    yield kind, None
+                    return
+        finally:
+            self._jobs.pop(token, None)
+            job.cancel()  # the server stopped reading: never leave it running

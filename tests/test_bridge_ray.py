@@ -1,0 +1,171 @@
+"""The bridge in front of engine replicas on Ray (issue 17.1): a local cluster of 2 CPUs,
+2 replicas of the embedded model, real zmq clients. Slow: Ray and the replicas start once
+for the module (tens of seconds on a loaded machine)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+pytest.importorskip("zmq")
+
+from sdkit.bridge import BridgeError, Client, serve  # noqa: E402
+
+pytestmark = pytest.mark.slow
+PROMPT = "a red circle on a blue background"
+FAST = {"num_inference_steps": 2, "width": 64, "height": 64}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from sdkit.bridge.ray_engines import start_ray
+
+    ray = start_ray(num_cpus=2)
+    handle = serve(None, "tcp://127.0.0.1:0", ray="auto", replicas=2)
+    try:
+        yield handle
+    finally:
+        handle.stop()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local():
+    import sdkit
+
+    return sdkit.load()
+
+
+def _wait(cond, timeout: float, what: str, pump=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        if pump is not None:
+            pump(0.05)
+        else:
+            time.sleep(0.05)
+
+
+def _pid(engine, i: int) -> int | None:
+    """Replica ``i``'s process id, None while Ray restarts it."""
+    try:
+        return engine._ray.get(engine._actors[i].hello.remote(), timeout=5)[1]
+    except Exception:  # noqa: BLE001 - restarting
+        return None
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def test_40_requests_from_4_clients_all_answered_same_seed_same_pixels(cluster, local):
+    results: dict[tuple[int, int], tuple] = {}
+    errors: list[BaseException] = []
+
+    def run(ci: int) -> None:
+        try:
+            with Client(cluster.address, timeout=600) as c:
+                for half in (range(5), range(5, 10)):  # a client may have 8 unfinished
+                    jobs = [(j, c.submit(prompt=PROMPT, seed=j % 10, **FAST)) for j in half]
+                    for j, job in jobs:
+                        results[ci, j] = (job.result(), job.worker)
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(ci,)) for ci in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert not errors, errors
+    assert len(results) == 40
+    replicas = cluster.server.engine.names
+    workers = {w for _, w in results.values()}
+    assert workers == set(replicas), workers  # both replicas served, each named
+    by_seed: dict[int, list] = {}
+    for (_, j), (result, worker) in results.items():
+        assert result.seeds == [j % 10]
+        by_seed.setdefault(j % 10, []).append((_pixels(result[0]), worker))
+    for seed, images in by_seed.items():
+        assert all(np.array_equal(images[0][0], im) for im, _ in images), seed
+    # some seed ran on both replicas, and a local engine draws the same pixels
+    assert any(len({w for _, w in images}) == 2 for images in by_seed.values())
+    for seed in (0, 7):
+        mine = local.txt2img(PROMPT, seed=seed, progress=False, **FAST)
+        assert np.array_equal(by_seed[seed][0][0], _pixels(mine[0])), seed
+
+
+def test_progress_previews_and_cancel_through_ray(cluster):
+    with Client(cluster.address, timeout=600) as c:
+        events = []
+        job = c.submit(
+            prompt=PROMPT,
+            seed=3,
+            num_inference_steps=400,
+            width=64,
+            height=64,
+            preview=1,
+            progress=events.append,
+        )
+        _wait(lambda: len(events) >= 2, 300, "two progress events", c.pump)
+        assert [e.step for e in events[:2]] == [1, 2] and events[0].total == 400
+        assert all(e.preview is not None and e.preview.size == (64, 64) for e in events[:2])
+        job.cancel()
+        with pytest.raises(BridgeError) as err:
+            job.result(300)
+        assert err.value.code == "cancelled"
+        assert events[-1].step < 400  # it stopped early
+        # both replicas are free again: two jobs run at once and end
+        jobs = [c.submit(prompt=PROMPT, seed=s, **FAST) for s in (1, 2)]
+        assert [j.result(300).seeds for j in jobs] == [[1], [2]]
+
+
+def test_kill_9_of_a_replica_mid_job_retries_it_and_the_server_keeps_serving(cluster, local):
+    engine = cluster.server.engine
+    before = engine.pids()
+    with Client(cluster.address, timeout=900) as c:
+        long_job = c.submit(prompt=PROMPT, seed=21, num_inference_steps=60, width=64, height=64)
+        _wait(lambda: long_job.progress is not None, 300, "the long job running", c.pump)
+        running = {i: j for i, j in list(engine._running.items()) if j.request.seed == 21}
+        assert len(running) == 1
+        (victim,) = running
+        others = [c.submit(prompt=PROMPT, seed=100 + k, **FAST) for k in range(5)]
+        os.kill(before[victim], signal.SIGKILL)
+        result = long_job.result(600)  # retried once on the other replica: same seed
+        assert result.seeds == [21]
+        assert long_job.worker == engine.names[1 - victim]
+        assert [j.result(600).seeds for j in others] == [[100 + k] for k in range(5)]
+        # Ray restarts the killed replica (a new process) and the server uses it again
+        _wait(lambda: _pid(engine, victim) not in (None, before[victim]), 300, "the restart")
+        more = [c.submit(prompt=PROMPT, seed=200 + k, **FAST) for k in range(4)]
+        assert [j.result(600).seeds for j in more] == [[200 + k] for k in range(4)]
+    mine = local.txt2img(
+        PROMPT, seed=21, num_inference_steps=60, width=64, height=64, progress=False
+    )
+    assert np.array_equal(_pixels(result[0]), _pixels(mine[0]))
+
+
+def test_a_replica_that_dies_twice_under_a_job_fails_it_with_a_clear_error(cluster):
+    engine = cluster.server.engine
+    pids = engine.pids()
+    with Client(cluster.address, timeout=900) as c:
+        job = c.submit(prompt=PROMPT, seed=31, num_inference_steps=1000, width=64, height=64)
+        for retried in (False, True):
+
+            def running(retried: bool = retried) -> list[int]:
+                jobs = list(engine._running.items())
+                return [i for i, j in jobs if j.request.seed == 31 and j.retried == retried]
+
+            _wait(running, 600, f"the job running (retried: {retried})", c.pump)
+            os.kill(pids[running()[0]], signal.SIGKILL)
+        with pytest.raises(BridgeError) as err:
+            job.result(600)
+        assert err.value.code == "failed" and "died while running this job" in str(err.value)
+        assert c.submit(prompt=PROMPT, seed=5, **FAST).result(600).seeds == [5]
