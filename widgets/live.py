@@ -83,6 +83,12 @@ class LiveMode:
             for job in self._jobs():
                 job.cancel()
 
+    def engine_changed(self) -> None:
+        """Another model: the stream stops (its frames were of the old one) and says so."""
+        if self.on:
+            self.set_on(False)
+            self.studio._set_status("live stopped: the model changed; turn Live on again")
+
     # ----- changes -> debounced submissions ------------------------------------------------
     def changed(self, *_: Any) -> None:
         """Any change: (re)start the debounce timer. Cheap; called on the UI thread."""

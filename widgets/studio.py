@@ -210,6 +210,7 @@ class SDWidget(w.VBox):
                 self._unsubscribe()
             self.engine = engine
             self._unsubscribe = engine.subscribe(self.follower.listener)
+        self.live.engine_changed()
         info = engine.info()
         self.controls.apply_model(info, engine.check)
         self.adapters.show(info)

@@ -225,7 +225,20 @@ PROCEDURES = (LIVE_PROCEDURE, APPLY_PROCEDURE)
 
 
 def _run_live(procedure, run_mode, image, drawables, config, data):
+    import gi
     from gi.repository import GObject
+
+    if run_mode == Gimp.RunMode.INTERACTIVE:  # the menu: ask for the fields first
+        gi.require_version("GimpUi", "3.0")
+        from gi.repository import GimpUi
+
+        GimpUi.init("sdkit-gimp")
+        window = GimpUi.ProcedureDialog(procedure=procedure, config=config)
+        window.fill(None)
+        ok = window.run()
+        window.destroy()
+        if not ok:
+            return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
 
     steps, seed = config.get_property("steps"), config.get_property("seed")
     params = ea.Params(
