@@ -23,7 +23,7 @@ import json
 import os
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -152,7 +152,7 @@ class Batch(Iterator[BatchItem]):
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _run(self) -> Iterator[BatchItem]:
+    def _run(self) -> Generator[BatchItem, None, None]:
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
         slots: collections.deque[tuple[Row, Request, list[str], Any] | BatchItem] = (

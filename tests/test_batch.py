@@ -242,3 +242,29 @@ def test_sdkit_batch_stopped_by_sigint_and_rerun_makes_exactly_fifty_images(tmp_
         got = Request.from_png(path)
         assert (got.prompt, got.seed) == (row.request.prompt, row_seed(row))
         assert (got.width, got.height, got.num_inference_steps) == (32, 32, 2)
+
+
+def test_sdkit_batch_cli_refuses_a_bad_row_before_loading_and_reports_failures(
+    tiny_models, tmp_path, capsys
+):
+    from sdkit.cli import main
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,num_inference_steps\na red circle,2\na star,two\n")
+    argv = ["batch", str(bad), "--out", str(tmp_path / "out"), "--model", "/nonexistent"]
+    assert main(argv) == 2  # the row is named before the (missing) model is looked for
+    err = capsys.readouterr().err
+    assert err.startswith("error: bad.csv row 2: num_inference_steps: 'two' is not a number")
+    assert not (tmp_path / "out").exists()
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a red circle"}\n{"prompt": "a star", "guidance_scale": 500}\n')
+    argv = ["batch", str(rows), "--out", str(tmp_path / "out"), "--set", "num_inference_steps=2"]
+    argv += ["--model", str(tiny_models["sd"]), "--device", "cpu"]
+    assert main(argv) == 1  # a row failed
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert lines[-2:] == [
+        "1 done, 0 skipped, 1 failed",
+        "  rows.jsonl line 2: guidance_scale: must be a number in 0..100, got 500",
+    ]
+    assert len(pngs(tmp_path / "out")) == 1
