@@ -17,6 +17,7 @@ from sdkit.widgets.gallery import png_bytes
 from test_widget import callback_errors, mouse  # noqa: F401  (the fixture fails on swallowed errors)
 
 import sdkit
+from sdkit.live import LIVE_DEFAULTS
 
 SIZE = 64
 
@@ -82,6 +83,15 @@ def test_a_burst_of_changes_is_one_replace_job_and_its_frame_replaces_the_previe
     assert live.frames == 1 and not live.keep_button.disabled
 
 
+def test_live_loads_the_few_step_preset_into_the_controls(studio):
+    studio.live.set_on(True)
+    request = studio.live.request()
+    assert request.num_inference_steps == LIVE_DEFAULTS["num_inference_steps"]
+    assert request.guidance_scale == LIVE_DEFAULTS["guidance_scale"]
+    assert request.scheduler == LIVE_DEFAULTS["scheduler"]
+    assert request.strength == studio.controls.strength.value  # the user's
+
+
 def test_without_a_mask_it_is_img2img_and_the_random_seed_stays_fixed(studio):
     live = studio.live
     studio.controls.random_seed.value = True
@@ -130,11 +140,11 @@ def test_keep_puts_the_current_frame_into_the_gallery(studio):
 
 def test_strokes_are_taken_at_once_while_a_frame_is_generating(studio, engine):
     live = studio.live
-    live.debounce = 0.01
+    live.debounce = 0.5
     started = threading.Event()
     unsubscribe = engine.subscribe(lambda kind, job, event: kind == "started" and started.set())
+    live.set_on(True)  # loads the live preset
     studio.controls.num_inference_steps.value = 30  # a frame long enough to paint during
-    live.set_on(True)
     try:
         assert started.wait(120), "no live frame started"
     finally:

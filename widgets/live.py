@@ -1,6 +1,7 @@
 """Live mode for the studio (issue 16.3): the picture follows every change.
 
-With *Live* on, every finished change (a painter stroke, the prompt, strength, seed, any
+*Live* on loads the live preset (`sdkit.live.LIVE_DEFAULTS`: few steps, no guidance) into
+the controls, then every finished change (a painter stroke, the prompt, strength, seed, any
 control) restarts a short debounce timer; when it fires, the studio's current settings are
 submitted as an img2img (inpaint when a mask is painted) with a fixed seed and the engine's
 ``replace`` policy, so a newer frame supersedes the one waiting or running. Frames show in
@@ -24,6 +25,7 @@ import ipywidgets as w
 import numpy as np
 
 from sdkit.jobs import EventKind
+from sdkit.live import LIVE_DEFAULTS
 from sdkit.modes import Mode
 from sdkit.request import RequestError
 
@@ -76,12 +78,22 @@ class LiveMode:
             return
         if on:
             self.seed = random.randrange(2**32)  # used while the seed control says random
+            self._load_preset()
             self.studio._switch_to_image_mode(mask=True)  # the painter's mask tools show
             self.changed()
         else:
             self._cancel_timer()
             for job in self._jobs():
                 job.cancel()
+
+    def _load_preset(self) -> None:
+        """Put `sdkit.live.LIVE_DEFAULTS`' few-step sampling into the controls, where the
+        user sees it and may change it (strength, seed and prompt stay the user's)."""
+        controls = self.studio.controls
+        controls.num_inference_steps.value = LIVE_DEFAULTS["num_inference_steps"]
+        controls.guidance_scale.value = LIVE_DEFAULTS["guidance_scale"]
+        if LIVE_DEFAULTS["scheduler"] in controls.scheduler.options:
+            controls.scheduler.value = LIVE_DEFAULTS["scheduler"]
 
     def engine_changed(self) -> None:
         """Another model: the stream stops (its frames were of the old one) and says so."""

@@ -34,6 +34,7 @@ from gi.repository import Gegl, Gimp, GLib
 LIVE_LAYER = "[sdkit live]"
 STREAM = "gimp-live"
 POLL_MS = 100
+LIVE_STEPS, LIVE_GUIDANCE = 6, 1.0  # sdkit.live.LIVE_DEFAULTS (the plug-in imports no sdkit)
 RGBA = "R'G'B'A u8"
 MASK = "Y u8"
 
@@ -243,7 +244,8 @@ def _run_live(procedure, run_mode, image, drawables, config, data):
     steps, seed = config.get_property("steps"), config.get_property("seed")
     params = ea.Params(
         prompt=config.get_property("prompt").strip(),
-        num_inference_steps=steps or None,
+        num_inference_steps=steps or LIVE_STEPS,
+        guidance_scale=LIVE_GUIDANCE,
         seed=None if seed < 0 else seed,
         strength=config.get_property("strength"),
     )
@@ -305,7 +307,7 @@ def create(plugin, name: str, default_address: str):
     rw = GObject.ParamFlags.READWRITE
     procedure.add_string_argument("prompt", "_Prompt", "What to draw", "", rw)
     procedure.add_double_argument("strength", "_Strength", "How much to change", 0.01, 1.0, 0.6, rw)
-    procedure.add_int_argument("steps", "S_teps", "0: the model's default", 0, 200, 0, rw)
+    procedure.add_int_argument("steps", "S_teps", "0: the live preset's 6", 0, 200, 0, rw)
     procedure.add_int_argument(
         "seed", "S_eed", "-1: random, fixed while live", -1, 2**31 - 1, -1, rw
     )

@@ -29,6 +29,9 @@ from .qt import QObject, QTimer, Signal
 LIVE_LAYER = "[sdkit live]"
 STREAM = "krita-live"
 POLL_MS = 100
+# sdkit.live.LIVE_DEFAULTS (the editor side imports no sdkit): used where the docker leaves
+# the choice to the model, whose defaults are for full pictures, not live frames.
+LIVE_STEPS, LIVE_GUIDANCE = 6, 1.0
 
 
 class LiveMode(QObject):
@@ -115,7 +118,14 @@ class LiveMode(QObject):
     def fields(self) -> ea.Params:
         """The docker's fields, the seed fixed: the picture changes only where the drawing does."""
         params = self.params()
-        return params if params.seed is not None else replace(params, seed=self.seed)
+        return replace(
+            params,
+            seed=self.seed if params.seed is None else params.seed,
+            num_inference_steps=params.num_inference_steps or LIVE_STEPS,
+            guidance_scale=LIVE_GUIDANCE
+            if params.guidance_scale is None
+            else params.guidance_scale,
+        )
 
     def checksum(self) -> int:
         """CRC-32 of the followed layer's pixels, the selection and the fields."""
