@@ -348,3 +348,28 @@ def test_the_protocol_lists_the_engine_policies_and_the_live_preset_runs(sd_engi
     assert live_request(canvas, PROMPT, mask=Image.new("L", (32, 32), 255)).mode == "inpaint"
     job = sd_engine.submit(req, policy=LIVE_POLICY, source="live-preset")
     assert job.result(timeout=120).images[0].size == (32, 32)
+
+
+def test_bridge_burst_of_1000_replace_requests_stays_bounded(server, sd_engine):
+    """1000 live frames sent at once (over the client's 8-request limit if they piled up):
+    none is refused, every one but the newest few ends superseded, the newest completes."""
+    from sdkit.bridge import Client
+    from sdkit.bridge.client import BridgeError
+
+    fast = {"prompt": PROMPT, "num_inference_steps": 1, "scheduler": "Euler"}
+    with Client(server.address, timeout=300) as a:
+        with held(sd_engine) as holding:
+            blocker = a.submit(**fast, seed=1)
+            assert holding.wait(60)
+            jobs = [a.submit(**fast, seed=i, policy="replace", stream="burst") for i in range(1000)]
+            _until(a, lambda: jobs[-1].job_id is not None or jobs[-1].done())
+            assert a.status()["queue_length"] <= 2
+        final = jobs[-1].result(300)
+        blocker.result(300)
+        codes = []
+        for job in jobs[:-1]:
+            with pytest.raises(BridgeError) as e:
+                job.result(300)
+            codes.append((e.value.code, job.track.superseded))
+        assert set(codes) == {("cancelled", True)}
+        assert final[0].size == (32, 32)
