@@ -268,3 +268,29 @@ def test_sdkit_batch_cli_refuses_a_bad_row_before_loading_and_reports_failures(
         "  rows.jsonl line 2: guidance_scale: must be a number in 0..100, got 500",
     ]
     assert len(pngs(tmp_path / "out")) == 1
+
+
+@pytest.mark.slow
+def test_a_batch_on_two_ray_replicas_makes_the_local_engines_files(tmp_path):
+    """`--ray`: rows spread over replicas; the same names, parameters and pixels as locally,
+    so a batch started on Ray resumes on a laptop and the other way round."""
+    pytest.importorskip("ray")
+    RayEngines = pytest.importorskip("sdkit.bridge.ray_engines").RayEngines  # noqa: N806
+
+    prompts = ["a red circle", "a blue square", "a star", "a green circle", "a white star"]
+    fields = {"width": 32, "height": 32, "num_inference_steps": 2}
+    replicas = RayEngines(None, 2, address="local", num_cpus=2)
+    try:
+        ray_items = list(sdkit.batch(prompts, out=tmp_path / "ray", executor=replicas, **fields))
+    finally:
+        replicas.close()
+    local = list(sdkit.batch(prompts, out=tmp_path / "local", model=sdkit.load(None), **fields))
+    assert [i.status for i in ray_items] == ["done"] * 5
+    assert [p.name for p in pngs(tmp_path / "ray")] == [p.name for p in pngs(tmp_path / "local")]
+    for a, b in zip(ray_items, local, strict=True):
+        (pa,), (pb,) = a.paths, b.paths
+        assert params(pa) == params(pb)
+        with Image.open(pa) as ia, Image.open(pb) as ib:
+            assert ia.tobytes() == ib.tobytes()
+    rerun = sdkit.batch(prompts, out=tmp_path / "ray", model=sdkit.load(None), **fields)
+    assert [i.status for i in rerun] == ["skipped"] * 5
