@@ -27,10 +27,18 @@ def pipe():
 
 
 def unet_out(pipe) -> torch.Tensor:
+    """The UNet's prediction for the LoRA's prompt, through the text encoder (both carry
+    LoRA layers)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 16, 16, generator=g)
-    c = torch.randn(2, 77, 128, generator=g)
+    ids = pipe.tokenizer(
+        ["a red x on a blue background", "a green circle on a yellow background"],
+        padding="max_length",
+        max_length=77,
+        return_tensors="pt",
+    ).input_ids
     with torch.no_grad():
+        c = pipe.text_encoder(ids)[0]
         return pipe.unet(x, torch.tensor([900, 300]), encoder_hidden_states=c).sample
 
 
@@ -70,7 +78,9 @@ def test_lora_file_is_kohya_format_and_small():
     assert LORA.stat().st_size <= 2 * 1024 * 1024
     sd = load_file(LORA)
     modules = {k.split(".")[0] for k in sd}
-    assert modules and all(m.startswith("lora_unet_") for m in modules)
+    assert any(m.startswith("lora_unet_") for m in modules)
+    assert any(m.startswith("lora_te_") for m in modules)  # the word `x` is learnt too
+    assert all(m.startswith(("lora_unet_", "lora_te_")) for m in modules)
     for m in modules:
         down, up = sd[f"{m}.lora_down.weight"], sd[f"{m}.lora_up.weight"]
         assert down.shape[0] == up.shape[1]  # the rank
@@ -94,7 +104,12 @@ def test_lora_loads_through_diffusers_with_every_module_mapped(pipe):
 
     base = unet_out(pipe)
     ev.load_lora(pipe)
-    layers = [n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A")]
+    layers = [
+        n
+        for model in (pipe.unet, pipe.text_encoder)
+        for n, m in model.named_modules()
+        if hasattr(m, "lora_A")
+    ]
     assert len(layers) == len({k.split(".")[0] for k in load_file(LORA)})
     full = unet_out(pipe)
     assert (full - base).abs().max() > 1e-3
@@ -130,11 +145,11 @@ def test_lora_draws_the_new_shape_by_weight(pipe):
     full = ev.new_shape_rate(pipe, n)
     pipe.set_adapters([LORA_NAME], [0.5])
     half = ev.new_shape_rate(pipe, n)
-    # Measured on 32 held-out cases: 0 % without, ~50 % at weight 1 (the issue's target of
-    # 80 % is not reached yet, see the card), a few % at 0.5.
+    # Measured on 48 held-out cases (the card): 0 % without, 62 % at weight 1 (the issue's
+    # target of 80 % is not reached yet), 31 % at weight 0.5: the effect grows with the weight.
     assert without <= 1 / n
-    assert full >= 0.25
-    assert without <= half < full
+    assert full >= 0.4
+    assert without + 2 / n <= half <= full - 2 / n
 
 
 @pytest.mark.slow

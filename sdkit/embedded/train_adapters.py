@@ -13,7 +13,8 @@ LoRA and textual-inversion support can be tested offline on a model that follows
 
 Both resume from their checkpoint in the work folder and export every `--export-every`
 steps, so a stopped run loses little. Loss and noise are `train.denoising_loss`'s, on
-latents of scenes drawn by `shapes` and encoded by the shipped VAE.
+latents of scenes drawn by `shapes` and encoded by the shipped VAE. (Over 400 lines: the two
+trainers share the base model, data, captions and checkpointing kept here in one place.)
 """
 
 from __future__ import annotations
