@@ -2,8 +2,9 @@
 
 The engine loads weights once and builds the per-mode diffusers pipelines from the same
 components with `from_pipe` (no second copy, no reload when switching). A single worker
-thread runs jobs in FIFO order through the mode registry (`sdkit.modes`); events go to
-listeners on a separate dispatcher thread (`sdkit.jobs`), so no listener runs on the worker.
+thread runs jobs in queue-policy order (`sdkit.jobs.QueuePolicy`: back, front, replace)
+through the mode registry (`sdkit.modes`); events go to listeners on a separate
+dispatcher thread (`sdkit.jobs`), so no listener runs on the worker.
 """
 
 from __future__ import annotations
