@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import sys
 import types
 from collections.abc import Sequence
@@ -164,7 +165,7 @@ def font_for(cell: tuple[int, int]) -> ImageFont.FreeTypeFont | ImageFont.ImageF
 
 
 def _wrap(text: str, width: int, font: Any) -> list[str]:
-    """Lines of `text` no wider than `width` (words broken where one is wider)."""
+    """Lines of `text` no wider than `width`: broken at spaces, then after "_", then anywhere."""
     lines: list[str] = []
     line = ""
     for word in text.split(" "):
@@ -175,11 +176,18 @@ def _wrap(text: str, width: int, font: Any) -> list[str]:
         if line:
             lines.append(line)
         line = ""
-        for ch in word:
-            if line and font.getlength(line + ch) > width:
+        for piece in re.findall(r"[^_]*_|[^_]+", word):
+            if font.getlength(line + piece) <= width:
+                line += piece
+                continue
+            if line:
                 lines.append(line)
                 line = ""
-            line += ch
+            for ch in piece:
+                if line and font.getlength(line + ch) > width:
+                    lines.append(line)
+                    line = ""
+                line += ch
     if line:
         lines.append(line)
     return lines
