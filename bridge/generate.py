@@ -150,7 +150,7 @@ class Jobs:
         except RequestError as e:
             message = public_message(e.message, entry.engine)
             raise P.ProtocolError("bad_field", message, f"request.{e.field}", rid) from None
-        _check_limits(entry.request, self.limits, rid)
+        _check_limits(entry.request, self.limits, rid, entry.engine)
         if state is not None:
             self.clients.add(state, entry)
         old = None
@@ -392,16 +392,23 @@ class Jobs:
         return engine.queue_length() + self.dispatcher.waiting(engine)
 
 
-def _check_limits(request: Any, limits: P.Limits, rid: str) -> None:
-    """The server's limits on the request as it will run (sizes, images and steps filled)."""
+def _check_limits(request: Any, limits: P.Limits, rid: str, engine: Any = None) -> None:
+    """The server's limits on the request as it will run (sizes, images and steps filled;
+    the size its images come out at, e.g. a hires fix's target)."""
+    from sdkit.hires import enabled, output_size
+
     n = request.num_images
-    pixels = request.width * request.height * n
+    multiple = getattr(engine, "size_multiple", 8)
+    width, height = output_size(request, multiple)
+    pixels = width * height * n
     if pixels > limits.max_pixels:
+        hires = request.mode == "txt2img" and enabled(request)
+        field = "request.hires_scale" if hires else "request.width"
         raise P.ProtocolError(
             "too_large",
-            f"this request makes {n} x {request.width}x{request.height} = {pixels} pixels; "
+            f"this request makes {n} x {width}x{height} = {pixels} pixels; "
             f"the limit is {limits.max_pixels} per request",
-            "request.num_images" if n > 1 else "request.width",
+            "request.num_images" if n > 1 else field,
             rid,
         )
     if n > limits.max_images:

@@ -676,6 +676,26 @@ def test_limits_apply_to_the_request_as_it_will_run(server, bridge_engine):
         small.stop()
 
 
+def test_the_pixel_limit_counts_the_hires_fix_target(bridge_engine):
+    """A hires job makes images at the target size: the server's limit must count that one,
+    not the first pass's (64x64 passed a 100x100 limit and then drew 128x128)."""
+    small = serve(bridge_engine, "tcp://127.0.0.1:0", limits=protocol.Limits(max_pixels=100 * 100))
+    t = _raw(small.address)
+    try:
+        header = {
+            "v": 1,
+            "op": "generate",
+            "id": "hires",
+            "request": {"prompt": "x", "width": 64, "height": 64, "hires_scale": 2},
+        }
+        ev = _ask(t, header)
+        assert (ev.id, ev.code, ev.field) == ("hires", "too_large", "request.hires_scale")
+        assert "128x128" in ev.message
+    finally:
+        t.close()
+        small.stop()
+
+
 def test_an_oversized_header_gets_too_large_with_its_id(server):
     """Finding 7: the id was null, so the sender could not match the error and hung."""
     s = _raw(server.address)
