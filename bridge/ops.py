@@ -106,11 +106,11 @@ class Ops:
 ADAPTER_KINDS = ("loras", "embeddings", "controls")  # Engine.info() keys, names only
 
 
-def adapter_names(info: dict) -> dict[str, list[str]]:
+def adapter_names(info: dict) -> dict[str, Any]:
     """The adapters a request may name (LoRAs, embeddings, control models), as `hello` lists
     them: names only, never the folders or paths they were found in; [] when the engine
     has none (or predates adapters)."""
-    return {kind: [n for n in info.get(kind) or [] if isinstance(n, str)] for kind in ADAPTER_KINDS}
+    return {k: [n for n in info.get(k) or [] if isinstance(n, str)] for k in ADAPTER_KINDS}
 
 
 _NOT_FOUND = re.compile(r"(LoRA|embedding|ControlNet model) ('.*') not found; searched: .*", re.S)

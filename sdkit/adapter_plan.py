@@ -116,11 +116,13 @@ def check(req: Request, engine: Engine) -> None:
         for name, actual in pairs:
             want = expected.get(name.replace(":", "").replace(",", ""))
             if want and actual[: len(want)] != want[:12]:
-                uses = used.loras if what == "LoRA" else used.embeddings
-                use = next(u for u in uses if u.name == name)
+                uses: list[LoraUse | EmbeddingUse] = [
+                    *(used.loras if what == "LoRA" else used.embeddings)
+                ]
+                found = next(u for u in uses if u.name == name)
                 raise RequestError(
-                    use.field,
-                    f"{what} {name!r}: {use.path} has hash {actual}, but the request's "
+                    found.field,
+                    f"{what} {name!r}: {found.path} has hash {actual}, but the request's "
                     f"{key} say {want} (another file of the same name)",
                 )
         if pairs:

@@ -41,7 +41,7 @@ SUFFIXES = {
 }
 _EMBEDDED = Path(__file__).resolve().parent / "embedded"
 # The shipped examples share one folder, so each kind takes only its own file type there.
-SHIPPED = {
+SHIPPED: dict[str, list[tuple[Path, tuple[str, ...]]]] = {
     "lora": [(_EMBEDDED / "adapters", (".safetensors",))],
     "embedding": [(_EMBEDDED / "adapters", (".pt",))],
     "control": [(_EMBEDDED / "control", SUFFIXES["control"])],
@@ -72,7 +72,11 @@ class AdapterFolders:
         environ: dict[str, str] | None = None,
     ) -> None:
         env = os.environ if environ is None else environ
-        given = {"lora": lora_dirs, "embedding": embedding_dirs, "control": control_dirs}
+        given: dict[str, Iterable[str | Path] | None] = {
+            "lora": lora_dirs,
+            "embedding": embedding_dirs,
+            "control": control_dirs,
+        }
         local = Path(model_path) if model_path is not None else None
         self._folders: dict[str, list[Folder]] = {}
         for kind in KINDS:
@@ -85,8 +89,7 @@ class AdapterFolders:
             folders = [Folder(p.resolve(), SUFFIXES[kind]) for p in paths]
             if embedded:
                 folders += [Folder(p, s) for p, s in SHIPPED[kind]]
-            seen: set[Folder] = set()
-            self._folders[kind] = [f for f in folders if not (f in seen or seen.add(f))]
+            self._folders[kind] = list(dict.fromkeys(folders))  # in order, each once
 
     def folders(self, kind: str) -> list[Path]:
         """The folders searched for `kind`, in order (existing or not)."""

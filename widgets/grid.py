@@ -115,7 +115,9 @@ class GridPanel:
             # the cells' own events (the studio shows every job on its engine) first, so
             # the grid lands last in the gallery and stays selected
             self.studio.follower.wait_idle(time.monotonic() + 30)
-            sheet = Result([g.image], [g.request.seed], g.request)
+            request = g.request
+            assert request is not None and request.seed is not None  # checked by grid()
+            sheet = Result([g.image], [request.seed], request)
             self.studio._finished(sheet, True)  # saved, into the gallery, selected
             self._show(f"{len(g.images)} cells · {g.image.width}x{g.image.height}")
         finally:
