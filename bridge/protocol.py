@@ -64,7 +64,7 @@ ERROR_CODES = {
     "connection_lost": "(client side) the connection dropped while the request was in flight",
     "timeout": "(client side) no answer within the client's timeout",
     "internal": "an unexpected server error; the server keeps running",
-    "unavailable": "(scale-out broker) no worker is connected to take the request",
+    "unavailable": "(Ray scale-out) no engine replica answered; all are down or restarting",
 }
 
 # Picture formats: bytes per pixel, None for encoded (PNG) data.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -42,16 +43,24 @@ def start_ray(address: str | None = "auto", num_cpus: int | None = None) -> Any:
     address such as ``ray://head:10001`` / ``head:6379``); returns the ray module."""
     import ray
 
-    if not ray.is_initialized():
-        target = None if address in (None, "", "auto", "local") else address
-        with _fixed_agent_ports():
-            ray.init(
-                address=target,
-                num_cpus=num_cpus if target is None else None,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
+    target = None if address in (None, "", "auto", "local") else address
+    for attempt in range(3):
+        if ray.is_initialized():
+            break
+        try:
+            with _fixed_agent_ports():
+                ray.init(
+                    address=target,
+                    num_cpus=num_cpus if target is None else None,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+        except Exception as e:  # noqa: BLE001 - a slow machine: Ray's own 30 s start-up limit
+            if target is not None or "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            log_event(logging.WARNING, "ray_start_retry", error=str(e))
+            ray.shutdown()
     return ray
 
 
@@ -65,6 +74,8 @@ def _fixed_agent_ports() -> Iterator[None]:
     ports given, nothing waits for those files.
     """
     from ray._private import parameter
+
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")  # the raylet's wait
 
     original = parameter.RayParams.__init__
 
@@ -217,7 +228,9 @@ class RayEngines:
             if error is not None:
                 raise RequestError(*error)
             return filled
-        raise RuntimeError(f"no engine replica answered: {last}")
+        from sdkit.bridge.protocol import ProtocolError
+
+        raise ProtocolError("unavailable", f"no engine replica answered ({type(last).__name__})")
 
     def submit(
         self,
@@ -344,22 +357,16 @@ class RayEngines:
             job._event("failed")
 
     def _wait_restart(self, i: int) -> bool:
-        """Block until Ray has restarted actor ``i``; False if it is gone for good."""
-        from ray.exceptions import ActorDiedError
-
-        deadline, died = time.monotonic() + RESTART_WAIT, 0
+        """Block until Ray has restarted actor ``i``; False if it is not back in time
+        (while it restarts, calls fail at once with `RayActorError`, so this polls)."""
+        deadline = time.monotonic() + RESTART_WAIT
         while not self._closed and time.monotonic() < deadline:
             try:
                 self._ray.get(self._actors[i].hello.remote(), timeout=10)
                 log_event(logging.INFO, "replica_back", replica=self.names[i])
                 return True
-            except ActorDiedError:
-                died += 1  # for good once Ray has used up max_restarts (keeps saying so)
-                if died >= 20:
-                    break
+            except Exception:  # noqa: BLE001 - restarting (or gone: then until the deadline)
                 time.sleep(0.5)
-            except Exception:  # noqa: BLE001 - restarting: unavailable or timed out
-                time.sleep(0.2)
         log_event(logging.ERROR, "replica_gone", replica=self.names[i])
         return False
 

@@ -168,4 +168,8 @@ def test_a_replica_that_dies_twice_under_a_job_fails_it_with_a_clear_error(clust
         with pytest.raises(BridgeError) as err:
             job.result(600)
         assert err.value.code == "failed" and "died while running this job" in str(err.value)
-        assert c.submit(prompt=PROMPT, seed=5, **FAST).result(600).seeds == [5]
+        for i in (0, 1):  # both come back (Ray restarts them) and serve again
+            _wait(lambda i=i: _pid(engine, i) not in (None, pids[i]), 300, f"replica {i}")
+        jobs = [c.submit(prompt=PROMPT, seed=s, **FAST) for s in (5, 6, 7)]
+        assert [j.result(600).seeds for j in jobs] == [[5], [6], [7]]
+        assert {j.worker for j in jobs} == set(engine.names)
