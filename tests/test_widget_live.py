@@ -8,6 +8,7 @@ on everything recorded once the widget is idle; waits are on events with timeout
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -142,19 +143,29 @@ def test_strokes_are_taken_at_once_while_a_frame_is_generating(studio, engine):
     live = studio.live
     live.debounce = 0.5
     started = threading.Event()
+    gate = threading.Event()  # holds the first frame inside its first UNet call until the
+    # stroke's frame is submitted, so "replaced while running" does not depend on timing
+    unet = engine.pipeline("img2img").unet
+    hold = unet.register_forward_pre_hook(lambda module, args: gate.wait(120) and None)
     unsubscribe = engine.subscribe(lambda kind, job, event: kind == "started" and started.set())
-    live.set_on(True)  # loads the live preset
-    studio.controls.num_inference_steps.value = 30  # a frame long enough to paint during
     try:
+        live.set_on(True)  # loads the live preset
         assert started.wait(120), "no live frame started"
+        running = [j for j in live.submitted if j.state == "running"]
+        before = len(live.submitted)
+        mouse(studio.painter, "down", 20, 20)  # canvas pixels; 320 px shows 64 image px
+        mouse(studio.painter, "move", 200, 200)
+        mouse(studio.painter, "up", 200, 200)
+        # the stroke is in the mask the moment the front end's message is handled
+        assert studio.painter.strokes == 1 and studio.painter.mask[20, 20] == 255
+        deadline = time.monotonic() + 60
+        while len(live.submitted) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(live.submitted) > before, "the stroke submitted no frame"
     finally:
+        gate.set()
+        hold.remove()
         unsubscribe()
-    running = [j for j in live.submitted if j.state == "running"]
-    mouse(studio.painter, "down", 20, 20)  # canvas pixels; 320 px shows 64 image px
-    mouse(studio.painter, "move", 200, 200)
-    mouse(studio.painter, "up", 200, 200)
-    # the stroke is in the mask the moment the front end's message is handled
-    assert studio.painter.strokes == 1 and studio.painter.mask[20, 20] == 255
     studio.wait(300)
     assert running and running[0].state == "cancelled"  # replaced by the stroke's frame
     last = live.submitted[-1]
