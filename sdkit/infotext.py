@@ -27,7 +27,8 @@ LoRAs of the `loras` field are written as `<lora:NAME:WEIGHT>` tags appended to 
 
 sdkit adds keys for what A1111 does not record: `Mode`, `Mask grow`, `Inpaint area`,
 `Masked area padding`, `Masked content`, `Resize mode`, `Batch size`, and for outpaint
-`Outpaint left/right/top/bottom`, `Extend fill`, `Seam`.
+`Outpaint left/right/top/bottom`, `Extend fill`, `Seam`, and for upscale `Upscale factor`,
+`Tile overlap`.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ KNOWN_KEYS = (
     "Outpaint bottom",
     "Extend fill",
     "Seam",
+    "Upscale factor",
+    "Tile overlap",
 )
 _SIDES = ("left", "right", "top", "bottom")  # outpaint: "Outpaint left" ... (only those > 0)
 
@@ -196,6 +199,9 @@ def format_infotext(req: Request, *, seed: int | None = None) -> str:
                 add(f"Outpaint {side}", getattr(req, side))
         add("Extend fill", req.extend_fill)
         add("Seam", req.seam)
+    if "upscale_factor" in reads:  # upscale (A1111's SD upscale script records neither)
+        add("Upscale factor", _num(req.upscale_factor))
+        add("Tile overlap", req.tile_overlap)
     if "control" in reads and req.control:
         from sdkit.control import infotext_pairs
 
@@ -376,6 +382,8 @@ def parse_infotext(text: str, cls: type[Request]) -> Request:
         take(f"Outpaint {side}", side, int)
     take("Extend fill", "extend_fill", choice(EXTEND_FILLS))
     take("Seam", "seam", int)
+    take("Upscale factor", "upscale_factor", float)
+    take("Tile overlap", "tile_overlap", int)
 
     if "control" in reads:
         from sdkit.control import parse_units

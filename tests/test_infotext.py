@@ -568,3 +568,24 @@ def test_infotext_round_trip_property(r):
 @given(requests())
 def test_dict_round_trip_property(r):
     assert Request.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def test_upscale_writes_and_reads_its_factor_and_overlap():
+    """Load PNG settings restores an upscale: its factor and tile overlap are recorded."""
+    req = Request(
+        mode="upscale",
+        prompt="a red circle",
+        upscale_factor=2.5,
+        tile_overlap=12,
+        strength=0.3,
+        width=160,
+        height=160,
+        seed=4,
+    )
+    text = req.to_infotext()
+    assert "Upscale factor: 2.5" in text and "Tile overlap: 12" in text
+    back = Request.from_infotext(text)
+    assert back.mode == "upscale" and not back.extra
+    assert (back.upscale_factor, back.tile_overlap, back.strength) == (2.5, 12, 0.3)
+    other = Request.from_infotext(text.replace("Mode: upscale, ", ""))  # not an upscale: kept
+    assert other.upscale_factor == 2.0 and other.extra["Upscale factor"] == "2.5"
