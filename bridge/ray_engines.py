@@ -241,10 +241,13 @@ class RayEngines:
         policy: str = "back",
         source: Any = None,
     ) -> RayJob:
-        """Queue for the next free replica (``front`` goes first; ``replace`` is the bridge's)."""
+        """Queue for the next free replica (``front`` goes first; ``replace`` is the bridge's).
+
+        The request is not checked here again (the bridge has, and a replica's own
+        `Engine.submit` does): a second round trip would cost every job a few ms."""
         if self._closed:
             raise RuntimeError("the engine replicas are closed")
-        job = RayJob(self.check(request), preview_every, callback)
+        job = RayJob(request, preview_every, callback)
         with self._lock:
             if policy == "front":
                 self._pending.appendleft(job)
