@@ -26,6 +26,7 @@ import shutil
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,8 +146,9 @@ def token_ids(tokenizer, texts: list[str]) -> torch.Tensor:
 # ------------------------------------------------------------------ LoRA
 
 
-def lora_layers(model) -> dict[str, torch.nn.Module]:
-    """The model's PEFT LoRA layers by module name."""
+def lora_layers(model) -> dict[str, Any]:
+    """The model's PEFT LoRA layers by module name (peft `LoraLayer`s: typed Any, their
+    `lora_A`/`lora_B` are ModuleDicts that torch's stubs do not describe)."""
     return {
         n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A
     }

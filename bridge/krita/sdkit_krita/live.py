@@ -129,15 +129,18 @@ class LiveMode(QObject):
 
     def checksum(self) -> int:
         """CRC-32 of the followed layer's pixels, the selection and the fields."""
-        doc, w, h = self.doc, self.doc.width(), self.doc.height()
-        crc = zlib.crc32(bytes(self.source.pixelData(0, 0, w, h)))
+        doc, source = self.doc, self.source
+        assert doc is not None and source is not None  # only polled while following
+        w, h = doc.width(), doc.height()
+        crc = zlib.crc32(bytes(source.pixelData(0, 0, w, h)))
         sel = doc.selection()
         if sel is not None:
             crc = zlib.crc32(bytes(sel.pixelData(0, 0, w, h)), crc)
         return zlib.crc32(repr(self.fields()).encode(), crc)
 
     def _send(self) -> None:
-        conn, doc = self.controller.conn, self.doc
+        conn, doc, source = self.controller.conn, self.doc, self.source
+        assert doc is not None and source is not None  # only sent while following
         params = self.fields()
         if params.width is None or params.height is None:
             params.width, params.height = conn.default_size()
@@ -145,9 +148,7 @@ class LiveMode(QObject):
         mode = conn.mode("inpaint" if selection is not None else "img2img")
 
         def read(rect: geo.Rect) -> bytes:
-            return bgra_to_rgba(
-                bytes(self.source.pixelData(rect.x, rect.y, rect.width, rect.height))
-            )
+            return bgra_to_rgba(bytes(source.pixelData(rect.x, rect.y, rect.width, rect.height)))
 
         action = ea.plan_action(
             mode,
@@ -177,6 +178,7 @@ class LiveMode(QObject):
         still = []
         for seq, action in self._pending:
             job = action.job
+            assert job is not None  # set right after the request was sent
             if job.result is not None and action.placement is None:
                 action.handle(job.result)
             if action.placement is not None and seq > self._shown:
@@ -189,6 +191,7 @@ class LiveMode(QObject):
 
     def _show(self, seq: int, placement: geo.Placement) -> None:
         doc = self.doc
+        assert doc is not None  # frames arrive only while following a document
         if self.layer is None or self.layer.parentNode() is None:
             self.layer = doc.createNode(LIVE_LAYER, "paintlayer")
             root = doc.rootNode()
