@@ -109,6 +109,7 @@ def _batch(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{run.summary.skipped} skipped, {len(run.summary.failed)} failed")
     except KeyboardInterrupt:
         run.close()  # cancels the job in flight
+        _wait_idle(executor)
         bar.close()
         print(f"interrupted: {run.summary} (rerun to resume)", file=sys.stderr)
         return 130
@@ -119,6 +120,17 @@ def _batch(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(run.summary, file=sys.stderr)
     return 1 if run.summary.failed else 0
+
+
+def _wait_idle(executor: Any, timeout: float = 30.0) -> None:
+    """Let a cancelled job leave torch before the interpreter exits: a worker thread still
+    inside a torch op at exit aborts the process ("terminate called without an active
+    exception", exit status -6 instead of 130)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while getattr(executor, "current_job", None) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def _out(args: argparse.Namespace) -> Any:
