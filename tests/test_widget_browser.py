@@ -221,7 +221,7 @@ def _paint_and_inpaint(url, root, page, page_errors):
     with urllib.request.urlopen(request, timeout=120) as r:
         assert r.status == 201, r.status
     _step("opening the notebook")
-    page.goto(f"{url}/lab/tree/studio.ipynb")
+    page.goto(f"{url}/lab/workspaces/studio/tree/studio.ipynb")  # its own workspace: see below
     page.locator(".jp-Notebook .jp-Cell").first.wait_for()
     dialog = page.locator(".jp-Dialog .jp-mod-accept")
     try:  # older/other set-ups may still ask: accept the preselected Python 3 kernel
@@ -417,7 +417,10 @@ def _open_notebook(url, root, page, name: str, cells: list[str]) -> None:
     )
     with urllib.request.urlopen(request, timeout=120) as r:
         assert r.status == 201, r.status
-    page.goto(f"{url}/lab/tree/{name}")
+    # A workspace of its own: the lab server outlives each test's browser and restores the
+    # default workspace's open tabs, so `.jp-Cell` first matched an earlier test's notebook,
+    # hidden behind this one ("element is not visible" when the tests ran together).
+    page.goto(f"{url}/lab/workspaces/{Path(name).stem}/tree/{name}")
     page.locator(".jp-Notebook .jp-Cell").first.wait_for()
     dialog = page.locator(".jp-Dialog .jp-mod-accept")
     try:
