@@ -65,6 +65,36 @@ def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
+def clipped_step(opt: torch.optim.Optimizer, params, loss: torch.Tensor) -> None:
+    """One optimiser step of every run here: backward, gradient norm clipped at 1, step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+class LossLog:
+    """The running loss average a run logs and checkpoints, and its progress line every
+    `every` steps (`<name> step S/T loss L<extra> (s/step)`)."""
+
+    def __init__(
+        self, name: str, total: int, avg: float | None, *, every: int = 25, keep: float = 0.98
+    ) -> None:
+        self.name, self.total, self.avg, self.every, self.keep = name, total, avg, every, keep
+        self._t0 = time.time()
+
+    def add(self, step: int, loss: float, extra: str = "") -> float:
+        self.avg = loss if self.avg is None else self.keep * self.avg + (1 - self.keep) * loss
+        if step % self.every == 0:
+            per_step = (time.time() - self._t0) / self.every
+            log(
+                f"{self.name} step {step}/{self.total} loss {self.avg:.4f}{extra} "
+                f"({per_step:.2f} s/step)"
+            )
+            self._t0 = time.time()
+        return self.avg
+
+
 def rng_for(seed: int, phase: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, phase, step])
 
@@ -173,10 +203,7 @@ def train_vae(args, work: Path):
             + 0.5 * edge_loss(rec, x)
             + 1e-6 * post.kl().mean()
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        clipped_step(opt, vae.parameters(), loss)
         step += 1
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         if step % 50 == 0 or step == args.vae_steps:
@@ -300,7 +327,9 @@ def train_unet(args, work: Path, tokenizer, data):
     ema_params = list(ema_unet.parameters()) + list(ema_te.parameters())
     unet.train()
     te.train()
-    t0, loss_avg = time.time(), state.get("loss") if ckpt.exists() else None
+    losses = LossLog(
+        "unet", args.unet_steps, state.get("loss") if ckpt.exists() else None, every=50, keep=0.99
+    )
     while step < args.unet_steps:
         rng = rng_for(args.seed, 4, step)
         idx = rng.integers(len(scenes), size=args.batch)
@@ -311,21 +340,13 @@ def train_unet(args, work: Path, tokenizer, data):
             group["lr"] = lr_at(step, args.unet_steps, args.lr)
         cond = te(ids).last_hidden_state
         loss = denoising_loss(unet, cond, x0, sched, weight, g, args.offset_noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        clipped_step(opt, params, loss)
         step += 1
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(ema_params, params, strict=True):
                 e.lerp_(p, 1 - decay)
-        loss_avg = loss.item() if loss_avg is None else 0.99 * loss_avg + 0.01 * loss.item()
-        if step % 50 == 0:
-            log(
-                f"unet step {step}/{args.unet_steps} loss {loss_avg:.4f} ({(time.time() - t0) / 50:.2f} s/step)"
-            )
-            t0 = time.time()
+        loss_avg = losses.add(step, loss.item())
         if step % 250 == 0 or step == args.unet_steps:
             state = {
                 "unet": unet.state_dict(),

@@ -34,6 +34,8 @@ import torch
 from sdkit.embedded import shapes
 from sdkit.embedded.train import (
     MODEL_DIR,
+    LossLog,
+    clipped_step,
     denoising_loss,
     images_to_tensor,
     log,
@@ -240,7 +242,7 @@ def train_lora(args, work: Path) -> None:
     sched, weight = noise_schedule()
     n_half = 2 * round(args.batch * args.half_share / 2)
     n_new = (args.batch - n_half) // 2
-    t0 = time.time()
+    losses = LossLog("lora", args.steps, loss_avg)
     for m in models.values():
         m.train()
     exported = None
@@ -270,17 +272,9 @@ def train_lora(args, work: Path) -> None:
             hx0 = torch.cat([new["latents"][h_new], old["latents"][h_sq]])
             share = n_half / args.batch
             loss = (1 - share) * loss + share * loss_at(0.5, htexts, hx0, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        clipped_step(opt, params, loss)
         step += 1
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        if step % 25 == 0:
-            log(
-                f"lora step {step}/{args.steps} loss {loss_avg:.4f} ({(time.time() - t0) / 25:.2f} s/step)"
-            )
-            t0 = time.time()
+        loss_avg = losses.add(step, loss.item())
         if step % args.save_every == 0 or step == args.steps:
             state = {
                 "params": [p.detach() for p in params],
@@ -355,7 +349,7 @@ def train_ti(args, work: Path) -> None:
         log(f"ti: resumed at step {step}")
     sched, weight = noise_schedule()
     trigger = " ".join(tokens)
-    t0 = time.time()
+    losses = LossLog("ti", args.steps, loss_avg)
     exported = None
     while step < args.steps:
         rng = rng_for(args.seed, 12, step)
@@ -373,12 +367,7 @@ def train_ti(args, work: Path) -> None:
             table.copy_(torch.where(keep, frozen, table))
         step += 1
         vectors = table[ids].detach().clone()
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        if step % 25 == 0:
-            log(
-                f"ti step {step}/{args.steps} loss {loss_avg:.4f} norm {vectors.norm(dim=1).mean():.3f} ({(time.time() - t0) / 25:.2f} s/step)"
-            )
-            t0 = time.time()
+        loss_avg = losses.add(step, loss.item(), f" norm {vectors.norm(dim=1).mean():.3f}")
         if step % args.save_every == 0 or step == args.steps:
             state = {"vectors": vectors, "opt": opt.state_dict(), "step": step, "loss": loss_avg}
             save_checkpoint(state, ckpt)

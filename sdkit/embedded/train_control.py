@@ -30,6 +30,8 @@ import torch
 
 from sdkit.embedded import scribbles, shapes
 from sdkit.embedded.train import (
+    LossLog,
+    clipped_step,
     denoising_loss,
     images_to_tensor,
     log,
@@ -107,7 +109,8 @@ def train(args) -> None:
         step, loss_avg = state["step"], state["loss"]
         log(f"control: resumed at step {step}")
     sched, weight = noise_schedule()
-    started, t0, exported = time.time(), time.time(), None
+    started, exported = time.time(), None
+    losses = LossLog("control", args.steps, loss_avg)
     while step < args.steps:
         rng = rng_for(args.seed, 30, step)
         idx = rng.integers(len(data["scenes"]), size=args.batch)
@@ -122,17 +125,9 @@ def train(args) -> None:
         loss = denoising_loss(
             model, cond, data["latents"][idx], sched, weight, g, args.offset_noise
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        clipped_step(opt, params, loss)
         step += 1
-        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-        if step % 25 == 0:
-            log(
-                f"control step {step}/{args.steps} loss {loss_avg:.4f} ({(time.time() - t0) / 25:.2f} s/step)"
-            )
-            t0 = time.time()
+        loss_avg = losses.add(step, loss.item())
         if step % args.save_every == 0 or step == args.steps:
             state = {"model": net.state_dict(), "opt": opt.state_dict(), "step": step}
             save_checkpoint(state | {"loss": loss_avg}, ckpt)
