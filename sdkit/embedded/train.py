@@ -273,15 +273,30 @@ def noise_schedule():
     return sched, torch.clamp(snr, max=5.0) / snr
 
 
-def denoising_loss(unet, cond, x0, sched, weight, g: torch.Generator, offset_noise: float):
+def denoising_loss(
+    unet,
+    cond,
+    x0,
+    sched,
+    weight,
+    g: torch.Generator,
+    offset_noise: float,
+    uncond: torch.Tensor | None = None,
+    guidance: float = 1.0,
+):
     """Epsilon-prediction loss with offset noise and min-SNR weighting (shared with the
-    adapter trainers in `train_adapters.py`)."""
+    adapter trainers in `train_adapters.py`). With `uncond`, the loss is on the prediction
+    as classifier-free guidance at `guidance` combines it, so an adapter learns what is
+    sampled at that scale, not only the conditional half of it."""
     noise = torch.randn(x0.shape, generator=g) + offset_noise * torch.randn(
         (x0.shape[0], x0.shape[1], 1, 1), generator=g
     )
     t = torch.randint(0, 1000, (x0.shape[0],), generator=g)
     xt = sched.add_noise(x0, noise, t)
     pred = unet(xt, t, encoder_hidden_states=cond).sample
+    if uncond is not None:
+        base = unet(xt, t, encoder_hidden_states=uncond).sample
+        pred = base + guidance * (pred - base)
     per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
     return (per * weight[t]).mean()
 

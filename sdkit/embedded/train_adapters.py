@@ -247,23 +247,36 @@ def train_lora(args, work: Path) -> None:
         m.train()
     exported = None
 
-    def loss_at(scale, texts, x0, g):
+    def loss_at(scale, texts, x0, g, guidance=None):
         set_lora_scale(models.values(), scale)
         with torch.set_grad_enabled("te" in models):
             cond = te(token_ids(tok, texts)).last_hidden_state
-        return denoising_loss(unet, cond, x0, sched, weight, g, args.offset_noise)
+            uncond = te(token_ids(tok, [""] * len(texts))).last_hidden_state if guidance else None
+        return denoising_loss(
+            unet, cond, x0, sched, weight, g, args.offset_noise, uncond, guidance or 1.0
+        )
 
     while step < args.steps:
         rng = rng_for(args.seed, 11, step)
         i_new = rng.integers(len(new["scenes"]), size=n_new)
         i_old = rng.integers(len(old["scenes"]), size=args.batch - n_half - n_new)
         texts = [full_caption(new["scenes"][i], rng, shape=LORA_WORD) for i in i_new]
+        if args.cross_dropout:
+            texts = ["" if rng.random() < args.cross_dropout else t for t in texts]
         texts += [shapes.caption(old["scenes"][i], rng) for i in i_old]
         x0 = torch.cat([new["latents"][i_new], old["latents"][i_old]])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, warmup=50)
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        loss = loss_at(1.0, texts, x0, g)
+        if args.guidance:
+            # The crosses as sampled at the model's guidance; ordinary scenes as trained.
+            k = len(i_new)
+            loss = (
+                k * loss_at(1.0, texts[:k], x0[:k], g, args.guidance)
+                + (len(texts) - k) * loss_at(1.0, texts[k:], x0[k:], g)
+            ) / len(texts)
+        else:
+            loss = loss_at(1.0, texts, x0, g)
         if n_half:
             h_new = rng.integers(len(new["scenes"]), size=n_half // 2)
             h_sq = squares[rng.integers(len(squares), size=n_half // 2)]
@@ -413,6 +426,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--te-rank", type=int, default=0, help="text-encoder LoRA rank; 0: none")
     p.add_argument(
         "--half-share", type=float, default=0.0, help="share of each batch at LoRA scale 0.5"
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=0.0,
+        help="LoRA: train the crosses' loss on the guided prediction at this scale; 0: off",
+    )
+    p.add_argument(
+        "--cross-dropout", type=float, default=0.0, help="LoRA: share of empty cross captions"
     )
     p.add_argument("--init-lora", type=Path, default=None, help="warm start from a kohya file")
     p.add_argument("--keep-exports", action="store_true", help="also keep NAME_STEP files")
