@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from sdkit import conditioning, control, fast, hires, schedulers
+from sdkit import conditioning, control, encode_cache, fast, hires, schedulers
 from sdkit.fitting import fit_image, inpaint_finish, inpaint_inputs
 from sdkit.jobs import EventKind, Interrupted, Job, ProgressEvent
 from sdkit.modes import Mode
@@ -220,11 +220,12 @@ def run_img2img(ctx: RunContext) -> list[Image.Image]:
     pipe = ctx.pipeline()
     kwargs = ctx.common_kwargs(denoise_steps(ctx.steps, req.strength))
     del kwargs["width"], kwargs["height"]  # img2img pipelines take the image's size
-    return pipe(
-        image=fit_image(filled(req.image, "image"), *ctx.size, req.resize_mode),
-        strength=req.strength,
-        **ctx.with_prompts(pipe, kwargs),
-    ).images
+    with encode_cache.scope(ctx.engine, pipe):  # same picture again: no VAE encode
+        return pipe(
+            image=fit_image(filled(req.image, "image"), *ctx.size, req.resize_mode),
+            strength=req.strength,
+            **ctx.with_prompts(pipe, kwargs),
+        ).images
 
 
 def run_inpaint(ctx: RunContext) -> list[Image.Image]:
@@ -233,12 +234,13 @@ def run_inpaint(ctx: RunContext) -> list[Image.Image]:
     ctx.crop_box = work.box
     pipe = ctx.pipeline(Mode.INPAINT)
     kwargs = ctx.common_kwargs(denoise_steps(ctx.steps, req.strength))
-    out = pipe(
-        image=work.image,
-        mask_image=work.mask,
-        strength=req.strength,
-        **ctx.with_prompts(pipe, kwargs),
-    ).images
+    with encode_cache.scope(ctx.engine, pipe):  # image and masked image, as img2img
+        out = pipe(
+            image=work.image,
+            mask_image=work.mask,
+            strength=req.strength,
+            **ctx.with_prompts(pipe, kwargs),
+        ).images
     done = []
     for image in out:  # compositing a large batch takes a while: cancel between items
         ctx.check_cancel()
@@ -268,12 +270,13 @@ def _with_inpainting_unet(ctx: RunContext) -> list[Image.Image]:
         image, strength = Image.new("RGB", size, (127, 127, 127)), 1.0
     kwargs = ctx.common_kwargs(denoise_steps(ctx.steps, strength))
     unconditional = req.mode == Mode.UNCONDITIONAL
-    return pipe(
-        image=image,
-        mask_image=Image.new("L", size, 255),
-        strength=strength,
-        **ctx.with_prompts(pipe, kwargs, unconditional=unconditional),
-    ).images
+    with encode_cache.scope(ctx.engine, pipe):
+        return pipe(
+            image=image,
+            mask_image=Image.new("L", size, 255),
+            strength=strength,
+            **ctx.with_prompts(pipe, kwargs, unconditional=unconditional),
+        ).images
 
 
 def _pixel_unconditional(ctx: RunContext) -> list[Image.Image]:
