@@ -403,7 +403,8 @@ def _check_limits(request: Any, limits: P.Limits, rid: str, engine: Any = None) 
     pixels = width * height * n
     if pixels > limits.max_pixels:
         hires = request.mode == "txt2img" and enabled(request)
-        field = "request.hires_scale" if hires else "request.width"
+        target = "hires_width" if request.hires_width or request.hires_height else "hires_scale"
+        field = f"request.{target}" if hires else "request.width"
         raise P.ProtocolError(
             "too_large",
             f"this request makes {n} x {width}x{height} = {pixels} pixels; "

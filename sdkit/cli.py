@@ -73,6 +73,9 @@ _HELP = {
     "padding": "context pixels around the mask for --only-masked",
     "fill": f"what the masked area starts from: {' | '.join(FILLS)}",
     "hires_scale": "hires fix: a second pass at this multiple of the size (1: off)",
+    "hires_width": "hires fix: target width (A1111's 'Resize width to'; 0: from the height's "
+    "aspect, or --hires-scale); both set: cover, then crop",
+    "hires_height": "hires fix: target height (0: from the width's aspect, or --hires-scale)",
     "hires_steps": "hires fix: steps of the second pass (0: as many as the first)",
     "hires_denoise": "hires fix: how much the second pass changes, in (0, 1]",
     "hires_upscaler": f"hires fix upscaler: {' | '.join(HIRES_UPSCALERS)}",

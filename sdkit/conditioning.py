@@ -198,9 +198,12 @@ def _encoders(pipe: Any) -> list[tuple[Any, Any]]:
 
 
 @torch.no_grad()
-def encode_prompt(pipe: Any, prompt: str, steps: int, clip_skip: int = 1) -> Encoded:
-    """`prompt`'s schedule encoded with every text encoder of `pipe`."""
-    plan = schedule(prompt, steps)
+def encode_prompt(
+    pipe: Any, prompt: str, steps: int, clip_skip: int = 1, first_pass: int | None = None
+) -> Encoded:
+    """`prompt`'s schedule encoded with every text encoder of `pipe` (`first_pass`: for a
+    hires pass after that many steps, `prompt_syntax.schedule`)."""
+    plan = schedule(prompt, steps, first_pass=first_pass)
     texts = [text for _, text in plan]
     sdxl = is_sdxl(pipe)
     states, pooled = [], None
@@ -281,11 +284,17 @@ class PromptEmbeds:
 
 @torch.no_grad()
 def encode(
-    pipe: Any, prompt: str, negative_prompt: str, *, steps: int, clip_skip: int = 1
+    pipe: Any,
+    prompt: str,
+    negative_prompt: str,
+    *,
+    steps: int,
+    clip_skip: int = 1,
+    first_pass: int | None = None,
 ) -> PromptEmbeds:
     """Both prompts encoded, the negative padded (or the positive) to the same length."""
     sdxl = is_sdxl(pipe)
-    positive = encode_prompt(pipe, prompt, steps, clip_skip)
+    positive = encode_prompt(pipe, prompt, steps, clip_skip, first_pass)
     zero_negative = (
         sdxl and not negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False)
     )
@@ -297,7 +306,7 @@ def encode(
             torch.zeros_like(pooled) if pooled is not None else None,
         )
     else:
-        negative = encode_prompt(pipe, negative_prompt, steps, clip_skip)
+        negative = encode_prompt(pipe, negative_prompt, steps, clip_skip, first_pass)
         tokens = max(positive.embeds.shape[1], negative.embeds.shape[1])
         if positive.embeds.shape[1] != negative.embeds.shape[1]:  # A1111's pad_cond_uncond
             empty = negative if not negative_prompt else encode_prompt(pipe, "", steps, clip_skip)
@@ -339,6 +348,7 @@ def prompt_kwargs(
     negative_prompt: str,
     *,
     steps: int,
+    first_pass: int | None = None,
     clip_skip: int | None = None,
     callback: Callable | None = None,
     family: str | None = None,
@@ -349,12 +359,15 @@ def prompt_kwargs(
     wrapped to switch the conditioning). Plain prompts: exactly what diffusers takes today,
     or, with a `cache` (`sdkit.prompt_cache`), diffusers' own `encode_prompt` output for
     them, computed once per key. `adapters`: the job's LoRAs (`prompt_cache.adapters_key`).
-    `family` ("sd1", "sd2", "sdxl"): the model's, for A1111's clip-skip rule."""
+    `family` ("sd1", "sd2", "sdxl"): the model's, for A1111's clip-skip rule. `first_pass`:
+    these are a hires fix's second pass of `steps` steps after that many (prompt editing on
+    A1111's one timeline for both passes, `prompt_syntax.schedule`)."""
     skip = effective_clip_skip(pipe, clip_skip, family)
     plain = not needs_embeds(pipe, prompt, negative_prompt, steps, skip)
     key = None
     if cache is not None:
-        key = (plain, prompt, negative_prompt, steps, skip, adapters, encoder_key(pipe))
+        edits = None if plain else first_pass  # plain prompts read the same in either pass
+        key = (plain, prompt, negative_prompt, steps, edits, skip, adapters, encoder_key(pipe))
     if plain and (key is None or is_sdxl(pipe)):  # SDXL's encode_prompt differs: not cached
         return {
             "prompt": prompt,
@@ -372,10 +385,15 @@ def prompt_kwargs(
             "callback_on_step_end": callback,
         }
     if cache is None:
-        embeds = encode(pipe, prompt, negative_prompt, steps=steps, clip_skip=skip)
+        embeds = encode(
+            pipe, prompt, negative_prompt, steps=steps, clip_skip=skip, first_pass=first_pass
+        )
     else:
         embeds = cache.get(
-            key, lambda: encode(pipe, prompt, negative_prompt, steps=steps, clip_skip=skip)
+            key,
+            lambda: encode(
+                pipe, prompt, negative_prompt, steps=steps, clip_skip=skip, first_pass=first_pass
+            ),
         )
     return {
         **embeds.kwargs(0),

@@ -15,8 +15,9 @@ lost on a round trip.
 
 Without a `Mode` key the mode is what A1111's tabs imply: mask keys (`Mask blur`,
 `Masked content`, `Inpaint area`, ...) -> inpaint; `Denoising strength` without hires keys
--> img2img; else txt2img, where `Hires upscale`, `Hires steps` (omitted when 0) and
-`Hires upscaler` are the hires fix and `Denoising strength` is its second pass's strength.
+-> img2img; else txt2img, where `Hires upscale` (or `Hires resize: WxH`, the target size,
+0 for a side taken from the aspect ratio), `Hires steps` (omitted when 0) and `Hires
+upscaler` are the hires fix and `Denoising strength` is its second pass's strength.
 An upscaler sdkit lacks (A1111's ESRGAN family, `Latent (bicubic)`, ...) runs as the
 nearest it has (`Latent` for latent ones, else `Lanczos`); its name stays in `extra` and
 is written back while the field still maps to it.
@@ -83,6 +84,7 @@ KNOWN_KEYS = (
     "Batch size",
     "Clip skip",
     "Hires upscale",
+    "Hires resize",
     "Hires steps",
     "Hires upscaler",
     "Outpaint left",
@@ -165,7 +167,8 @@ def format_infotext(req: Request, *, seed: int | None = None) -> str:
     if req.mode != "txt2img":
         add("Mode", req.mode)
     reads = _mode_fields(req.mode)  # mode-specific keys follow the fields the mode reads
-    hires = "hires_scale" in reads and req.hires_scale is not None
+    resize = bool(req.hires_width or req.hires_height)
+    hires = "hires_scale" in reads and (req.hires_scale is not None or resize)
     if "strength" in reads:
         add("Denoising strength", _num(req.strength))
     elif hires:  # A1111 writes the hires pass's strength under this key on txt2img
@@ -186,8 +189,11 @@ def format_infotext(req: Request, *, seed: int | None = None) -> str:
         add("Batch size", req.num_images)
     if "clip_skip" in reads and req.clip_skip not in (None, 1):  # A1111 omits 1
         add("Clip skip", req.clip_skip)
-    if hires and req.hires_scale is not None:
-        add("Hires upscale", _num(req.hires_scale))
+    if hires:
+        if resize:  # A1111 writes the target size instead of the scale it then ignores
+            add("Hires resize", f"{req.hires_width}x{req.hires_height}")
+        else:
+            add("Hires upscale", _num(req.hires_scale))
         if req.hires_steps:  # A1111 omits 0 (= as many as Steps)
             add("Hires steps", req.hires_steps)
         named = req.extra.get("Hires upscaler")  # A1111's own name, when it still applies
@@ -360,8 +366,12 @@ def parse_infotext(text: str, cls: type[Request]) -> Request:
             values.pop("Size")
             fields["width"], fields["height"] = int(m.group(1)), int(m.group(2))
     take("Model", "model", str)
-    if "hires_scale" in reads and _is_float(values.get("Hires upscale")):
+    resize = _SIZE.match(values.get("Hires resize", ""))
+    if "hires_scale" in reads and (_is_float(values.get("Hires upscale")) or resize):
         take("Hires upscale", "hires_scale", float)
+        if resize:
+            values.pop("Hires resize")
+            fields["hires_width"], fields["hires_height"] = map(int, resize.groups())
         take("Hires steps", "hires_steps", int)
         take("Denoising strength", "hires_denoise", float)
         named = values.get("Hires upscaler")

@@ -172,14 +172,21 @@ def _control_check(request: Request, engine: Any) -> Request:
 def _txt2img_check(request: Request, engine: Any) -> Request:
     """Control units, then the hires-fix target size (sdkit.hires, imported on first use)."""
     request = _control_check(request, engine)
-    if request.hires_scale is None:
+    if request.hires_scale is None and not request.hires_width and not request.hires_height:
         return request
     from sdkit import hires
 
     return hires.check(request, engine)
 
 
-_HIRES = ("hires_scale", "hires_steps", "hires_denoise", "hires_upscaler")
+_HIRES = (
+    "hires_scale",
+    "hires_width",
+    "hires_height",
+    "hires_steps",
+    "hires_denoise",
+    "hires_upscaler",
+)
 
 register(
     ModeSpec(

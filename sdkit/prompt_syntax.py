@@ -241,7 +241,9 @@ class _Reader:
         return None
 
 
-def schedule(prompt: str, steps: int, *, old_timelines: bool = False) -> list[tuple[int, str]]:
+def schedule(
+    prompt: str, steps: int, *, old_timelines: bool = False, first_pass: int | None = None
+) -> list[tuple[int, str]]:
     """`[(until_step, text), ...]` for `steps` steps, as A1111's
     `get_learned_conditioning_prompt_schedules` computes it; the last entry ends at `steps`.
 
@@ -251,6 +253,13 @@ def schedule(prompt: str, steps: int, *, old_timelines: bool = False) -> list[tu
     agree on the documented forms (`0.25`, `.5`, `10`). Alternation switches every step.
     A1111 picks the entry for its 0-based sampler step i as the first with i <= until_step;
     `entry_at` does the same.
+
+    `first_pass`: the schedule of a hires fix's second pass of `steps` steps after a first
+    pass of `first_pass` steps, on A1111's one timeline for both: a step number counts the
+    first pass's steps first (`when - first_pass`), a fraction spans 1 for the first pass
+    and 1 more for the second (`(when - 1) * steps`), so `[a:b:0.5]` is `b` all through
+    pass 2 and `[a:b:25]` after 20 first-pass steps switches after pass 2's step 5. The old
+    timelines ignore it, as in A1111.
     """
     try:
         items = _Reader(prompt).start()
@@ -264,7 +273,9 @@ def schedule(prompt: str, steps: int, *, old_timelines: bool = False) -> list[tu
             if old_timelines:
                 value = value * steps if value < 1 else value
             elif "." in node.when:
-                value *= steps
+                value = (value - (0.0 if first_pass is None else 1.0)) * steps
+            elif first_pass is not None:
+                value -= first_pass
             node.at = min(steps, int(value))
             if node.at >= 1:
                 bounds.add(node.at)

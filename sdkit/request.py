@@ -58,6 +58,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "hires_scale": (1, 4),  # txt2img hires fix: second pass at this multiple of the size
     "hires_steps": (0, MAX_STEPS),  # 0: as many as num_inference_steps (A1111)
     "hires_denoise": (MIN_STRENGTH, 1),  # the second pass's img2img strength
+    "hires_width": (0, MAX_SIZE),  # txt2img hires fix target size (A1111's "Resize width
+    "hires_height": (0, MAX_SIZE),  # to"); 0 = unset; either one set overrides hires_scale
     "left": (0, MAX_SIZE),  # outpaint: pixels added on each side
     "right": (0, MAX_SIZE),
     "top": (0, MAX_SIZE),
@@ -105,6 +107,8 @@ class Request:
     hires_steps: int = 0
     hires_denoise: float = 0.7
     hires_upscaler: str = "Latent"
+    hires_width: int = 0  # hires target size; 0: from the other side or hires_scale
+    hires_height: int = 0
     left: int = 0  # outpaint
     right: int = 0
     top: int = 0
@@ -157,6 +161,10 @@ class Request:
         _check_range("hires_steps", self.hires_steps, integer=True, optional=False)
         _check_range("hires_denoise", self.hires_denoise, integer=False, optional=False)
         _check_choice("hires_upscaler", self.hires_upscaler, HIRES_UPSCALERS)
+        for name in ("hires_width", "hires_height"):
+            _check_range(name, getattr(self, name), integer=True, optional=False)
+            if getattr(self, name):
+                _check_size(name, getattr(self, name), vae_factor)
         for name in ("left", "right", "top", "bottom", "seam", "tile_overlap"):
             _check_range(name, getattr(self, name), integer=True, optional=False)
         _check_range("upscale_factor", self.upscale_factor, integer=False, optional=False)

@@ -134,11 +134,17 @@ class RunContext:
         }
 
     def with_prompts(
-        self, pipe: Any, kwargs: dict, *, unconditional: bool = False, steps: int | None = None
+        self,
+        pipe: Any,
+        kwargs: dict,
+        *,
+        unconditional: bool = False,
+        steps: int | None = None,
+        first_pass: int | None = None,
     ) -> dict:
         """`kwargs` plus the prompts: A1111 syntax or clip skip as `prompt_embeds` (switched
-        per step for prompt editing over `steps`, default the request's), plain prompts as
-        text exactly as before."""
+        per step for prompt editing over `steps`, default the request's; `first_pass`: a hires
+        pass's, whose edits count that many steps first), plain prompts as text as before."""
         req = self.request
         prompt, negative = ("", "") if unconditional else (req.prompt, req.negative_prompt)
         prompt = without_lora_tags(prompt)  # LoRA tags never reach CLIP
@@ -149,6 +155,7 @@ class RunContext:
                 prompt,
                 negative,
                 steps=steps or self.steps,
+                first_pass=first_pass,
                 clip_skip=None if unconditional else req.clip_skip,
                 callback=kwargs["callback_on_step_end"],
                 family=self.engine.family,

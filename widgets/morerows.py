@@ -44,6 +44,8 @@ _FACTORIES: dict[str, Callable[[Any], w.Widget]] = {
         layout=w.Layout(width="100%"),
     ),
     "hires_scale": _float("Hires scale", 0.25),
+    "hires_width": _int("Resize width"),  # A1111's "Resize width to"; 0: unset
+    "hires_height": _int("Resize height"),
     "hires_steps": _int("Hires steps"),
     "hires_denoise": lambda v: w.FloatSlider(
         v,
@@ -67,7 +69,17 @@ _FACTORIES: dict[str, Callable[[Any], w.Widget]] = {
 FIELDS = tuple(_FACTORIES)
 
 GROUPS = {  # heading and rows, as in `controls.GROUPS`
-    "hires": ("Hires fix", ("hires_scale", "hires_steps", "hires_denoise", "hires_upscaler")),
+    "hires": (
+        "Hires fix",
+        (
+            "hires_scale",
+            "hires_width",
+            "hires_height",
+            "hires_steps",
+            "hires_denoise",
+            "hires_upscaler",
+        ),
+    ),
     "outpaint": ("Outpaint", ("left", "right", "top", "bottom", "extend_fill", "seam")),
     "upscale": ("Upscale", ("upscale_factor", "tile_overlap")),
 }
