@@ -13,8 +13,12 @@ then superseded ran (approximate: the driver's own time is in it; it mostly slee
 One warm-up frame runs first (it builds the img2img pipeline from the loaded one).
 
 --profile times the stages of a live frame with hooks (text encoder, UNet, VAE
-encode/decode, scheduler steps), the PNG encoding of the result, and the event delivery
-(job end -> listener), "before" (prompt cache off) and "after" (cache on).
+encode/decode, scheduler steps, the VAE-encoding cache's key), the PNG encoding of the
+result, and the event delivery (job end -> listener), in four columns: no caches; the
+prompt cache only (`sdkit.prompt_cache`); the prompt and VAE-encoding caches
+(`sdkit.encode_cache`) on the same canvas every frame (a stream that re-sends the picture
+while the prompt, strength or seed change); both caches while every frame adds a dot to
+the canvas (painting: the encoding cache misses every frame, so this column shows its cost).
 """
 
 from __future__ import annotations
@@ -193,13 +197,24 @@ def bridge_session(engine) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- profile
 
 
-def profile(engine, frames: int, cache: bool) -> dict[str, float]:
-    """Median seconds per live frame for each stage."""
+# (prompt cache, encoding cache, painting) per column of --profile
+PROFILE_COLUMNS: dict[str, tuple[bool, bool, bool]] = {
+    "no caches": (False, False, False),
+    "prompt cache": (True, False, False),
+    "prompt + encode cache": (True, True, False),
+    "both, painting": (True, True, True),
+}
+
+
+def profile(engine, frames: int) -> dict[str, dict[str, float]]:
+    """Median seconds per live frame for each stage, per column of `PROFILE_COLUMNS`. The
+    columns take turns frame by frame, so a change in the machine's load hits them alike."""
+    from sdkit import encode_cache as encodings
     from sdkit.embedded import shapes
     from sdkit.live import LIVE_POLICY, live_request
 
     base = engine._base
-    rows: list[dict[str, float]] = []
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in PROFILE_COLUMNS}
     current: dict[str, float] = {}
 
     def timed(name: str, fn: Callable) -> Callable:
@@ -226,53 +241,71 @@ def profile(engine, frames: int, cache: bool) -> dict[str, float]:
     sched_cls = diffusers.DPMSolverMultistepScheduler
     step = sched_cls.step
     sched_cls.step = timed("scheduler", step)
-    engine.prompt_cache.enabled = cache
-    canvas = shapes.render(shapes.Scene("circle", "red", "blue", 32, 32, 14, 0))
+    key = encodings.posterior_key
+    encodings.posterior_key = timed("VAE encode cache key", key)
+    still = shapes.render(shapes.Scene("circle", "red", "blue", 32, 32, 14, 0))
+    painted = still
+    rng = np.random.default_rng(1)
     try:
-        for i in range(frames + 1):  # the first one warms up (and fills the cache)
-            current.clear()
-            arrived = threading.Event()
-            stamp: list[float] = []
+        for i in range(frames + 1):  # the first round warms up (and fills the caches)
+            painted = painted.copy()  # a new dot every frame: a changed picture
+            x, y = rng.uniform(4, 60, 2)
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            ImageDraw.Draw(painted).ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            for column, (prompt_cache, encode_cache, painting) in PROFILE_COLUMNS.items():
+                engine.prompt_cache.enabled = prompt_cache
+                encodings.of(engine).enabled = encode_cache
+                current.clear()
+                arrived = threading.Event()
+                stamp: list[float] = []
 
-            def on(kind, job, ev, stamp=stamp, arrived=arrived):
-                if kind == "done":
-                    stamp.append(time.perf_counter())
-                    arrived.set()
+                def on(kind, job, ev, stamp=stamp, arrived=arrived):
+                    if kind == "done":
+                        stamp.append(time.perf_counter())
+                        arrived.set()
 
-            t0 = time.perf_counter()
-            job = engine.submit(
-                live_request(canvas, PROMPT),
-                preview_every=0,
-                callback=on,
-                policy=LIVE_POLICY,
-                source="profile",
-            )
-            result = job.result()
-            assert arrived.wait(60)
-            t_end = stamp[0]
-            current["event delivery"] = t_end - job.finished_at
-            t = time.perf_counter()
-            io_buf = io.BytesIO()
-            result.images[0].save(io_buf, "png")
-            current["PIL/PNG"] = time.perf_counter() - t
-            current["total"] = t_end - t0 + current["PIL/PNG"]
-            accounted = sum(v for k, v in current.items() if k != "total")
-            current["other (pipeline glue, PIL in/out)"] = current["total"] - accounted
-            if i:
-                rows.append(dict(current))
+                t0 = time.perf_counter()
+                job = engine.submit(
+                    live_request(painted if painting else still, PROMPT),
+                    preview_every=0,
+                    callback=on,
+                    policy=LIVE_POLICY,
+                    source="profile",
+                )
+                result = job.result()
+                assert arrived.wait(60)
+                t_end = stamp[0]
+                current["event delivery"] = t_end - job.finished_at
+                t = time.perf_counter()
+                io_buf = io.BytesIO()
+                result.images[0].save(io_buf, "png")
+                current["PIL/PNG"] = time.perf_counter() - t
+                current["total"] = t_end - t0 + current["PIL/PNG"]
+                accounted = sum(v for k, v in current.items() if k != "total")
+                current["other (pipeline glue, PIL in/out)"] = current["total"] - accounted
+                if i:
+                    rows[column].append(dict(current))
     finally:
         for obj, attr in patched:
             delattr(obj, attr)
         sched_cls.step = step
+        encodings.posterior_key = key
         engine.prompt_cache.enabled = True
-    keys = [*names, "scheduler", "event delivery", "PIL/PNG", "other (pipeline glue, PIL in/out)"]
-    return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in [*keys, "total"]}
+        encodings.of(engine).enabled = True
+    keys = [*names, "VAE encode cache key", "scheduler", "event delivery", "PIL/PNG"]
+    keys += ["other (pipeline glue, PIL in/out)", "total"]
+    return {
+        column: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in keys}
+        for column, rs in rows.items()
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", action="store_true", help="per-stage table of one live frame")
-    ap.add_argument("--frames", type=int, default=15, help="frames per profile column")
+    ap.add_argument(
+        "--frames", type=int, default=15, help="frames per profile column (after a warm-up round)"
+    )
     ap.add_argument("--model", default=None, help="model spec (default: the embedded model)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     args = ap.parse_args()
@@ -289,11 +322,11 @@ def main() -> None:
     print(f"{dict(LIVE_DEFAULTS)}")
     try:
         if args.profile:
-            before = profile(engine, args.frames, cache=False)
-            after = profile(engine, args.frames, cache=True)
-            print("\n| stage (median s/frame) | before | after |\n| --- | --- | --- |")
-            for k in before:
-                print(f"| {k} | {before[k]:.4f} | {after[k]:.4f} |")
+            columns = profile(engine, args.frames)
+            print("\n| stage (median s/frame) | " + " | ".join(columns) + " |")
+            print("| --- |" + " --- |" * len(columns))
+            for k in next(iter(columns.values())):
+                print(f"| {k} | " + " | ".join(f"{c[k]:.4f}" for c in columns.values()) + " |")
             return
         from sdkit.embedded import shapes
         from sdkit.live import live_request
