@@ -174,9 +174,17 @@ def register(subparsers: Any) -> None:
         "--gpus-per-replica",
         type=float,
         default=None,
-        help="GPUs per replica, fractional allowed (default: 1 when the cluster has GPUs, else 0)",
+        metavar="G",
+        help="GPUs each replica reserves (default: 1 when the Ray cluster has GPUs, else 0 = "
+        "CPU replicas); fractions pack replicas, 0.5 = two per GPU; Ray sets each replica's "
+        "CUDA_VISIBLE_DEVICES to the GPU it got",
     )
-    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs per replica")
+    p.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=1.0,
+        help="CPUs each replica reserves (also its torch threads; default 1)",
+    )
     p.add_argument("--max-restarts", type=int, default=3, help="Ray restarts of a dead replica")
     p.add_argument("--keys", default=None, help="CurveZMQ key folder (needed off loopback)")
     p.add_argument("--max-queued", type=int, default=None, help="unfinished requests per client")

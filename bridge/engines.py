@@ -44,7 +44,8 @@ class Engines:
         self._outcome: dict[str, tuple[Any, BaseException | None]] = {}
         self._lock = threading.Lock()
         self._on_loaded = on_loaded
-        self._load = loader or _sdkit_load
+        # Ray replicas load allowed models on themselves (`RayEngines.load_model`)
+        self._load = loader or getattr(engine, "load_model", None) or _sdkit_load
 
     def _own_names(self) -> tuple[str, ...]:
         info = self.engine.info()

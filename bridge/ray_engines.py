@@ -15,100 +15,46 @@ A replica whose process dies raises out of its stream: Ray restarts the actor
 pump (retried once: the request carries its seed, so the same image), or fails with an
 error naming the replica; the pump waits for its actor to come back and serves on.
 
+Placement: each replica reserves ``cpus_per_replica`` CPUs and ``gpus_per_replica`` GPUs
+(default 1 when the cluster has GPUs, else 0; fractions pack several replicas on one GPU).
+Ray hands the actor its GPU ids and sets ``CUDA_VISIBLE_DEVICES`` to them, so the engine's
+``cuda`` is that GPU; without CUDA the engine runs on the CPU.  A request for more than the
+cluster has fails at once instead of waiting for resources that never come.
+
+Allow-listed models (``--allow-model``) load on the replicas, not in the server:
+`load_model` is the bridge's loader (`engines.Engines`) and returns a `RayModel`, a view
+whose jobs carry the model's spec through the same pending list and pumps.
+
 Ray is imported here only, lazily by the server (``serve(..., ray=...)``); never by sdkit.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
-import os
-import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from sdkit.bridge.logs import log_event
+from sdkit.bridge.ray_start import start_ray  # noqa: F401 - where callers have found it
 
 log = logging.getLogger("sdkit.bridge")
 EventFn = Callable[[str, Any, Any], None]
 RESTART_WAIT = 600.0  # s a pump waits for its restarted actor (a model load) before giving up
 
 
-def start_ray(address: str | None = "auto", num_cpus: int | None = None) -> Any:
-    """Connect to a Ray cluster (``auto``: the running one, else a new local one; or an
-    address such as ``ray://head:10001`` / ``head:6379``); returns the ray module."""
-    import ray
-
-    target = None if address in (None, "", "auto", "local") else address
-    for attempt in range(3):
-        if ray.is_initialized():
-            break
-        try:
-            with _fixed_agent_ports():
-                ray.init(
-                    address=target,
-                    num_cpus=num_cpus if target is None else None,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    configure_logging=False,
-                )
-        except Exception as e:  # noqa: BLE001 - a slow machine: Ray's own 30 s start-up limit
-            if target is not None or "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            log_event(logging.WARNING, "ray_start_retry", error=str(e))
-            ray.shutdown()
-    return ray
-
-
-@contextlib.contextmanager
-def _fixed_agent_ports() -> Iterator[None]:
-    """Start a local node with its agents' ports chosen up front.
-
-    Left at 0, each agent writes its port to a file that the raylet waits for, 30 s at
-    most: on a loaded machine the agent (which imports much of Ray) takes longer and the
-    raylet aborts ("Timed out waiting for file .../metrics_agent_port_...").  With the
-    ports given, nothing waits for those files.
-    """
-    from ray._private import parameter
-
-    os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")  # the raylet's wait
-
-    original = parameter.RayParams.__init__
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        for name in (
-            "metrics_agent_port",
-            "dashboard_agent_listen_port",
-            "runtime_env_agent_port",
-            "metrics_export_port",
-        ):
-            if not getattr(self, name, None):
-                setattr(self, name, _free_port())
-
-    parameter.RayParams.__init__ = init  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        parameter.RayParams.__init__ = original  # type: ignore[method-assign]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RayJob:
     """A request on its way through a replica; the subset of `sdkit.jobs.Job` the bridge uses."""
 
-    def __init__(self, request: Any, preview_every: int, callback: EventFn | None):
+    def __init__(
+        self, request: Any, preview_every: int, callback: EventFn | None, model: str | None = None
+    ):
         self.id = uuid.uuid4().hex[:12]
         self.request = request
+        self.model = model  # an allow-listed spec the replica loads, None: its own model
         self.preview_every = preview_every
         self.error: BaseException | None = None
         self.replica: str | None = None  # the name of the replica that runs (ran) it
@@ -178,9 +124,12 @@ class RayEngines:
         ray = self._ray = start_ray(address, num_cpus)
         from sdkit.bridge import ray_replica
 
+        have = ray.cluster_resources()
         if gpus_per_replica is None:
-            gpus_per_replica = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        threads = None if gpus_per_replica else max(1, int(cpus_per_replica))
+            gpus_per_replica = 1.0 if have.get("GPU", 0) > 0 else 0.0
+        _check_fits(replicas, {"CPU": cpus_per_replica, "GPU": gpus_per_replica}, have)
+        threads = max(1, int(cpus_per_replica))  # torch's CPU threads: what Ray reserved
+        self.gpus_per_replica = gpus_per_replica
         actor_class = ray.remote(ray_replica.Replica).options(
             num_cpus=cpus_per_replica,
             num_gpus=gpus_per_replica,
@@ -192,6 +141,7 @@ class RayEngines:
         self._actors = [actor_class.remote(spec, i, threads) for i in range(replicas)]
         hellos = ray.get([a.hello.remote() for a in self._actors])
         self.names = [name for name, _, _ in hellos]
+        self.placements = ray.get([a.placement.remote() for a in self._actors])
         self._info = hellos[0][2]
         self._pending: collections.deque[RayJob] = collections.deque()
         self._running: dict[int, RayJob] = {}
@@ -204,14 +154,20 @@ class RayEngines:
         ]
         for t in self._pumps:
             t.start()
-        log_event(logging.INFO, "ray_replicas", replicas=self.names, gpus=gpus_per_replica)
+        log_event(
+            logging.INFO,
+            "ray_replicas",
+            replicas=self.names,
+            gpus=gpus_per_replica,
+            placements=self.placements,
+        )
 
     # ------------------------------------------------------------ the Engine shape
 
     def info(self) -> dict:
         return dict(self._info)
 
-    def check(self, request: Any) -> Any:
+    def check(self, request: Any, model: str | None = None) -> Any:
         """The request as it will run (`Engine.check` on a replica), or its `RequestError`."""
         from sdkit.request import RequestError
 
@@ -220,7 +176,7 @@ class RayEngines:
             self._next_check = (self._next_check + 1) % len(self._actors)
             try:
                 filled, error = self._ray.get(
-                    self._actors[self._next_check].check.remote(request), timeout=60
+                    self._actors[self._next_check].check.remote(request, model), timeout=60
                 )
             except Exception as e:  # noqa: BLE001 - that replica is down: ask the next
                 last = e
@@ -240,6 +196,7 @@ class RayEngines:
         callback: EventFn | None = None,
         policy: str = "back",
         source: Any = None,
+        model: str | None = None,
     ) -> RayJob:
         """Queue for the next free replica (``front`` goes first; ``replace`` is the bridge's).
 
@@ -247,7 +204,7 @@ class RayEngines:
         `Engine.submit` does): a second round trip would cost every job a few ms."""
         if self._closed:
             raise RuntimeError("the engine replicas are closed")
-        job = RayJob(request, preview_every, callback)
+        job = RayJob(request, preview_every, callback, model)
         with self._lock:
             if policy == "front":
                 self._pending.appendleft(job)
@@ -262,6 +219,12 @@ class RayEngines:
     @property
     def current_job(self) -> RayJob | None:
         return next(iter(self._running.values()), None)
+
+    def load_model(self, spec: Any) -> RayModel:
+        """Load an allow-listed model on every replica (the bridge's loader thread waits)."""
+        spec = str(spec)
+        infos = self._ray.get([a.load.remote(spec) for a in self._actors])
+        return RayModel(self, spec, infos[0])
 
     def pids(self) -> list[int]:
         """The replicas' process ids now (they change when Ray restarts one)."""
@@ -316,7 +279,7 @@ class RayEngines:
             if job.cancel_requested:  # cancelled between take and here
                 job._event("cancelled")
                 return None
-            for ref in actor.run.remote(job.id, job.request, job.preview_every):
+            for ref in actor.run.remote(job.id, job.request, job.preview_every, job.model):
                 kind, payload = ray.get(ref)
                 if kind == "started":
                     if not job.started:
@@ -372,6 +335,39 @@ class RayEngines:
                 time.sleep(0.5)
         log_event(logging.ERROR, "replica_gone", replica=self.names[i])
         return False
+
+
+class RayModel:
+    """An allow-listed model on the replicas, with the Engine shape the bridge uses."""
+
+    def __init__(self, engines: RayEngines, spec: str, info: dict):
+        self.spec, self._engines, self._info = spec, engines, info
+
+    def info(self) -> dict:
+        return dict(self._info)
+
+    def check(self, request: Any) -> Any:
+        return self._engines.check(request, self.spec)
+
+    def submit(self, request: Any, **options: Any) -> RayJob:
+        return self._engines.submit(request, model=self.spec, **options)
+
+    def queue_length(self) -> int:
+        return self._engines.queue_length()
+
+    def close(self) -> None:
+        """Nothing of its own: the replicas close with their `RayEngines`."""
+
+
+def _check_fits(replicas: int, each: dict[str, float], have: dict[str, float]) -> None:
+    """Raise when the cluster cannot hold the replicas at all (Ray would wait forever)."""
+    for resource, amount in each.items():
+        if amount and replicas * amount > have.get(resource, 0) + 1e-9:
+            raise ValueError(
+                f"{replicas} replicas x {amount:g} {resource} need {replicas * amount:g} "
+                f"{resource}s; the Ray cluster has {have.get(resource, 0):g} "
+                f"(use fewer --replicas or a smaller --{resource.lower()}s-per-replica)"
+            )
 
 
 _ERROR_TYPES: dict[str, type[Exception]] = {}

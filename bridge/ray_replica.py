@@ -4,7 +4,9 @@ The actor runs a job on its own `sdkit.Engine` and streams the job's events back
 generator: one ordered stream per job, ending with the terminal event, so the server
 needs no polling and a dead replica shows as an error raised by the stream itself.
 The actor is threaded (``max_concurrency``) so that ``cancel`` and ``check`` are served
-while a job streams.  Nothing here imports zmq or the server.
+while a job streams.  Besides its own model, a replica serves the server's allow-listed
+models (``--allow-model``), each loaded on first use and kept (a restarted replica loads
+them again when a job asks).  Nothing here imports zmq or the server.
 """
 
 from __future__ import annotations
@@ -29,17 +31,43 @@ class Replica:
         self.engine = sdkit.load(spec)
         self.name = f"{socket.gethostname()}/replica-{index}"
         self._jobs: dict[str, Any] = {}
+        self._models: dict[str, Any] = {}  # allow-listed spec -> its engine here
+
+    def _engine(self, model: str | None) -> Any:
+        """The engine for an allow-listed model spec (None: the replica's own), loaded once."""
+        if model is None:
+            return self.engine
+        engine = self._models.get(model)
+        if engine is None:
+            import sdkit
+
+            engine = self._models[model] = sdkit.load(model)
+        return engine
+
+    def load(self, model: str) -> dict:
+        """Load an allow-listed model now (the server's loader waits for every replica)."""
+        return self._engine(model).info()
+
+    def placement(self) -> dict:
+        """What Ray gave this replica and where its engine runs (for the server's log)."""
+        import ray
+
+        return {
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "device": str(self.engine.device),
+        }
 
     def hello(self) -> tuple[str, int, dict]:
         """(name, process id, engine info): what the server shows and the tests kill."""
         return self.name, os.getpid(), self.engine.info()
 
-    def check(self, request: Any) -> tuple[Any, tuple[str, str] | None]:
+    def check(self, request: Any, model: str | None = None) -> tuple[Any, tuple[str, str] | None]:
         """(the filled request, None) or (None, (field, message)) of a `RequestError`."""
         from sdkit.request import RequestError
 
         try:
-            return self.engine.check(request), None
+            return self._engine(model).check(request), None
         except RequestError as e:
             return None, (e.field, e.message)
 
@@ -48,12 +76,14 @@ class Replica:
         if job is not None:
             job.cancel()
 
-    def run(self, token: str, request: Any, preview_every: int) -> Iterator[tuple[str, Any]]:
+    def run(
+        self, token: str, request: Any, preview_every: int, model: str | None = None
+    ) -> Iterator[tuple[str, Any]]:
         """Run one job; yields ("started"|"progress"|"done"|"failed"|"cancelled", payload)."""
         from sdkit.request import RequestError
 
         events: queue.SimpleQueue = queue.SimpleQueue()
-        job = self.engine.submit(
+        job = self._engine(model).submit(
             request,
             preview_every=preview_every,
             callback=lambda kind, job, event: events.put((str(kind), event)),
