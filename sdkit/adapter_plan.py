@@ -86,12 +86,14 @@ def plan(req: Request, engine: Engine) -> Plan:
 def _embeddings(out: Plan, text: str, req: Request, engine: Engine) -> Plan:
     """`out` plus the embeddings named by words of `text` (the prompt as CLIP reads it) and
     of the negative prompt."""
-    names = set(engine.adapters.names("embedding"))
+    # case-insensitive, as in A1111 (its tokenizer lowercases prompt and names alike)
+    names = {n.lower(): n for n in engine.adapters.names("embedding")}
     for where, prompt in (("prompt", text), ("negative_prompt", req.negative_prompt)):
         for word in _WORD.findall(prompt or ""):
-            if word in names and all(e.name != word for e in out.embeddings):
-                path = engine.adapters.find("embedding", word, field=where)
-                out.embeddings.append(EmbeddingUse(word, path, where))
+            name = names.get(word.lower())
+            if name is not None and all(e.name != name for e in out.embeddings):
+                path = engine.adapters.find("embedding", name, field=where)
+                out.embeddings.append(EmbeddingUse(name, path, where))
     return out
 
 
@@ -135,16 +137,16 @@ def _missing_embeddings(req: Request, used: Plan, engine: Engine) -> None:
     """An embedding the request's `TI hashes` name (an A1111 PNG) whose word is in a prompt
     but which no folder holds: an error naming it and the folders, never a silent word."""
     named = parse_hashes(req.extra.get(TI_HASHES, ""))
-    found = {e.name for e in used.embeddings}
+    found = {e.name.lower() for e in used.embeddings}  # A1111 matches regardless of case
     prompts = (
         ("prompt", without_lora_tags(req.prompt or "")),
         ("negative_prompt", req.negative_prompt),
     )
     for name in named:
-        if name in found:
+        if name.lower() in found:
             continue
         for where, text in prompts:
-            if name in _WORD.findall(text or ""):
+            if name.lower() in (w.lower() for w in _WORD.findall(text or "")):
                 engine.adapters.find("embedding", name, field=where)  # raises: not found
 
 

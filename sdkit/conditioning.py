@@ -28,6 +28,7 @@ go to diffusers unchanged, so their output stays bit-identical.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,26 @@ class Chunk:
 
     tokens: list[int]
     weights: list[float]
+
+
+# Words as A1111 users write embedding names between the syntax characters (the same rule
+# as `sdkit.adapter_plan`, which picks the job's embeddings).
+_WORD = re.compile(r"[^\s,()\[\]{}:|<>\\]+")
+
+
+def embedding_spelling(pipe: Any, text: str) -> str:
+    """`text` with every word equal to a loaded embedding's token but for case spelled as
+    the token. A1111 matches embedding names case-insensitively (its tokenizer lowercases
+    the prompt and the name alike), and so does CLIP's tokenizer here for the first vector,
+    but diffusers expands a multi-vector embedding only where the spelling is exact."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None or not text:
+        return text
+    special = set(tokenizer.all_special_tokens)
+    added = {t.lower(): t for t in tokenizer.get_added_vocab() if t not in special}
+    if not added:
+        return text
+    return _WORD.sub(lambda m: added.get(m.group(0).lower(), m.group(0)), text)
 
 
 def _convert(pipe: Any, text: str, tokenizer: Any) -> str:
@@ -363,6 +384,8 @@ def prompt_kwargs(
     these are a hires fix's second pass of `steps` steps after that many (prompt editing on
     A1111's one timeline for both passes, `prompt_syntax.schedule`)."""
     skip = effective_clip_skip(pipe, clip_skip, family)
+    prompt = embedding_spelling(pipe, prompt)
+    negative_prompt = embedding_spelling(pipe, negative_prompt)
     plain = not needs_embeds(pipe, prompt, negative_prompt, steps, skip)
     key = None
     if cache is not None:

@@ -322,15 +322,16 @@ def has_syntax(prompt: str, steps: int) -> bool:
 
 # ------------------------------------------------------------------------ LoRA tags
 
-# A1111's extra-network tag `<lora:NAME>` or `<lora:NAME:WEIGHT>` (its `<(\w+):([^>]+)>`,
-# `lora` only: other networks are not supported here and stay in the text).
-_LORA_TAG = re.compile(r"<lora:([^>]*)>")
+# A1111's extra-network tag `<lora:NAME>` or `<lora:NAME:WEIGHT>` (its `<(\w+):([^>]+)>`),
+# and `<lyco:...>`, which A1111's built-in Lora network takes as an alias of `lora` (the
+# LyCORIS extension's tag; the same files). Other networks are not supported and stay.
+_LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]*)>")
 
 
 def lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """(`prompt` without its `<lora:NAME:WEIGHT>` tags, [(NAME, WEIGHT), ...]) in order; the
-    weight defaults to 1. Removed tags leave nothing behind, as in A1111 (a prompt without
-    tags comes back as the same string). ValueError for a tag without a name or whose
+    """(`prompt` without its `<lora:NAME:WEIGHT>` / `<lyco:...>` tags, [(NAME, WEIGHT), ...])
+    in order; the weight defaults to 1. Removed tags leave nothing behind, as in A1111 (a
+    prompt without tags comes back as the same string). ValueError for a tag without a name or whose
     weight is not a number (A1111's te/unet/dyn extra arguments are not supported)."""
     found: list[tuple[str, float]] = []
     for m in _LORA_TAG.finditer(prompt):
