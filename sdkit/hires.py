@@ -75,9 +75,8 @@ class Upscale:
 
     @property
     def output(self) -> tuple[int, int]:
+        """What the latent grid keeps: whole cells of `size`, less the cut ones."""
         (w, h), (cx, cy), f = self.size, self.crop, self.factor
-        if not cx and not cy:
-            return w, h
         return (w // f - cx) * f, (h // f - cy) * f
 
 
@@ -197,11 +196,11 @@ def run(ctx: RunContext) -> list[Image.Image]:
 
     if latent:  # A1111's "Latent": F.interpolate(mode="bilinear", antialias=False)
         init: Any = F.interpolate(low, size=(uh // f, uw // f), mode="bilinear", antialias=False)
-        if cx or cy:  # A1111's truncate: half each side, the odd cell from the right/bottom
+        if (uw, uh) != (tw, th):  # A1111's truncate: half each side, odd cell right/bottom
             init = init[:, :, cy // 2 : cy // 2 + th // f, cx // 2 : cx // 2 + tw // f]
     else:  # A1111's "Lanczos" upscaler; the img2img pipeline encodes the result
         init = [image.resize((uw, uh), Image.Resampling.LANCZOS) for image in low]
-        if cx or cy:  # the same latent cells, cut in pixels before encoding
+        if (uw, uh) != (tw, th):  # the same latent cells, cut in pixels before encoding
             box = (cx // 2 * f, cy // 2 * f, cx // 2 * f + tw, cy // 2 * f + th)
             init = [image.crop(box) for image in init]
     ctx.check_cancel()

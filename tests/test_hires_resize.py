@@ -65,6 +65,9 @@ def test_both_sides_cover_the_target_then_crop_it():
     # A1111's numbers for 512x512 to 1024x768: upscale to 1024x1024, 32 cells cut
     p = plan(512, 512, rx=1024, ry=768)
     assert (p.size, p.crop, p.output) == ((1024, 1024), (0, 32), (1024, 768))
+    # overshoot under one cell: nothing to cut, the latent grid drops the odd pixel column
+    p = plan(48, 40, rx=56, ry=48)
+    assert (p.size, p.crop, p.output) == ((57, 48), (0, 0), (56, 48))
     # same aspect: nothing cut; the scale is ignored when a size is set (A1111)
     p = plan(32, 32, rx=64, ry=64, scale=3)
     assert (p.size, p.crop, p.output) == ((64, 64), (0, 0), (64, 64))
@@ -96,10 +99,10 @@ def two_passes_by_hand(engine, *, size, upscaled, target, upscaler, left=None, s
     if latent:
         init = F.interpolate(low, size=(uh // f, uw // f), mode="bilinear", antialias=False)
         H, W = init.shape[2:]
-        init = init[:, :, ty // 2 : H - (ty + 1) // 2, tx // 2 : W - (tx + 1) // 2]
-        if left is not None:  # another cut, for the test that the cut matters
-            init = F.interpolate(low, size=(uh // f, uw // f), mode="bilinear", antialias=False)
-            init = init[:, :, ty // 2 : ty // 2 + th // f, left : left + tw // f]
+        if left is None:  # A1111's formula, literally
+            init = init[:, :, ty // 2 : H - (ty + 1) // 2, tx // 2 : W - (tx + 1) // 2]
+        else:  # another cut of the same size, for the test that the cut matters
+            init = init[:, :, ty // 2 : H - (ty + 1) // 2, left : left + tw // f]
     else:
         big = low[0].resize((uw, uh), Image.LANCZOS)
         left, top = (tx // 2 if left is None else left) * f, ty // 2 * f
@@ -135,6 +138,13 @@ def test_cover_and_crop_equals_the_rule_written_out(sd_engine, upscaler):
         sd_engine, size=(32, 24), upscaled=(85, 64), target=(64, 64), upscaler=upscaler, left=0
     )
     assert not np.array_equal(arr(ours[0]), arr(other[0]))
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_an_overshoot_under_one_cell_still_makes_the_target_size(sd_engine, upscaler):
+    fields = dict(width=48, height=40, hires_width=56, hires_height=48, hires_upscaler=upscaler)
+    assert run(sd_engine, **fields)[0].size == (56, 48)
+    assert hires.output_size(sd_engine.check(Request(prompt="x", **fields)), 8) == (56, 48)
 
 
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
