@@ -192,7 +192,7 @@ def format_infotext(req: Request, *, seed: int | None = None) -> str:
     if hires:
         if resize:  # A1111 writes the target size instead of the scale it then ignores
             add("Hires resize", f"{req.hires_width}x{req.hires_height}")
-        else:
+        elif req.hires_scale is not None:
             add("Hires upscale", _num(req.hires_scale))
         if req.hires_steps:  # A1111 omits 0 (= as many as Steps)
             add("Hires steps", req.hires_steps)
