@@ -94,7 +94,7 @@ class EncodeCache:
 def posterior_key(vae: Any, x: torch.Tensor) -> tuple:
     """What the posterior of `x` under `vae` depends on (see the module docstring)."""
     data = x.detach().contiguous().view(torch.uint8).cpu().numpy()
-    digest = hashlib.blake2b(data, digest_size=20).digest()
+    digest = hashlib.blake2b(data.data, digest_size=20).digest()
     quant = vae.quant_conv.parameters() if vae.quant_conv is not None else ()
     weights = tuple(
         (p.data_ptr(), p._version, p.dtype)
