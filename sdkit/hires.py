@@ -141,10 +141,13 @@ def check(req: Request, engine: Any) -> Request:
     """txt2img's `ModeSpec.check`: the target size within the limits, pass 2 runnable."""
     if not enabled(req):
         return req
+    asked = (
+        "hires_width" if req.hires_width else "hires_height" if req.hires_height else "hires_scale"
+    )
     if engine.inpainting_unet:
-        raise RequestError("hires_scale", "hires fix needs a 4-channel UNet; this model inpaints")
+        raise RequestError(asked, "hires fix needs a 4-channel UNet; this model inpaints")
     if req.control:
-        raise RequestError("hires_scale", "hires fix with ControlNet units is not supported yet")
+        raise RequestError(asked, "hires fix with ControlNet units is not supported yet")
     plan = upscale(req, engine.size_multiple, engine.vae_factor)
     n = req.num_images
     for size in (plan.size, plan.output):  # the upscaled picture before any crop, and after

@@ -254,10 +254,11 @@ def test_bad_hires_fields_name_themselves(sd_engine):
         assert err.value.field == field
 
 
-def test_an_inpainting_unet_refuses_hires(inpaint_engine):
-    with pytest.raises(RequestError) as err:
-        inpaint_engine.check(Request(prompt=PROMPT, hires_scale=2))
-    assert err.value.field == "hires_scale"
+def test_an_inpainting_unet_refuses_hires_naming_the_field_asked(inpaint_engine):
+    for asked, value in (("hires_scale", 2), ("hires_width", 128), ("hires_height", 128)):
+        with pytest.raises(RequestError) as err:
+            inpaint_engine.check(Request(prompt=PROMPT, **{asked: value}))
+        assert err.value.field == asked
 
 
 def test_sdxl_hires_both_upscalers(sdxl_engine):
