@@ -5,9 +5,13 @@ A local Ray cluster (``--cpus`` CPUs, default 2) runs the embedded model; each C
 reserves one CPU and runs torch on one thread.  Throughput: ``--jobs`` txt2img jobs sent at
 once from ``--clients`` bridge clients, end to end (sent to last result).  Overhead: one
 job at a time, a client's wall time minus the engine's own ``timings.total``, median over
-``--repeat`` jobs, through a Ray replica and through a local engine in this process.
+``--repeat`` jobs, through a Ray replica and through a local engine in this process,
+alternated for ``--rounds`` rounds (the load of a shared machine drifts; the difference
+within a round is the number, its median over rounds the result).  The profile splits
+Ray's share: the bridge's `check` (one round trip to a replica, needed so a bad field is
+refused before ``accepted`` as with a local engine) and a bare actor round trip.
 
-    .venv/bin/python benchmarks/cluster.py [--jobs 16] [--steps 8] [--repeat 15]
+    .venv/bin/python benchmarks/cluster.py [--jobs 16] [--steps 8] [--repeat 15] [--rounds 3]
 
 On a machine with 2 cores the second replica can at best double the rate, and only if
 nothing else runs: other processes (and the server, Ray's own daemons, the clients)
@@ -65,6 +69,26 @@ def _overhead(address: str, repeat: int, fields: dict) -> tuple[float, float]:
     return statistics.median(extra) * 1000, statistics.median(engine) * 1000
 
 
+def _round_trips(engines, fields: dict, repeat: int) -> tuple[float, float]:
+    """(median `check` through Ray, median bare actor call), in ms."""
+    from sdkit.request import Request
+
+    request = Request(prompt=PROMPT, **fields)
+    actor, ray = engines._actors[0], engines._ray
+
+    def median_ms(fn) -> float:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1000
+
+    return median_ms(lambda: engines.check(request)), median_ms(
+        lambda: ray.get(actor.hello.remote())
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=16)
@@ -72,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=3, help="local/Ray overhead alternations")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster")
     args = parser.parse_args(argv)
 
@@ -92,10 +117,24 @@ def main(argv: list[str] | None = None) -> None:
     local = sdkit.load()
     with serve(local, "tcp://127.0.0.1:0") as h:
         local_rate = _throughput(h.address, args.jobs, args.clients, fields)
-        local_extra, local_engine = _overhead(h.address, args.repeat, tiny)
     print(f"local engine (1 thread): {local_rate:.2f} images/s")
 
-    rates, ray_extra = {}, None
+    engines = RayEngines(None, 1)
+    rounds = []
+    with serve(local, "tcp://127.0.0.1:0") as hl, serve(engines, "tcp://127.0.0.1:0") as hr:
+        _overhead(hr.address, 2, tiny)  # warm-up
+        for _ in range(args.rounds):
+            local_extra, _ = _overhead(hl.address, args.repeat, tiny)
+            ray_extra, _ = _overhead(hr.address, args.repeat, tiny)
+            rounds.append((local_extra, ray_extra))
+            print(
+                f"overhead round: local {local_extra:.1f} ms, Ray {ray_extra:.1f} ms, "
+                f"adds {ray_extra - local_extra:.1f} ms (load average {os.getloadavg()[0]:.1f})"
+            )
+        check_ms, call_ms = _round_trips(engines, tiny, args.repeat)
+    engines.close()
+
+    rates = {}
     for n in (1, 2):
         t0 = time.perf_counter()
         engines = RayEngines(None, n)
@@ -104,8 +143,6 @@ def main(argv: list[str] | None = None) -> None:
             _throughput(h.address, n * 2, args.clients, fields)  # warm-up
             rates[n] = _throughput(h.address, args.jobs, args.clients, fields)
             load = os.getloadavg()[0]
-            if n == 1:
-                ray_extra, ray_engine = _overhead(h.address, args.repeat, tiny)
         engines.close()
         print(f"{n} replica(s): {rates[n]:.2f} images/s (load average {load:.1f})")
     ray.shutdown()
@@ -116,14 +153,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| local engine, 1 thread | {local_rate:.2f} |")
     print(f"| 1 Ray replica | {rates[1]:.2f} |")
     print(f"| 2 Ray replicas | {rates[2]:.2f} ({rates[2] / rates[1]:.2f}x of 1 replica) |")
-    assert ray_extra is not None
+    adds = statistics.median(r - lo for lo, r in rounds)
     print()
     print(
-        f"dispatch overhead per job (client wall - engine time, median of {args.repeat}, 1 step):"
+        f"dispatch overhead per job (client wall - engine time, median of {args.repeat}, 1 step,"
+        f" {args.rounds} alternated rounds):"
     )
-    print(f"  local engine: {local_extra:.1f} ms (engine {local_engine:.1f} ms)")
-    print(f"  Ray replica:  {ray_extra:.1f} ms (engine {ray_engine:.1f} ms)")
-    print(f"  Ray adds:     {ray_extra - local_extra:.1f} ms per job (target <= 5 ms)")
+    print(f"  local engine: {statistics.median(lo for lo, _ in rounds):.1f} ms")
+    print(f"  Ray replica:  {statistics.median(r for _, r in rounds):.1f} ms")
+    print(f"  Ray adds:     {adds:.1f} ms per job, median of the rounds (target <= 5 ms)")
+    print(f"  of which: the bridge's check on a replica {check_ms:.1f} ms; a bare actor call")
+    print(f"  {call_ms:.1f} ms (a job's own call and its events stream cost about that again)")
 
 
 if __name__ == "__main__":

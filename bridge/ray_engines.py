@@ -31,6 +31,7 @@ Ray is imported here only, lazily by the server (``serve(..., ray=...)``); never
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -145,6 +146,8 @@ class RayEngines:
         self._info = hellos[0][2]
         self._pending: collections.deque[RayJob] = collections.deque()
         self._running: dict[int, RayJob] = {}
+        self._idle: list[int] = []  # pumps waiting for a job
+        self._handed: dict[int, tuple[RayJob, Any]] = {}  # pump -> (job, its started stream)
         self._lock = threading.Condition()
         self._closed = False
         self._next_check = 0
@@ -183,7 +186,9 @@ class RayEngines:
                 continue
             if error is not None:
                 raise RequestError(*error)
-            return filled
+            # the pictures it left as they came are sent back as None: ours are the same
+            kept = {n: getattr(request, n) for n in ("image", "mask") if getattr(filled, n) is None}
+            return dataclasses.replace(filled, **kept) if kept else filled
         from sdkit.bridge.protocol import ProtocolError
 
         raise ProtocolError("unavailable", f"no engine replica answered ({type(last).__name__})")
@@ -198,15 +203,20 @@ class RayEngines:
         source: Any = None,
         model: str | None = None,
     ) -> RayJob:
-        """Queue for the next free replica (``front`` goes first; ``replace`` is the bridge's).
+        """Start on a free replica now, else queue for the next (``front`` goes first;
+        ``replace`` is the bridge's).
 
-        The request is not checked here again (the bridge has, and a replica's own
-        `Engine.submit` does): a second round trip would cost every job a few ms."""
+        Started here, on the caller's thread, the Ray call travels while the pump wakes
+        (one thread hop less per job).  The request is not checked again (the bridge has,
+        and a replica's own `Engine.submit` does): a round trip would cost every job."""
         if self._closed:
             raise RuntimeError("the engine replicas are closed")
         job = RayJob(request, preview_every, callback, model)
         with self._lock:
-            if policy == "front":
+            if self._idle and not self._pending:
+                i = self._idle.pop()
+                self._handed[i] = (job, self._start(i, job))
+            elif policy == "front":
                 self._pending.appendleft(job)
             else:
                 self._pending.append(job)
@@ -236,7 +246,10 @@ class RayEngines:
             self._closed = True
             pending = list(self._pending)
             self._pending.clear()
+            handed = [job for job, _ in self._handed.values()]
             self._lock.notify_all()
+        for job in handed:  # its pump reads its stream to the replica's "cancelled"
+            job.cancel()
         for job in pending:
             job._event("cancelled")
         for job in list(self._running.values()):
@@ -248,20 +261,32 @@ class RayEngines:
 
     # ------------------------------------------------------------ pumps
 
-    def _take(self) -> RayJob | None:
+    def _start(self, i: int, job: RayJob) -> Any:
+        """Send ``job`` to replica ``i`` (the call returns at once): its stream of events."""
+        job.replica, job._actor = self.names[i], self._actors[i]
+        return self._actors[i].run.remote(job.id, job.request, job.preview_every, job.model)
+
+    def _take(self, i: int) -> tuple[RayJob, Any] | None:
+        """Pump ``i``'s next (job, stream already started by `submit` or None); None: closed."""
         with self._lock:
-            while not self._pending and not self._closed:
+            self._idle.append(i)
+            while i not in self._handed and not self._pending and not self._closed:
                 self._lock.wait()
-            return None if self._closed else self._pending.popleft()
+            if i in self._idle:
+                self._idle.remove(i)
+            if i in self._handed:
+                return self._handed.pop(i)
+            return None if self._closed else (self._pending.popleft(), None)
 
     def _pump(self, i: int) -> None:
-        while (job := self._take()) is not None:
-            if job.cancel_requested:
+        while (taken := self._take(i)) is not None:
+            job, stream = taken
+            if job.cancel_requested and stream is None:
                 job._event("cancelled")
                 continue
             self._running[i] = job
             try:
-                died = self._run(i, job)
+                died = self._run(i, job, stream)
             finally:
                 self._running.pop(i, None)
             if died is not None:
@@ -269,17 +294,16 @@ class RayEngines:
                 if not self._wait_restart(i):
                     return
 
-    def _run(self, i: int, job: RayJob) -> BaseException | None:
-        """Stream ``job`` on replica ``i``; the actor's death if it died under it."""
+    def _run(self, i: int, job: RayJob, stream: Any = None) -> BaseException | None:
+        """Read ``job``'s events from replica ``i`` (starting it unless `submit` has); the
+        actor's death if it died under it."""
         from ray.exceptions import RayActorError
 
-        actor, ray = self._actors[i], self._ray
-        job.replica, job._actor = self.names[i], actor
+        ray = self._ray
         try:
-            if job.cancel_requested:  # cancelled between take and here
-                job._event("cancelled")
-                return None
-            for ref in actor.run.remote(job.id, job.request, job.preview_every, job.model):
+            if stream is None:
+                stream = self._start(i, job)
+            for ref in stream:
                 kind, payload = ray.get(ref)
                 if kind == "started":
                     if not job.started:

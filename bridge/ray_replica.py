@@ -11,9 +11,11 @@ them again when a job asks).  Nothing here imports zmq or the server.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +33,8 @@ class Replica:
         self.engine = sdkit.load(spec)
         self.name = f"{socket.gethostname()}/replica-{index}"
         self._jobs: dict[str, Any] = {}
+        self._cancelled: set[str] = set()  # cancels that came before their job's run
+        self._lock = threading.Lock()
         self._models: dict[str, Any] = {}  # allow-listed spec -> its engine here
 
     def _engine(self, model: str | None) -> Any:
@@ -63,16 +67,24 @@ class Replica:
         return self.name, os.getpid(), self.engine.info()
 
     def check(self, request: Any, model: str | None = None) -> tuple[Any, tuple[str, str] | None]:
-        """(the filled request, None) or (None, (field, message)) of a `RequestError`."""
+        """(the filled request, None) or (None, (field, message)) of a `RequestError`.
+
+        Input pictures the check left as they came go back as None (the server has them):
+        a big img2img picture then crosses the wire once per check, not twice."""
         from sdkit.request import RequestError
 
         try:
-            return self._engine(model).check(request), None
+            filled = self._engine(model).check(request)
+            same = {n: None for n in ("image", "mask") if getattr(filled, n) is getattr(request, n)}
+            return (dataclasses.replace(filled, **same) if same else filled), None
         except RequestError as e:
             return None, (e.field, e.message)
 
     def cancel(self, token: str) -> None:
-        job = self._jobs.get(token)
+        with self._lock:
+            job = self._jobs.get(token)
+            if job is None and len(self._cancelled) < 1000:  # bounded: late cancels of old jobs
+                self._cancelled.add(token)
         if job is not None:
             job.cancel()
 
@@ -88,7 +100,11 @@ class Replica:
             preview_every=preview_every,
             callback=lambda kind, job, event: events.put((str(kind), event)),
         )
-        self._jobs[token] = job
+        with self._lock:
+            self._jobs[token] = job
+            if token in self._cancelled:
+                self._cancelled.discard(token)
+                job.cancel()
         try:
             while True:
                 kind, event = events.get()

@@ -10,6 +10,7 @@ import collections
 
 import numpy as np
 import pytest
+from PIL import Image
 
 pytest.importorskip("ray")
 pytest.importorskip("zmq")
@@ -97,15 +98,23 @@ def test_allow_model_holds_on_ray_and_allowed_models_load_on_the_replicas(ray_2_
     ray_server = serve(None, "tcp://127.0.0.1:0", ray="auto", replicas=2, models=allowed)
     try:
         with serve(local, "tcp://127.0.0.1:0", models=allowed) as local_server:
-            refusals = []
+            refusals, inpainted = [], []
+            image = Image.new("RGB", (64, 64), (200, 30, 30))
+            mask = Image.new("L", (64, 64), 0)
+            mask.paste(255, (16, 16, 48, 48))
             for address in (local_server.address, ray_server.address):
-                with Client(address, timeout=300) as c:
+                with Client(address, timeout=600) as c:
                     assert "tiny" in c.hello()["models"]
                     with pytest.raises(BridgeError) as e:
                         c.txt2img(PROMPT, model="/etc/passwd", **FAST)
                     refusals.append((e.value.code, e.value.field, e.value.message))
+                    # pictures in: a replica's check sends unchanged ones back as None and
+                    # the job runs on the server's own
+                    result = c.inpaint(image, mask, PROMPT, seed=4, num_inference_steps=2)
+                    inpainted.append(np.asarray(result[0].convert("RGB")))
             assert refusals[0] == refusals[1]  # the same error, word for word
             assert refusals[0][:2] == ("model_not_allowed", "request.model")
+            assert np.array_equal(inpainted[0], inpainted[1])
         with Client(ray_server.address, timeout=600) as c:
             job = c.submit(prompt=PROMPT, seed=9, model="tiny")
             result = job.result(600)
