@@ -131,6 +131,29 @@ def test_progress_previews_and_cancel_through_ray(cluster):
         assert [j.result(300).seeds for j in jobs] == [[1], [2]]
 
 
+def test_a_job_cancelled_right_after_submit_ends_cancelled(cluster):
+    """`submit` starts the Ray call on an idle replica at once, so a cancel sent right
+    after may reach the replica before its job does: the replica keeps it for the job."""
+    from sdkit.jobs import JobCancelled
+    from sdkit.request import Request
+
+    engine = cluster.server.engine
+    _wait(lambda: len(engine._idle) == 2, 300, "both replicas idle")
+    request = engine.check(
+        Request(prompt=PROMPT, seed=41, num_inference_steps=1000, width=64, height=64)
+    )
+    ended = threading.Event()
+    job = engine.submit(
+        request,
+        preview_every=0,
+        callback=lambda kind, job, event: kind == "cancelled" and ended.set(),
+    )
+    job.cancel()
+    assert ended.wait(120), job.state  # 1000 steps would take minutes here
+    with pytest.raises(JobCancelled):
+        job.result(0)
+
+
 def test_kill_9_of_a_replica_mid_job_retries_it_and_the_server_keeps_serving(cluster, local):
     engine = cluster.server.engine
     before = engine.pids()
