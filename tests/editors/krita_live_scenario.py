@@ -141,13 +141,116 @@ def scenario(out):
     report["layers_applied"] = layers(doc)
     report["paint_crc"] = pixels_crc(paint)
 
+    step("# The server restarts")
+    report["restart"] = restart(live, doc, paint)
+
     step("live.stop()")
     live.stop()
     doc.waitForDone()
     report["layers_off"] = layers(doc)
+    step("# The model changes")
+    report["switch"] = switch_model(controller, doc, paint)
     step("report['docker'] = docker_row(")
     report["docker"] = docker_row()
     return report
+
+
+def server(out, n, cmd):
+    """Tell the test's server_control to ``cmd`` (stop, start, switch) and wait until done."""
+    tmp = os.path.join(out, "server_cmd.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"n": n, "cmd": cmd}, f)
+    os.replace(tmp, os.path.join(out, "server_cmd.json"))
+    ack = os.path.join(out, "server_ack.json")
+
+    def done():
+        try:
+            with open(ack) as f:
+                return json.load(f)["n"] == n
+        except (OSError, ValueError):
+            return False
+
+    if not spin(done, 60):
+        raise RuntimeError(f"the test's server did not {cmd}")
+    with open(ack) as f:
+        error = json.load(f)["error"]
+    if error:
+        raise RuntimeError(f"the test's server could not {cmd}: {error}")
+
+
+def stroke(doc, paint, x, y, colour):
+    from sdkit_krita.pictures import rgba_to_bgra
+
+    paint.setPixelData(rgba_to_bgra(bytes(colour) * (10 * 10)), x, y, 10, 10)
+    doc.refreshProjection()
+
+
+def restart(live, doc, paint):
+    """The server stops while live is on and comes back on the same address: the status
+    says reconnecting meanwhile; a stroke painted while it is down, and one after, each
+    give a new frame without touching the toggle."""
+    from sdkit_krita.pictures import rgba_to_bgra
+
+    out = os.environ["SDKIT_OUT"]
+    statuses = []
+    live.status_changed.connect(statuses.append)
+    seen = {"frames": live.frames, "sent": len(live.sent), "crc": pixels_crc(live.layer)}
+    server(out, 1, "stop")
+    seen["reconnecting"] = spin(lambda: any("reconnecting" in s for s in statuses), 30)
+    # Down long enough for the connection to give up once (5 s hello timeout) and retry.
+    seen["gave_up"] = spin(lambda: any("no sdkit server answers" in s for s in statuses), 60)
+    stroke(doc, paint, 40, 4, (30, 200, 30, 255))
+    seen["shown_while_down"] = spin(lambda: live.frames > seen["frames"], 1.0)
+    seen["statuses_down"] = sorted(set(statuses))[:8]
+    server(out, 2, "start")
+    frames = live.frames
+    seen["resumed"] = spin(lambda: live.frames > frames and not live._pending, 180)
+    seen["status_resumed"] = statuses[-1] if statuses else None
+    seen["crc_resumed"] = pixels_crc(live.layer)
+    frames = live.frames
+    stroke(doc, paint, 4, 44, (30, 30, 200, 255))
+    seen["after"] = spin(lambda: live.frames > frames and not live._pending, 180)
+    seen["crc_after"] = pixels_crc(live.layer)
+    seen["sent_after"] = len(live.sent)
+    seen["pending_after"] = len(live._pending)
+    seen["frame_equals_layer"] = bytes(live.layer.pixelData(0, 0, W, H)) == rgba_to_bgra(
+        live.frame.rgba
+    )
+    seen["live_layers"] = layers(doc).count("[sdkit live]")
+    seen["on"] = live.on
+    live.status_changed.disconnect(statuses.append)
+    return seen
+
+
+def switch_model(controller, doc, paint):
+    """Live on through the docker; the server comes back with another model: the stream
+    stops with a message, the toggle goes off, no request is sent any more."""
+    from sdkit_krita import controller as ctl
+    from sdkit_krita.docker import SdkitDocker
+
+    out = os.environ["SDKIT_OUT"]
+    ctl._shared = controller  # the docker's shared controller is the scenario's
+    docker = SdkitDocker()
+    docker.prompt.setPlainText("a red circle")
+    docker.steps.setValue(4)
+    docker.seed.setValue(7)
+    live = docker.live
+    docker.live_button.blockSignals(True)  # no active document without a view: start on doc
+    docker.live_button.setChecked(True)
+    docker.live_button.blockSignals(False)
+    live.start(doc)
+    seen = {"first": spin(lambda: live.frames >= 1 and not live._pending, 180)}
+    seen["model_before"] = controller.conn.model.get("spec")
+    server(out, 3, "switch")
+    seen["stopped"] = spin(lambda: not live.on, 60)
+    seen["model_after"] = controller.conn.model.get("spec")
+    seen["status"] = docker.live_status.text()
+    seen["checked"] = docker.live_button.isChecked()
+    seen["layers"] = layers(doc)
+    sent = len(live.sent)
+    stroke(doc, paint, 50, 50, (200, 200, 30, 255))
+    seen["sent_after_stop"] = spin(lambda: len(live.sent) > sent, 1.0)
+    return seen
 
 
 def docker_row():

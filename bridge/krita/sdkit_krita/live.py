@@ -12,6 +12,10 @@ then never read back into the next frame. Writing pixels into the preview layer 
 undo step (only adding and removing it are), so live frames do not flood the history.
 Nothing here blocks: the request is sent as a non-blocking message and the controller's
 timer pumps the socket; this timer only looks at the jobs' states.
+
+While the server is away the status says "reconnecting" and the stream resumes by itself
+with the current picture once it answers again; if it comes back with another model, the
+stream stops and says so (its frames were of the old model).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class LiveMode(QObject):
 
     frame_shown = Signal(int)  # frames shown so far
     status_changed = Signal(str)
+    stopped = Signal()  # by the user or because the model changed: the toggle goes off
 
     def __init__(self, controller, params, parent=None):
         super().__init__(parent)
@@ -55,6 +60,7 @@ class LiveMode(QObject):
         self._checksum: int | None = None
         self._shown_rect: geo.Rect | None = None
         self.seed: int | None = None  # fixed while live is on and the docker says random
+        self.model: tuple | None = None  # hello's model the frames are of, once connected
         self.timer = QTimer(self)
         self.timer.setInterval(POLL_MS)
         self.timer.timeout.connect(self.poll)
@@ -77,7 +83,7 @@ class LiveMode(QObject):
             node = next((n for n in reversed(painted) if n.name() != LIVE_LAYER), None)
         if node is None or node.type() != "paintlayer" or node.name() == LIVE_LAYER:
             raise geo.EditorError("live mode follows a paint layer: select the one you paint on")
-        self.doc, self.source, self._checksum = doc, node, None
+        self.doc, self.source, self._checksum, self.model = doc, node, None, None
         self.seed = random.randrange(2**31)
         if self.controller.conn.state in ("disconnected", "failed"):
             self.controller.connect_to()
@@ -85,8 +91,10 @@ class LiveMode(QObject):
         self.timer.start()
         self.status_changed.emit("live: watching " + node.name())
 
-    def stop(self) -> None:
-        """Stop watching, cancel what runs, remove the preview layer."""
+    def stop(self, message: str = "live off") -> None:
+        """Stop watching, cancel what runs, remove the preview layer; say ``message``."""
+        if not self.on:
+            return
         self.timer.stop()
         for _, action in self._pending:
             action.cancel(self.controller.conn)
@@ -95,7 +103,8 @@ class LiveMode(QObject):
             self.layer.remove()
             self.layer = None
         self.frame = None
-        self.status_changed.emit("live off")
+        self.status_changed.emit(message)
+        self.stopped.emit()
 
     # -- the timer
     def poll(self) -> None:
@@ -106,6 +115,12 @@ class LiveMode(QObject):
             if conn.state == "failed":
                 self.controller.connect_to()
             self._checksum = None  # send the current picture once connected again
+            return
+        model = (conn.model.get("spec"), conn.model.get("name"))
+        if self.model is None:
+            self.model = model
+        elif model != self.model:  # the server came back with another model, or another server
+            self.stop(f"live stopped: the model changed to {conn.model_text()}; turn Live on again")
             return
         try:
             checksum = self.checksum()
@@ -144,7 +159,7 @@ class LiveMode(QObject):
         params = self.fields()
         if params.width is None or params.height is None:
             params.width, params.height = conn.default_size()
-        selection = canvas.selection_rect(doc)
+        selection = live_selection(doc)
         mode = conn.mode("inpaint" if selection is not None else "img2img")
 
         def read(rect: geo.Rect) -> bytes:
@@ -156,7 +171,7 @@ class LiveMode(QObject):
             (doc.width(), doc.height()),
             selection,
             read,
-            lambda rect: canvas.read_mask(doc, rect),
+            lambda rect: canvas.read_mask(doc, rect) if selection is not None else None,
             multiple=conn.size_multiple,
         )
         if action.prepared is not None:
@@ -193,11 +208,7 @@ class LiveMode(QObject):
         doc = self.doc
         assert doc is not None  # frames arrive only while following a document
         if self.layer is None or self.layer.parentNode() is None:
-            self.layer = doc.createNode(LIVE_LAYER, "paintlayer")
-            root = doc.rootNode()
-            layers = [n for n in root.childNodes() if n.type().endswith("layer")]
-            root.addChildNode(self.layer, layers[-1] if layers else None)
-            self.layer.setLocked(True)
+            self.layer = self._preview_layer(doc)
         old = self._shown_rect
         if old is not None:  # clear the previous frame (the selection may have moved)
             self.layer.setPixelData(
@@ -212,11 +223,37 @@ class LiveMode(QObject):
         self.frame_shown.emit(self.frames)
         self.status_changed.emit(f"live frame {self.frames}")
 
+    def _preview_layer(self, doc):
+        """The document's [sdkit live] layer, cleared: one that an Undo after Live off brought
+        back is reused, never doubled. Else a new locked one on top (one undo step)."""
+        root = doc.rootNode()
+        layers = [n for n in root.childNodes() if n.type().endswith("layer")]
+        self._shown_rect = None
+        for node in layers:
+            if node.name() == LIVE_LAYER and node.type() == "paintlayer":
+                w, h = doc.width(), doc.height()
+                node.setPixelData(bytes(w * h * 4), 0, 0, w, h)
+                return node
+        layer = doc.createNode(LIVE_LAYER, "paintlayer")
+        root.addChildNode(layer, layers[-1] if layers else None)
+        layer.setLocked(True)
+        return layer
+
     def apply(self):
         """The frame on show as a normal layer above the followed one (one undo step)."""
         if self.frame is None:
             raise geo.EditorError("no live frame to apply yet")
         return canvas.add_layer(self.doc, self.frame, above=self.source)
+
+
+def live_selection(doc) -> geo.Rect | None:
+    """The selection's bounds; None without one or with an empty one (a script's Deselect
+    leaves an empty selection): live then follows the whole layer instead of stopping."""
+    rect = canvas.selection_rect(doc)
+    if rect is None or rect.is_empty():
+        return None
+    mask = canvas.read_mask(doc, rect)
+    return None if mask is None or geo.mask_is_empty(mask) else rect
 
 
 def build_row(docker, form) -> None:
@@ -242,6 +279,12 @@ def build_row(docker, form) -> None:
     docker.live_button.toggled.connect(toggled)
     docker.apply_button.clicked.connect(lambda _=False: docker.live.apply())
     docker.live.frame_shown.connect(lambda _n: docker.apply_button.setEnabled(True))
+
+    def stopped() -> None:  # also when the model changed: the toggle says live is off
+        docker.apply_button.setEnabled(False)
+        docker.live_button.setChecked(False)
+
+    docker.live.stopped.connect(stopped)
     docker.live.status_changed.connect(docker.live_status.setText)
     row = W.QHBoxLayout()
     for widget in (docker.live_button, docker.apply_button, docker.live_status):
