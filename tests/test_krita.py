@@ -232,7 +232,19 @@ def krita_live(tmp_path_factory):
     plugins.install("krita", pykrita)
     out = root / "out"
     out.mkdir()
-    with checks.live_server() as address:
+
+    def other_model():  # the model `switch` serves instead: a tiny SD pipeline
+        import tiny
+
+        from sdkit.engine import Engine
+
+        folder = tiny.save(tiny.sd_pipeline(root / "sd"), root / "sd", tiny.TINY_DEFAULTS)
+        return Engine(folder, device="cpu")
+
+    import sdkit
+    from tests.editors.server_control import restartable_server
+
+    with restartable_server(out, sdkit.load(), other_model) as address:
         env = krita_env(pykrita, out, SDKIT_ADDRESS=address)
         proc = subprocess.run(
             [KRITARUNNER, "-s", "krita_live_scenario"],
@@ -274,6 +286,132 @@ def test_live_mode_follows_the_painted_layer_and_apply_makes_a_normal_layer(krit
     # and that live frames are written with setPixelData, which libkis does not record.
     assert "[sdkit live]" not in r["layers_off"]
     assert r["docker"] == {"live": "Live", "checkable": True, "apply_enabled": False}
+
+
+def test_live_mode_resumes_by_itself_after_the_server_restarts(krita_live):
+    """Issue 16, faults: the server stops while Live is on and comes back on the same
+    address. Meanwhile the live status says reconnecting (and the connection gives up and
+    retries); a stroke painted while it is down and one painted after each give a new frame
+    in the one [sdkit live] layer, without anyone touching the toggle."""
+    r = krita_live["restart"]
+    assert r["reconnecting"], r["statuses_down"]
+    assert r["gave_up"], r["statuses_down"]
+    assert not r["shown_while_down"], "a frame was shown while the server was down"
+    assert r["resumed"], f"no new frame after the restart for the stroke painted while down: {r}"
+    assert r["status_resumed"].startswith("live frame"), r
+    assert r["after"], f"no new frame for a stroke painted after the restart: {r}"
+    assert len({r["crc"], r["crc_resumed"], r["crc_after"]}) == 3, r
+    assert r["frame_equals_layer"] and r["live_layers"] == 1 and r["on"], r
+    assert r["pending_after"] == 0, r
+
+
+def test_switching_the_model_while_live_stops_the_stream_with_a_message(krita_live):
+    """Issue 16, faults: Live on through the docker; the server comes back on the same
+    address with another model. The stream stops (the toggle goes off, the preview layer
+    goes, nothing more is sent) and the docker's live status says why."""
+    r = krita_live["switch"]
+    assert r["first"], r
+    assert r["model_before"] != r["model_after"], r
+    assert r["stopped"], f"live went on with another model: {r}"
+    assert "model changed" in r["status"] and "Live on again" in r["status"], r
+    assert not r["checked"], "the Live toggle still shows on"
+    assert "[sdkit live]" not in r["layers"], r
+    assert not r["sent_after_stop"], "a request was sent after live stopped"
+
+
+DRIVER_DESKTOP = """[Desktop Entry]
+Type=Service
+ServiceTypes=Krita/PythonPlugin
+X-KDE-Library=sdkit_test_driver
+X-Python-2-Compatible=false
+Name=sdkit test driver
+Comment=Runs tests/editors/krita_undo_scenario.py once the main window is up
+"""
+
+
+@pytest.fixture(scope="module")
+def krita_undo(tmp_path_factory):
+    """tests/editors/krita_undo_scenario.py in a full Krita with a window (Xvfb), against a
+    live server: Krita's Undo acts on a view, which kritarunner cannot open. The plug-in and
+    a start-up driver plug-in are installed into the profile and enabled in its kritarc."""
+    import json
+
+    krita, xvfb = shutil.which("krita"), shutil.which("xvfb-run")
+    if krita is None or xvfb is None:
+        pytest.skip("needs krita and xvfb-run: run scripts/setup-editors.sh")
+    home = Path(os.environ.get("SDKIT_KRITA_GUI_HOME", REPO / ".cache" / "krita-gui-home"))
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o700)  # Qt insists on a private XDG_RUNTIME_DIR
+    data = home / ".local" / "share" / "krita"
+    runner_data = REPO / ".cache" / "krita-home" / ".local" / "share" / "kritarunner"
+    if not data.exists() and runner_data.exists():
+        # Krita builds its resource database in a fresh profile (minutes): start from the
+        # kritarunner test profile's.
+        shutil.copytree(runner_data, data, ignore=shutil.ignore_patterns("pykrita"))
+    pykrita = data / "pykrita"
+    plugins.install("krita", pykrita)
+    driver = pykrita / "sdkit_test_driver"
+    driver.mkdir(exist_ok=True)
+    (driver / "__init__.py").write_text(
+        "import krita_undo_scenario\n\nkrita_undo_scenario.install()\n"
+    )
+    (pykrita / "sdkit_test_driver.desktop").write_text(DRIVER_DESKTOP)
+    config = home / ".config"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "kritarc").write_text(
+        "[python]\nenable_sdkit_krita=true\nenable_sdkit_test_driver=true\n"
+    )
+    for autosave in home.glob("*autosave*"):  # else Krita asks whether to recover them
+        autosave.unlink()
+    out = tmp_path_factory.mktemp("krita-undo") / "out"
+    out.mkdir()
+    with checks.live_server() as address:
+        env = krita_env(pykrita, out, SDKIT_ADDRESS=address)
+        env.pop("QT_QPA_PLATFORM")  # Krita itself insists on xcb: Xvfb's display
+        env.update(HOME=str(home), XDG_CONFIG_HOME=str(config), XDG_RUNTIME_DIR=str(home))
+        env["XDG_DATA_HOME"] = str(home / ".local" / "share")
+        proc = subprocess.run(
+            [xvfb, "-a", "-s", "-screen 0 1280x1024x24", krita, "--nosplash"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+    log = proc.stdout + proc.stderr
+    (out.parent / "krita.log").write_text(log)
+    assert (out / "report.json").exists(), log[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert "exception" not in report, report["exception"]
+    assert report.get("complete"), report
+    return report
+
+
+def test_live_frames_are_no_undo_steps_and_one_undo_removes_apply(krita_undo):
+    """Issue 16 (Krita test: undo history sane), in Krita with a window under Xvfb: Live on
+    with the docker's toggle, frames for three scripted strokes, Apply; then Krita's own
+    Edit > Undo until it is greyed out. The first undo removes exactly the applied layer;
+    the history then holds only the preview layer's creation (however many frames were
+    shown); the painted layer is untouched, and undoing sends nothing."""
+    r = krita_undo
+    assert r["window"] and r["docker"] and r["connected"], r
+    assert r["live_on"] and r["first"] and r["frames"] >= 4, r
+    assert r["apply_enabled"], r
+    applied = "[sdkit] a red circle (7)"
+    assert r["layers_applied"] == ["Background", applied, "[sdkit live]"], r
+    assert r["history_start"] == ["<empty>"], r  # the script's fill is no undo step
+    # However many frames: the preview layer's creation and Apply, nothing else.
+    assert r["history_applied"] == ["<empty>", "Add Layer", "Add Layer"], r
+    assert r["undos"] == [["Background", "[sdkit live]"], ["Background"]], r
+    assert r["paint_same"], r
+    assert r["sent_after_undo"] == r["sent_before_undo"], r
+    assert r["live_off"] and r["layers_off"] == ["Background"], r
+    # Live on then off again: one step each way. An Undo after Live off brings the last
+    # preview back (Krita's history); Live on again reuses it, never a second one.
+    assert r["again_frame"] and r["history_again"] == ["<empty>", "Add Layer"], r
+    assert r["history_again_off"] == ["<empty>", "Add Layer", "Remove Layer"], r
+    assert r["layers_undo_off"] == ["Background", "[sdkit live]"], r
+    assert r["relive_frame"] and r["layers_relive"] == ["Background", "[sdkit live]"], r
+    assert r["layers_relive_off"] == ["Background"], r
 
 
 @pytest.fixture(scope="module")
