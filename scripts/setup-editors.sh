@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what the editor tests (tests/test_krita.py, tests/test_gimp.py) need on a
 # fresh Debian 12 machine, idempotently:
-#   - Krita 5.1.5 + PyQt5 from Debian 12 (kritarunner runs the plug-in headless);
+#   - Krita 5.1.5 + PyQt5 from Debian 12 (kritarunner runs the plug-in headless; Xvfb
+#     gives the full Krita a window for the undo test);
 #   - a Debian 13 (trixie) chroot with GIMP 3 (Debian 12 only has GIMP 2.10).
 # The chroot is cached under .cache/gimp3-chroot (gitignored), so local re-runs are
 # quick; CI starts without it and builds it fresh.
@@ -58,6 +59,8 @@ need_host=()
 if [ "$WANT_KRITA" = 1 ]; then
   command -v kritarunner >/dev/null || need_host+=(krita)
   dpkg -s python3-pyqt5 >/dev/null 2>&1 || need_host+=(python3-pyqt5)
+  # Krita's Undo needs a window (tests/test_krita.py -k undo): a virtual X display.
+  command -v xvfb-run >/dev/null || need_host+=(xvfb xauth)
 fi
 if [ "$WANT_GIMP" = 1 ]; then
   command -v debootstrap >/dev/null || need_host+=(debootstrap)
