@@ -145,10 +145,10 @@ def test_lora_draws_the_new_shape_by_weight(pipe):
     full = ev.new_shape_rate(pipe, n)
     pipe.set_adapters([LORA_NAME], [0.5])
     half = ev.new_shape_rate(pipe, n)
-    # Measured on 48 held-out cases (the card): 0 % without, 62 % at weight 1 (the issue's
-    # target of 80 % is not reached yet), 31 % at weight 0.5: the effect grows with the weight.
+    # Measured on 48 held-out cases (the card): 0 % without, 81 % at weight 1 (the issue's
+    # target: 80 %), 40 % at weight 0.5: the effect grows with the weight. 16 cases here.
     assert without <= 1 / n
-    assert full >= 0.4
+    assert full >= 0.6
     assert without + 2 / n <= half <= full - 2 / n
 
 
