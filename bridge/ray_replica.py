@@ -19,6 +19,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from sdkit.bridge.ops import public_message
+
 
 class Replica:
     """The actor's class (wrapped by ``ray.remote`` in `ray_engines`)."""
@@ -73,12 +75,13 @@ class Replica:
         a big img2img picture then crosses the wire once per check, not twice."""
         from sdkit.request import RequestError
 
+        engine = self._engine(model)
         try:
-            filled = self._engine(model).check(request)
+            filled = engine.check(request)
             same = {n: None for n in ("image", "mask") if getattr(filled, n) is getattr(request, n)}
             return (dataclasses.replace(filled, **same) if same else filled), None
         except RequestError as e:
-            return None, (e.field, e.message)
+            return None, (e.field, public_message(e.message, engine))
 
     def cancel(self, token: str) -> None:
         with self._lock:
@@ -95,7 +98,8 @@ class Replica:
         from sdkit.request import RequestError
 
         events: queue.SimpleQueue = queue.SimpleQueue()
-        job = self._engine(model).submit(
+        engine = self._engine(model)
+        job = engine.submit(
             request,
             preview_every=preview_every,
             callback=lambda kind, job, event: events.put((str(kind), event)),
@@ -117,7 +121,8 @@ class Replica:
                     err = job.error
                     field = err.field if isinstance(err, RequestError) else None
                     message = err.message if isinstance(err, RequestError) else str(err)
-                    yield kind, (type(err).__name__, field, message)
+                    # the replica's engine knows its adapter folders; the server's view does not
+                    yield kind, (type(err).__name__, field, public_message(message, engine))
                     return
                 elif kind == "cancelled":
                     yield kind, None

@@ -210,3 +210,17 @@ def test_a_replica_that_dies_twice_under_a_job_fails_it_with_a_clear_error(clust
                 assert j.result(600).seeds == [s]
                 served.add(j.worker)
         assert served == set(engine.names), served
+
+
+def test_an_unknown_lora_on_ray_is_named_without_the_servers_folders(cluster):
+    """The replica's engine names the folders it searched; a client learns the name and what
+    the server offers, never the server's disk (as with a local engine)."""
+    from sdkit.embedded.train_adapters import ADAPTERS_DIR
+
+    with Client(cluster.address) as c:
+        with pytest.raises(BridgeError) as err:
+            c.txt2img("x <lora:nope:1>", **FAST)
+        message = str(err.value)
+        assert "'nope'" in message and "sdkcross" in message, message
+        assert str(ADAPTERS_DIR) not in message, message
+        assert c.txt2img(PROMPT, **FAST)[0].size == (64, 64)  # and the server keeps serving
