@@ -214,7 +214,14 @@ def test_sdkit_batch_stopped_by_sigint_and_rerun_makes_exactly_fifty_images(tmp_
     argv = [sys.executable, "-m", "sdkit.cli", "batch", str(src), "--out", str(out), *FLAGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        # Ctrl-C as in a terminal: a suite started in the background by a non-interactive
+        # shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     while len(pngs(out)) < 3 and proc.poll() is None and time.monotonic() < deadline:
