@@ -179,7 +179,7 @@ def _txt2img_check(request: Request, engine: Any) -> Request:
     return hires.check(request, engine)
 
 
-_HIRES = (
+HIRES_FIELDS = (  # txt2img's hires-fix fields (the widget's group shows them in this order)
     "hires_scale",
     "hires_width",
     "hires_height",
@@ -192,7 +192,7 @@ register(
     ModeSpec(
         name=Mode.TXT2IMG,
         title="Text to image",
-        fields=(*_PROMPTED, "control", *_HIRES),
+        fields=(*_PROMPTED, "control", *HIRES_FIELDS),
         required=("prompt",),
         inputs=(),
         pipelines=_family_table("StableDiffusionPipeline", "StableDiffusionXLPipeline"),

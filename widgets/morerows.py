@@ -14,6 +14,7 @@ from typing import Any
 
 import ipywidgets as w
 
+from sdkit.modes import HIRES_FIELDS
 from sdkit.request import EXTEND_FILLS, HIRES_UPSCALERS, Request
 
 # (label, widget factory) per field; the factory gets the field's default.
@@ -69,17 +70,7 @@ _FACTORIES: dict[str, Callable[[Any], w.Widget]] = {
 FIELDS = tuple(_FACTORIES)
 
 GROUPS = {  # heading and rows, as in `controls.GROUPS`
-    "hires": (
-        "Hires fix",
-        (
-            "hires_scale",
-            "hires_width",
-            "hires_height",
-            "hires_steps",
-            "hires_denoise",
-            "hires_upscaler",
-        ),
-    ),
+    "hires": ("Hires fix", HIRES_FIELDS),
     "outpaint": ("Outpaint", ("left", "right", "top", "bottom", "extend_fill", "seam")),
     "upscale": ("Upscale", ("upscale_factor", "tile_overlap")),
 }
