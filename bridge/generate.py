@@ -145,8 +145,13 @@ class Jobs:
         from sdkit.request import RequestError
 
         rid = entry.rid
+        # a remote engine (Ray replicas) may start the job as it checks it: one round trip
+        admit = getattr(entry.engine, "admit", None)
         try:
-            entry.request = entry.engine.check(entry.request)
+            if admit is not None:
+                entry.request = admit(entry.request, preview_every=entry.preview)
+            else:
+                entry.request = entry.engine.check(entry.request)
         except RequestError as e:
             message = public_message(e.message, entry.engine)
             raise P.ProtocolError("bad_field", message, f"request.{e.field}", rid) from None
@@ -229,6 +234,7 @@ class Jobs:
         try:
             entry.job = entry.engine.submit(
                 entry.request,
+                checked=True,  # `_admit` checked it on this engine
                 preview_every=entry.preview,
                 callback=on_event,
                 policy=entry.policy,

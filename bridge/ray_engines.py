@@ -10,6 +10,12 @@ shared pending list and runs it on its actor as a Ray streaming generator (`ray_
 the events come back in order on that one stream and go to the job's callback exactly as
 a local engine's do.  So a replica holds at most one job, the bridge's dispatcher holds one
 more waiting (it hands on the next job when one starts): back-pressure without counting.
+The bridge admits a request with `RayEngines.admit`: when a replica is idle, one call
+checks the request there and starts it at once (the replica's first event is its check),
+and the bridge's `submit` of the filled request takes that job over, its events held until
+then; otherwise, and for any other caller (a batch checks rows it may skip), `check` is a
+round trip of its own.  An admitted job nobody submits within ``CLAIM_WAIT`` (the bridge
+refused it on its own limits, or its client left) is cancelled.
 A replica whose process dies raises out of its stream: Ray restarts the actor
 (``max_restarts``) while its job goes back to the front of the pending list for another
 pump (retried once: the request carries its seed, so the same image), or fails with an
@@ -45,6 +51,7 @@ from sdkit.bridge.ray_start import start_ray  # noqa: F401 - where callers have 
 log = logging.getLogger("sdkit.bridge")
 EventFn = Callable[[str, Any, Any], None]
 RESTART_WAIT = 600.0  # s a pump waits for its restarted actor (a model load) before giving up
+CLAIM_WAIT = 1.0  # s an admitted, started job waits for its `submit` before it is cancelled
 
 
 class RayJob:
@@ -67,6 +74,9 @@ class RayJob:
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._actor: Any = None  # set while a replica runs it
+        self._held: list[tuple[str, Any]] | None = None  # admitted: events until claimed
+        self.claim_by = 0.0  # admitted: when it is cancelled unless submitted
+        self._deliver = threading.Lock()  # held events go out before any later one
 
     def cancel(self) -> None:
         """Waiting: it ends at once; running: the replica stops it at its next step."""
@@ -99,6 +109,21 @@ class RayJob:
         elif kind in ("done", "failed", "cancelled"):
             self.state = kind
             self._done.set()
+        with self._deliver:
+            if self._held is not None:
+                self._held.append((kind, event))
+            else:
+                self._call(kind, event)
+
+    def _claim(self, callback: EventFn | None) -> None:
+        """The bridge submitted this admitted job: its held events, then the live ones."""
+        with self._deliver:
+            held, self._held = self._held or [], None
+            self._callback = callback
+            for kind, event in held:
+                self._call(kind, event)
+
+    def _call(self, kind: str, event: Any) -> None:
         if self._callback is not None:
             try:
                 self._callback(kind, self, event)
@@ -147,6 +172,8 @@ class RayEngines:
         self._pending: collections.deque[RayJob] = collections.deque()
         self._running: dict[int, RayJob] = {}
         self._idle: list[int] = []  # pumps waiting for a job
+        self._reserved: set[int] = set()  # idle pumps whose replica `admit` is asking
+        self._admitted: dict[int, RayJob] = {}  # id(filled request) -> its started job
         self._handed: dict[int, tuple[RayJob, Any]] = {}  # pump -> (job, its started stream)
         self._lock = threading.Condition()
         self._closed = False
@@ -193,6 +220,48 @@ class RayEngines:
 
         raise ProtocolError("unavailable", f"no engine replica answered ({type(last).__name__})")
 
+    def admit(self, request: Any, model: str | None = None, *, preview_every: int = 1) -> Any:
+        """`check`, and on an idle replica start the job in the same round trip: the
+        bridge's `submit` of the returned request takes it over (events held till then)."""
+        from sdkit.request import RequestError
+
+        with self._lock:
+            self._drop_unclaimed()
+            if not self._idle or self._pending or self._closed:
+                i = None
+            else:
+                i = self._idle.pop()
+                self._reserved.add(i)
+        if i is None:
+            return self.check(request, model)
+        job = RayJob(request, preview_every, None, model)
+        job._held = []
+        try:
+            stream = self._start(i, job, check_first=True)
+            kind, (filled, error) = self._ray.get(next(stream), timeout=60)
+        except Exception:  # noqa: BLE001 - that replica is down: the others check it
+            filled, error = None, None
+        with self._lock:
+            self._reserved.discard(i)
+            handed = filled is not None and not self._closed
+            if handed:
+                kept = {
+                    n: getattr(request, n) for n in ("image", "mask") if getattr(filled, n) is None
+                }
+                job.request = dataclasses.replace(filled, **kept) if kept else filled
+                job.claim_by = time.monotonic() + CLAIM_WAIT
+                self._handed[i] = (job, stream)
+                self._admitted[id(job.request)] = job
+            else:
+                self._idle.append(i)  # its pump still waits in `_take`
+            self._lock.notify_all()
+        if error is not None:
+            raise RequestError(*error)
+        if filled is not None and not handed:  # closed meanwhile
+            job.cancel()
+            raise RuntimeError("the engine replicas are closed")
+        return job.request if handed else self.check(request, model)
+
     def submit(
         self,
         request: Any,
@@ -202,15 +271,22 @@ class RayEngines:
         policy: str = "back",
         source: Any = None,
         model: str | None = None,
+        checked: bool = False,
     ) -> RayJob:
         """Start on a free replica now, else queue for the next (``front`` goes first;
         ``replace`` is the bridge's).
 
-        Started here, on the caller's thread, the Ray call travels while the pump wakes
-        (one thread hop less per job).  The request is not checked again (the bridge has,
-        and a replica's own `Engine.submit` does): a round trip would cost every job."""
+        A request `admit` returned is its job, already running.  Otherwise the Ray call
+        starts here, on the caller's thread, and travels while the pump wakes (one thread
+        hop less per job).  The request is not checked again here, whatever ``checked``
+        says (the bridge has, and a replica's own `Engine.submit` does)."""
         if self._closed:
             raise RuntimeError("the engine replicas are closed")
+        with self._lock:
+            admitted = self._admitted.pop(id(request), None)
+        if admitted is not None and admitted.request is request:
+            admitted._claim(callback)
+            return admitted
         job = RayJob(request, preview_every, callback, model)
         with self._lock:
             if self._idle and not self._pending:
@@ -261,17 +337,29 @@ class RayEngines:
 
     # ------------------------------------------------------------ pumps
 
-    def _start(self, i: int, job: RayJob) -> Any:
+    def _start(self, i: int, job: RayJob, check_first: bool = False) -> Any:
         """Send ``job`` to replica ``i`` (the call returns at once): its stream of events."""
         job.replica, job._actor = self.names[i], self._actors[i]
-        return self._actors[i].run.remote(job.id, job.request, job.preview_every, job.model)
+        run = self._actors[i].run
+        return run.remote(job.id, job.request, job.preview_every, job.model, check_first)
+
+    def _drop_unclaimed(self) -> None:
+        """Cancel admitted jobs whose `submit` did not come in time (under the lock)."""
+        now = time.monotonic()
+        for key, job in list(self._admitted.items()):
+            if now > job.claim_by:
+                del self._admitted[key]
+                job.cancel()
 
     def _take(self, i: int) -> tuple[RayJob, Any] | None:
         """Pump ``i``'s next (job, stream already started by `submit` or None); None: closed."""
         with self._lock:
             self._idle.append(i)
-            while i not in self._handed and not self._pending and not self._closed:
-                self._lock.wait()
+            while i not in self._handed and not self._closed:
+                if self._pending and i not in self._reserved:
+                    break
+                self._lock.wait(CLAIM_WAIT if self._admitted else None)
+                self._drop_unclaimed()
             if i in self._idle:
                 self._idle.remove(i)
             if i in self._handed:
@@ -305,6 +393,9 @@ class RayEngines:
                 stream = self._start(i, job)
             for ref in stream:
                 kind, payload = ray.get(ref)
+                if job._held is not None and time.monotonic() > job.claim_by:
+                    with self._lock:
+                        self._drop_unclaimed()
                 if kind == "started":
                     if not job.started:
                         job.started = True
@@ -372,6 +463,9 @@ class RayModel:
 
     def check(self, request: Any) -> Any:
         return self._engines.check(request, self.spec)
+
+    def admit(self, request: Any, *, preview_every: int = 1) -> Any:
+        return self._engines.admit(request, self.spec, preview_every=preview_every)
 
     def submit(self, request: Any, **options: Any) -> RayJob:
         return self._engines.submit(request, model=self.spec, **options)

@@ -73,15 +73,19 @@ class Replica:
 
         Input pictures the check left as they came go back as None (the server has them):
         a big img2img picture then crosses the wire once per check, not twice."""
+        return self._check(request, model)[1:]
+
+    def _check(self, request: Any, model: str | None) -> tuple[Any, Any, tuple[str, str] | None]:
+        """(filled request, what `check` returns: its wire form and the error)."""
         from sdkit.request import RequestError
 
         engine = self._engine(model)
         try:
             filled = engine.check(request)
-            same = {n: None for n in ("image", "mask") if getattr(filled, n) is getattr(request, n)}
-            return (dataclasses.replace(filled, **same) if same else filled), None
         except RequestError as e:
-            return None, (e.field, public_message(e.message, engine))
+            return None, None, (e.field, public_message(e.message, engine))
+        same = {n: None for n in ("image", "mask") if getattr(filled, n) is getattr(request, n)}
+        return filled, (dataclasses.replace(filled, **same) if same else filled), None
 
     def cancel(self, token: str) -> None:
         with self._lock:
@@ -92,15 +96,30 @@ class Replica:
             job.cancel()
 
     def run(
-        self, token: str, request: Any, preview_every: int, model: str | None = None
+        self,
+        token: str,
+        request: Any,
+        preview_every: int,
+        model: str | None = None,
+        check_first: bool = False,
     ) -> Iterator[tuple[str, Any]]:
-        """Run one job; yields ("started"|"progress"|"done"|"failed"|"cancelled", payload)."""
+        """Run one job; yields ("started"|"progress"|"done"|"failed"|"cancelled", payload).
+
+        ``check_first`` (the server's admission of a job to an idle replica): first yields
+        ("checked", what `check` returns), and runs the filled request only if it passed,
+        so checking and starting cost the server one round trip instead of two."""
         from sdkit.request import RequestError
 
+        if check_first:
+            request, *checked = self._check(request, model)
+            if request is None:
+                yield "checked", tuple(checked)
+                return
         events: queue.SimpleQueue = queue.SimpleQueue()
         engine = self._engine(model)
         job = engine.submit(
             request,
+            checked=check_first,  # checked by this engine just now
             preview_every=preview_every,
             callback=lambda kind, job, event: events.put((str(kind), event)),
         )
@@ -110,6 +129,8 @@ class Replica:
                 self._cancelled.discard(token)
                 job.cancel()
         try:
+            if check_first:  # after the job is on its way: it runs while this travels
+                yield "checked", tuple(checked)
             while True:
                 kind, event = events.get()
                 if kind in ("started", "progress"):

@@ -263,11 +263,14 @@ class Engine:
         callback: EventFn | None = None,
         policy: QueuePolicy | str = QueuePolicy.BACK,
         source: Hashable | None = None,
+        checked: bool = False,
     ) -> Job:
         """Check (raising `RequestError`) and queue; `preview_every=0` means no previews.
 
         `policy` (`QueuePolicy`): "back", "front", or "replace", which supersedes the
         waiting and running job of the same `source` (any hashable: one live stream).
+        `checked`: `request` is what this engine's `check` just returned, so it is not
+        checked again (a Ray replica starting the job it checked saves that time).
         The job's events ("queued" first) reach listeners only after this returns it."""
         policy = QueuePolicy.parse(policy)
         try:
@@ -276,7 +279,7 @@ class Engine:
             raise RequestError("source", f"must be hashable, got {type(source).__name__}") from None
         if policy == QueuePolicy.REPLACE and source is None:
             raise RequestError("source", "policy 'replace' needs a source (e.g. a stream name)")
-        req = self.check(request)
+        req = request if checked else self.check(request)
         if self._closed:
             raise RuntimeError("this engine is closed")
         job = Job(req, self._post, preview_every, policy=policy, source=source)

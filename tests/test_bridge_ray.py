@@ -4,8 +4,12 @@ for the module (tens of seconds on a loaded machine)."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -35,11 +39,20 @@ def cluster():
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def local():
-    import sdkit
-
-    return sdkit.load()
+def _local_pixels(seed: int, **fields) -> np.ndarray:
+    """What the embedded model draws in a fresh process on one torch thread, as a CPU
+    replica runs it: a process that ran the model on two threads first differs in a few
+    last bits (this module failed after other bridge tests in one process)."""
+    code = (
+        "import json, sys, numpy as np, torch, sdkit; torch.set_num_threads(1); "
+        "im = sdkit.load().txt2img(sys.argv[1], progress=False, **json.loads(sys.argv[2]))[0]; "
+        "np.save(sys.stdout.buffer, np.asarray(im.convert('RGB')))"
+    )
+    args = json.dumps({"seed": seed, **fields})
+    out = subprocess.run(
+        [sys.executable, "-c", code, PROMPT, args], capture_output=True, check=True, timeout=600
+    )
+    return np.load(io.BytesIO(out.stdout))
 
 
 def _wait(cond, timeout: float, what: str, pump=None) -> None:
@@ -65,7 +78,7 @@ def _pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def test_40_requests_from_4_clients_all_answered_same_seed_same_pixels(cluster, local):
+def test_40_requests_from_4_clients_all_answered_same_seed_same_pixels(cluster):
     engine = cluster.server.engine
     # both replicas up with their model loaded first: on a loaded machine replica 1 was still
     # loading while replica 0 served all 40 two-step jobs (one full-suite run)
@@ -102,8 +115,7 @@ def test_40_requests_from_4_clients_all_answered_same_seed_same_pixels(cluster, 
     # some seed ran on both replicas, and a local engine draws the same pixels
     assert any(len({w for _, w in images}) == 2 for images in by_seed.values())
     for seed in (0, 7):
-        mine = local.txt2img(PROMPT, seed=seed, progress=False, **FAST)
-        assert np.array_equal(by_seed[seed][0][0], _pixels(mine[0])), seed
+        assert np.array_equal(by_seed[seed][0][0], _local_pixels(seed, **FAST)), seed
 
 
 def test_progress_previews_and_cancel_through_ray(cluster):
@@ -154,7 +166,7 @@ def test_a_job_cancelled_right_after_submit_ends_cancelled(cluster):
         job.result(0)
 
 
-def test_kill_9_of_a_replica_mid_job_retries_it_and_the_server_keeps_serving(cluster, local):
+def test_kill_9_of_a_replica_mid_job_retries_it_and_the_server_keeps_serving(cluster):
     engine = cluster.server.engine
     before = engine.pids()
     with Client(cluster.address, timeout=900) as c:
@@ -173,10 +185,8 @@ def test_kill_9_of_a_replica_mid_job_retries_it_and_the_server_keeps_serving(clu
         _wait(lambda: _pid(engine, victim) not in (None, before[victim]), 300, "the restart")
         more = [c.submit(prompt=PROMPT, seed=200 + k, **FAST) for k in range(4)]
         assert [j.result(600).seeds for j in more] == [[200 + k] for k in range(4)]
-    mine = local.txt2img(
-        PROMPT, seed=21, num_inference_steps=60, width=64, height=64, progress=False
-    )
-    assert np.array_equal(_pixels(result[0]), _pixels(mine[0]))
+    mine = _local_pixels(21, num_inference_steps=60, width=64, height=64)
+    assert np.array_equal(_pixels(result[0]), mine)
 
 
 def test_a_replica_that_dies_twice_under_a_job_fails_it_with_a_clear_error(cluster):
@@ -224,3 +234,91 @@ def test_an_unknown_lora_on_ray_is_named_without_the_servers_folders(cluster):
         assert "'nope'" in message and "sdkcross" in message, message
         assert str(ADAPTERS_DIR) not in message, message
         assert c.txt2img(PROMPT, **FAST)[0].size == (64, 64)  # and the server keeps serving
+
+
+def test_admit_checks_and_starts_at_once_and_submit_takes_the_job_over(cluster):
+    """The bridge's admission to an idle replica is one round trip: the replica checks the
+    request and starts it; `submit` of the filled request gets that job, with the events it
+    had so far first and in order, and the same pixels as a local engine."""
+    from sdkit.request import Request
+
+    engine = cluster.server.engine
+    _wait(lambda: len(engine._idle) == 2, 300, "both replicas idle")
+    request = Request(prompt=PROMPT, num_inference_steps=12, width=64, height=64)
+    filled = engine.admit(request, preview_every=1)
+    assert filled.seed is not None and request.seed is None  # filled by the replica's check
+    _wait(
+        lambda: any(j.request is filled for j in list(engine._running.values())),
+        120,
+        "the admitted job running before its submit",
+    )
+    _wait(lambda: engine._admitted[id(filled)]._held, 120, "an event held for the bridge")
+    events: list[tuple[str, object]] = []
+    job = engine.submit(filled, preview_every=1, callback=lambda k, j, e: events.append((k, e)))
+    result = job.result(300)
+    kinds = [k for k, _ in events]
+    assert kinds == ["started"] + ["progress"] * 12 + ["done"], kinds
+    assert [e.step for k, e in events if k == "progress"] == list(range(1, 13))
+    assert all(e.preview is not None for k, e in events if k == "progress")
+    assert engine._admitted == {}
+    mine = _local_pixels(filled.seed, num_inference_steps=12, width=64, height=64)
+    assert np.array_equal(_pixels(result[0]), mine)
+
+
+def test_an_admitted_job_nobody_submits_is_cancelled_and_the_replica_serves_on(
+    cluster, monkeypatch
+):
+    """The bridge may refuse a checked request on its own limits, or its client leave:
+    an admitted job left unclaimed past CLAIM_WAIT is cancelled, and its replica is free."""
+    from sdkit.bridge import ray_engines
+
+    from sdkit.request import Request
+
+    monkeypatch.setattr(ray_engines, "CLAIM_WAIT", 0.5)
+    engine = cluster.server.engine
+    _wait(lambda: len(engine._idle) == 2, 300, "both replicas idle")
+    filled = engine.admit(
+        Request(prompt=PROMPT, seed=51, num_inference_steps=1000, width=64, height=64),
+        preview_every=0,
+    )
+    orphan = engine._admitted[id(filled)]
+    _wait(orphan.done, 120, "the unclaimed job ended")  # 1000 steps would take minutes
+    assert orphan.state == "cancelled" and engine._admitted == {}
+    _wait(lambda: len(engine._idle) == 2, 120, "both replicas idle again")
+    with Client(cluster.address, timeout=600) as c:
+        jobs = [c.submit(prompt=PROMPT, seed=s, **FAST) for s in (52, 53)]
+        assert [j.result(300).seeds for j in jobs] == [[52], [53]]
+
+
+def test_a_request_admit_refuses_names_its_field_and_leaves_the_replica_free(cluster):
+    from sdkit.request import Request, RequestError
+
+    engine = cluster.server.engine
+    _wait(lambda: len(engine._idle) == 2, 300, "both replicas idle")
+    with pytest.raises(RequestError) as err:
+        engine.admit(Request(prompt=PROMPT, num_inference_steps=2, width=70, height=64))
+    assert err.value.field == "width", err.value
+    assert len(engine._idle) == 2 and not engine._reserved and not engine._handed
+
+
+def test_a_request_over_the_servers_limits_is_refused_and_its_started_job_dropped(
+    cluster, monkeypatch
+):
+    """The replica's check passes 1000 steps (its engine's limit) and starts the job; the
+    bridge's own limit refuses it after that check: the client gets too_large and the job
+    nobody will take is cancelled, its replica free again."""
+    from sdkit.bridge import ray_engines
+    from sdkit.bridge.protocol import Limits
+
+    monkeypatch.setattr(ray_engines, "CLAIM_WAIT", 0.5)
+    engine = cluster.server.engine
+    _wait(lambda: len(engine._idle) == 2, 300, "both replicas idle")
+    with serve(engine, "tcp://127.0.0.1:0", limits=Limits(max_steps=50)) as h:
+        with Client(h.address, timeout=600) as c:
+            with pytest.raises(BridgeError) as err:
+                c.txt2img(PROMPT, seed=61, num_inference_steps=1000, width=64, height=64)
+            assert (
+                err.value.code == "too_large" and err.value.field == "request.num_inference_steps"
+            )
+            _wait(lambda: not engine._admitted and len(engine._idle) == 2, 120, "the job dropped")
+            assert c.txt2img(PROMPT, seed=62, **FAST).seeds == [62]
