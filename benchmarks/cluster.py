@@ -7,9 +7,10 @@ once from ``--clients`` bridge clients, end to end (sent to last result).  Overh
 job at a time, a client's wall time minus the engine's own ``timings.total``, median over
 ``--repeat`` jobs, through a Ray replica and through a local engine in this process,
 alternated for ``--rounds`` rounds (the load of a shared machine drifts; the difference
-within a round is the number, its median over rounds the result).  The profile splits
-Ray's share: the bridge's `check` (one round trip to a replica, needed so a bad field is
-refused before ``accepted`` as with a local engine) and a bare actor round trip.
+within a round is the number, its median over rounds the result).  The profile shows the
+Ray costs the bridge's admission saves or pays: a separate `check` round trip to a replica
+(what a batch pays per row; the bridge folds it into the job's own call when a replica is
+idle, `RayEngines.admit`) and a bare actor round trip.
 
     .venv/bin/python benchmarks/cluster.py [--jobs 16] [--steps 8] [--repeat 15] [--rounds 3]
 
@@ -162,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  local engine: {statistics.median(lo for lo, _ in rounds):.1f} ms")
     print(f"  Ray replica:  {statistics.median(r for _, r in rounds):.1f} ms")
     print(f"  Ray adds:     {adds:.1f} ms per job, median of the rounds (target <= 5 ms)")
-    print(f"  of which: the bridge's check on a replica {check_ms:.1f} ms; a bare actor call")
-    print(f"  {call_ms:.1f} ms (a job's own call and its events stream cost about that again)")
+    print(f"  for scale: a separate check on a replica {check_ms:.1f} ms (the bridge's admission")
+    print(f"  folds it into the job's call); a bare actor round trip {call_ms:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -254,7 +254,9 @@ def test_admit_checks_and_starts_at_once_and_submit_takes_the_job_over(cluster):
     )
     _wait(lambda: engine._admitted[id(filled)]._held, 120, "an event held for the bridge")
     events: list[tuple[str, object]] = []
+    started = engine._admitted[id(filled)]
     job = engine.submit(filled, preview_every=1, callback=lambda k, j, e: events.append((k, e)))
+    assert job is started
     result = job.result(300)
     kinds = [k for k, _ in events]
     assert kinds == ["started"] + ["progress"] * 12 + ["done"], kinds
@@ -321,4 +323,20 @@ def test_a_request_over_the_servers_limits_is_refused_and_its_started_job_droppe
                 err.value.code == "too_large" and err.value.field == "request.num_inference_steps"
             )
             _wait(lambda: not engine._admitted and len(engine._idle) == 2, 120, "the job dropped")
+            # the next job is admitted to an idle replica and the bridge's submit takes over
+            # that very job (a miss would run it twice)
+            admitted, submitted = [], []
+            admit, submit = engine.admit, engine.submit
+
+            def admit_and_note(request, **options):  # the filled request and its job
+                filled = admit(request, **options)
+                admitted.append(engine._admitted.get(id(filled)))
+                return filled
+
+            monkeypatch.setattr(engine, "admit", admit_and_note)
+            monkeypatch.setattr(
+                engine, "submit", lambda r, **o: submitted.append(j := submit(r, **o)) or j
+            )
             assert c.txt2img(PROMPT, seed=62, **FAST).seeds == [62]
+            assert len(submitted) == 1 and admitted == submitted, (admitted, submitted)
+            assert submitted[0].done() and engine._admitted == {}
