@@ -89,11 +89,16 @@ def tiny_sd(tmp_path_factory):
 
 
 def test_allow_model_holds_on_ray_and_allowed_models_load_on_the_replicas(ray_2_gpus, tiny_sd):
+    import torch
     from sdkit.bridge.ray_engines import RayModel
 
     import sdkit
 
     allowed = {"tiny": str(tiny_sd)}
+    # one torch thread, as each CPU replica: a CPU's float sums depend on the thread count
+    # (this module alone, with torch's default 2 threads here, differed in a few last bits)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     local = sdkit.load()
     ray_server = serve(None, "tcp://127.0.0.1:0", ray="auto", replicas=2, models=allowed)
     try:
@@ -129,3 +134,4 @@ def test_allow_model_holds_on_ray_and_allowed_models_load_on_the_replicas(ray_2_
             assert c.submit(prompt=PROMPT, seed=1, **FAST).result(600)[0].size == (64, 64)
     finally:
         ray_server.stop()
+        torch.set_num_threads(threads)

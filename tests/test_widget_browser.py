@@ -357,11 +357,12 @@ from sdkit.widgets.gallery import png_bytes
 
 w.wait(300)
 last = w.live.submitted[-1]
+kept = len(w.gallery.items)  # before the fresh run: the widget follows every engine job
 fresh = w.engine.generate(w.live.request(), progress=False)  # the final request, run afresh
 with open("fresh.png", "wb") as f:
     f.write(png_bytes(fresh.images[0]))
 same = np.array_equal(np.asarray(fresh.images[0]), np.asarray(w.live.frame.images[0]))
-print("LIVECHECK", last.state, last.request.mode, last.request.seed, len(w.gallery.items),
+print("LIVECHECK", last.state, last.request.mode, last.request.seed, kept,
       w.painter.strokes, same, list(w.errors))"""
 
 LIVE_STROKES = [  # CSS pixels inside the canvas
